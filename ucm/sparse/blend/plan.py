@@ -1,0 +1,127 @@
+"""The scheduler-side reuse plan of one request: which blocks to load, which to save.
+
+Built from the prompt split (:mod:`chunking`), the request's hash seed and a store
+lookup. Pure Python, no tensors: the scheduler builds it once per request and
+ships the parts each step needs to the worker in the connector metadata.
+
+Order of reuse (DESIGN.md step 3): prefix hits first (the longest run of the
+prompt's own block chain from the start), then per-chunk hits for the rest. A chunk
+that misses does not stop reuse of later chunks; any chunk block whose key is
+found is used, wherever in the chunk it lies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from ucm.hashing import block_keys
+from ucm.sparse.blend.chunking import PromptSplit
+
+ExistsFn = Callable[[Sequence[bytes]], Sequence[bool]]
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    """One stored block placed into the prompt.
+
+    ``token_start`` is where the block's first token sits in this prompt;
+    ``stored_pos_start`` is the position its first token had when its KV was
+    computed. Loading rotates K by ``token_start - stored_pos_start``; saving by the
+    negative. For prefix blocks the two are equal.
+    """
+
+    key: bytes
+    token_start: int
+    stored_pos_start: int
+
+    @property
+    def rope_delta(self) -> int:
+        return self.token_start - self.stored_pos_start
+
+
+@dataclass(frozen=True)
+class ReusePlan:
+    """What one request reuses from the store and what it will save."""
+
+    num_tokens: int
+    block_size: int
+    prefix_hit_tokens: int
+    prefix_hits: tuple[BlockRef, ...]
+    chunk_hits: tuple[BlockRef, ...]
+    # Saving: new prefix blocks (block-aligned) and blocks of chunks that missed.
+    prefix_saves: tuple[BlockRef, ...]
+    chunk_saves: tuple[BlockRef, ...] = field(default=())
+    num_chunk_tokens: int = 0
+
+    @property
+    def chunk_hit_tokens(self) -> int:
+        return len(self.chunk_hits) * self.block_size
+
+    @property
+    def has_chunk_hits(self) -> bool:
+        return bool(self.chunk_hits)
+
+    def chunk_hits_in(self, start: int, end: int) -> list[BlockRef]:
+        """Chunk-hit blocks whose tokens lie inside the scheduled range [start, end).
+
+        A block straddling the range edge is split by the worker token-wise; here
+        any overlap counts.
+        """
+        b = self.block_size
+        return [h for h in self.chunk_hits if h.token_start < end and h.token_start + b > start]
+
+
+def build_plan(
+    token_ids: Sequence[int],
+    split: PromptSplit | None,
+    seed: bytes,
+    block_size: int,
+    exists: ExistsFn,
+    min_chunk_tokens: int = 1,
+    save_chunks: bool = True,
+) -> ReusePlan:
+    """Look up prefix then chunk blocks and decide loads and saves."""
+    n = len(token_ids)
+    prefix_keys = block_keys(seed, token_ids, block_size)
+    found = list(exists(prefix_keys)) if prefix_keys else []
+    hit_blocks = 0
+    while hit_blocks < len(found) and found[hit_blocks]:
+        hit_blocks += 1
+    prefix_hits = tuple(BlockRef(k, i * block_size, i * block_size) for i, k in enumerate(prefix_keys[:hit_blocks]))
+    prefix_hit_tokens = hit_blocks * block_size
+
+    chunk_hits: list[BlockRef] = []
+    chunk_saves: list[BlockRef] = []
+    num_chunk_tokens = 0
+    if split is not None:
+        for chunk in split.chunks:
+            num_chunk_tokens += len(chunk)
+            if len(chunk) < max(min_chunk_tokens, block_size):
+                continue
+            keys = block_keys(seed, token_ids[chunk.start:chunk.end], block_size)
+            usable = [(i, k) for i, k in enumerate(keys) if chunk.start + i * block_size >= prefix_hit_tokens]
+            if not usable:
+                continue
+            present = exists([k for _, k in usable])
+            for (i, key), hit in zip(usable, present):
+                ref = BlockRef(key, chunk.start + i * block_size, i * block_size)
+                (chunk_hits if hit else chunk_saves).append(ref)
+    # Only exact KV goes under prefix keys: blocks that end before the first reused
+    # chunk token. Everything after it was computed against approximate context.
+    exact_end = min((h.token_start for h in chunk_hits), default=n)
+    prefix_saves = tuple(
+        BlockRef(k, i * block_size, i * block_size)
+        for i, k in enumerate(prefix_keys)
+        if i >= hit_blocks and (i + 1) * block_size <= exact_end
+    )
+    return ReusePlan(
+        num_tokens=n,
+        block_size=block_size,
+        prefix_hit_tokens=prefix_hit_tokens,
+        prefix_hits=prefix_hits,
+        chunk_hits=tuple(chunk_hits),
+        prefix_saves=prefix_saves,
+        chunk_saves=tuple(chunk_saves) if save_chunks else (),
+        num_chunk_tokens=num_chunk_tokens,
+    )

@@ -1,0 +1,88 @@
+"""The process-wide sparse agent and the ``maybe_execute_*`` helpers.
+
+Engine patch points call the helpers unconditionally; with no agent set (the
+default, and always when ENABLE_SPARSE is off) every helper returns its inputs
+untouched, so patched code is exactly the original code path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping, Optional
+
+import torch
+
+from ucm.sparse.base import UcmSparseBase
+
+logger = logging.getLogger(__name__)
+
+_AGENT: Optional[UcmSparseBase] = None
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+
+def sparse_enabled(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether ENABLE_SPARSE switches the sparse hooks on (strictly parsed)."""
+    raw = env.get("ENABLE_SPARSE", "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ValueError(
+        f"ENABLE_SPARSE={env.get('ENABLE_SPARSE')!r} is not understood; "
+        f"use one of {sorted(_TRUE)} to enable or {sorted(_FALSE - {''})} to disable"
+    )
+
+
+def set_sparse_agent(agent: Optional[UcmSparseBase]) -> None:
+    """Install (or clear, with None) this process's agent."""
+    global _AGENT
+    if agent is not None and _AGENT is not None and _AGENT is not agent:
+        raise RuntimeError("a sparse agent is already set in this process")
+    _AGENT = agent
+
+
+def get_sparse_agent() -> Optional[UcmSparseBase]:
+    return _AGENT
+
+
+def has_sparse_agent() -> bool:
+    return _AGENT is not None
+
+
+def maybe_execute_layer_begin(layer_index: int, positions: torch.Tensor, hidden_states: torch.Tensor,
+                              residual: Optional[torch.Tensor]):
+    if _AGENT is None:
+        return positions, hidden_states, residual
+    return _AGENT.layer_begin(layer_index, positions, hidden_states, residual)
+
+
+def maybe_execute_layer_finished(layer_index: int, positions: torch.Tensor, hidden_states: torch.Tensor,
+                                 residual: Optional[torch.Tensor]):
+    if _AGENT is None:
+        return positions, hidden_states, residual
+    return _AGENT.layer_finished(layer_index, positions, hidden_states, residual)
+
+
+def maybe_execute_attention_begin(query, key, value, layer_name: str, forward_context: Any, output=None):
+    if _AGENT is None:
+        return query, key, value, output
+    return _AGENT.attention_begin(query, key, value, layer_name, forward_context, output)
+
+
+def maybe_execute_attention_finished(query, key, value, attn_output, layer_name: str, forward_context: Any):
+    if _AGENT is not None:
+        _AGENT.attention_finished(query, key, value, attn_output, layer_name, forward_context)
+
+
+def maybe_execute_begin(scheduler_output: Any) -> None:
+    if _AGENT is not None:
+        _AGENT.execute_begin(scheduler_output)
+
+
+def maybe_execute_finished(logits_indices: torch.Tensor) -> torch.Tensor:
+    if _AGENT is None:
+        return logits_indices
+    return _AGENT.execute_finished(logits_indices)
