@@ -58,6 +58,17 @@ class UcmSparseBase:
         """Before the attention backend of one layer."""
         return query, key, value, output
 
+    def attention_forward(
+        self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> Optional[torch.Tensor]:
+        """Compute a layer's attention *instead of* the engine's backend.
+
+        Return None to let the backend run (the default). A method that computes only
+        some rows returns their output itself, because the backend's metadata describes
+        every scheduled row and cannot serve a subset.
+        """
+        return None
+
     def attention_finished(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_output: torch.Tensor,
         layer_name: str, forward_context: Any,

@@ -8,33 +8,16 @@ untouched, so patched code is exactly the original code path.
 from __future__ import annotations
 
 import logging
-import os
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import torch
 
+from ucm.config import sparse_enabled  # noqa: F401  (re-exported: one parser of ENABLE_SPARSE)
 from ucm.sparse.base import UcmSparseBase
 
 logger = logging.getLogger(__name__)
 
 _AGENT: Optional[UcmSparseBase] = None
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"", "0", "false", "no", "off"}
-
-
-def sparse_enabled(env: Mapping[str, str] = os.environ) -> bool:
-    """Whether ENABLE_SPARSE switches the sparse hooks on (strictly parsed)."""
-    raw = env.get("ENABLE_SPARSE", "").strip().lower()
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    raise ValueError(
-        f"ENABLE_SPARSE={env.get('ENABLE_SPARSE')!r} is not understood; "
-        f"use one of {sorted(_TRUE)} to enable or {sorted(_FALSE - {''})} to disable"
-    )
-
 
 def set_sparse_agent(agent: Optional[UcmSparseBase]) -> None:
     """Install (or clear, with None) this process's agent."""
@@ -86,3 +69,10 @@ def maybe_execute_finished(logits_indices: torch.Tensor) -> torch.Tensor:
     if _AGENT is None:
         return logits_indices
     return _AGENT.execute_finished(logits_indices)
+
+
+def maybe_execute_attention_forward(layer: Any, query, key, value):
+    """The agent's replacement attention output, or None to run the backend."""
+    if _AGENT is None:
+        return None
+    return _AGENT.attention_forward(layer, query, key, value)

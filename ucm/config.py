@@ -1,0 +1,399 @@
+"""One typed, validated model of everything a user sets for ucm.
+
+Sources: vLLM's ``kv_connector_extra_config`` dict or the same content as YAML in
+``UCM_CONFIG_FILE``, plus the env switch ``ENABLE_SPARSE``. All is checked once, at
+engine start, so a bad key, type or value fails with a message that starts with its
+full key path, never later inside a forward pass. Errors carry a path relative to
+the section that raised them and each enclosing parser prefixes its key
+(:func:`_under`): dataclasses validate themselves in ``__post_init__`` (direct
+construction is checked too) and parsed input still gets full paths.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import numbers
+import os
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, Optional, Union
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+CONFIG_FILE_ENV = "UCM_CONFIG_FILE"
+ENABLE_SPARSE_ENV = "ENABLE_SPARSE"
+EXTRA_CONFIG_KEY = "kv_connector_extra_config"
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("", "0", "false", "no", "off")
+
+
+class UcmConfigError(ValueError):
+    """A user's config mistake; the message starts with the key path: the one line seen at start-up."""
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{key}: {reason}" if key else reason)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # vLLM may pickle it across processes
+        return (self.__class__, (self.key, self.reason))
+
+
+@contextmanager
+def _under(prefix: str) -> Iterator[None]:
+    """Prefix the key path of a config error raised inside: ``a`` + ``b`` -> ``a.b``, + ``[0]`` -> ``a[0]``."""
+    try:
+        yield
+    except UcmConfigError as err:
+        key = prefix if not err.key else f"{prefix}{'' if err.key.startswith('[') else '.'}{err.key}"
+        raise UcmConfigError(key, err.reason) from None
+
+
+def _expect(key: str, value: Any, types: Any, name: str) -> Any:
+    """Type check; a bool never passes as int or float (``True`` as a token id is a mistake)."""
+    if isinstance(value, bool) is not (name == "bool") or not isinstance(value, types):
+        raise UcmConfigError(key, f"expected {name}, got {type(value).__name__}")
+    return value
+
+
+def _suggest(word: Any, options: Any) -> str:
+    """A "did you mean" tail with the closest allowed name: typos are the usual mistake."""
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _check_keys(data: Mapping[Any, Any], allowed: Any, what: str = "key") -> None:
+    for key in data:
+        if key not in allowed:
+            listed = ", ".join(allowed)
+            raise UcmConfigError(str(key), f"unknown {what}; allowed: {listed}{_suggest(key, allowed)}")
+
+
+def _int(key: str, value: Any, lo: int, hi: Optional[int] = None) -> int:
+    _expect(key, value, numbers.Integral, "int")
+    if value < lo or (hi is not None and value > hi):
+        bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise UcmConfigError(key, f"must be {bounds}, got {value}")
+    return int(value)
+
+
+def _float(key: str, value: Any, lo: float, hi: float) -> float:
+    """An int is fine where a float is expected (``ratio: 1``)."""
+    if not lo <= _expect(key, value, numbers.Real, "float") <= hi:  # also rejects NaN
+        raise UcmConfigError(key, f"must be between {lo} and {hi}, got {value}")
+    return float(value)
+
+
+def _str(key: str, value: Any, choices: tuple[str, ...] = ()) -> str:
+    """A non-empty string; one of ``choices`` when those are given."""
+    if not _expect(key, value, str, "str"):
+        raise UcmConfigError(key, "must be a non-empty string")
+    if choices and value not in choices:
+        raise UcmConfigError(key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _seq(key: str, value: Any, what: str) -> tuple[Any, ...]:
+    """A non-empty list or tuple, returned as a tuple so frozen configs stay hashable."""
+    if not _expect(key, value, (list, tuple), f"a list of {what}"):
+        raise UcmConfigError(key, f"needs at least one {what}")
+    return tuple(value)
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    """Store a normalized value (list -> tuple, 1 -> 1.0) on a frozen dataclass."""
+    object.__setattr__(obj, name, value)
+
+
+class _Section:
+    """Dict <-> dataclass where keys are the field names: a new store is such a frozen
+    dataclass validating in ``__post_init__``, plus an entry in :data:`STORE_CONFIGS`."""
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Any:
+        data = _expect("", data, Mapping, "a mapping")
+        _check_keys(data, tuple(f.name for f in fields(cls)))  # type: ignore[arg-type]
+        for f in fields(cls):  # type: ignore[arg-type]
+            if f.default is MISSING and f.default_factory is MISSING and f.name not in data:
+                raise UcmConfigError(f.name, "required key is missing")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict; unset optional values are left out."""
+        items = ((f.name, getattr(self, f.name)) for f in fields(self))  # type: ignore[arg-type]
+        return {k: v for k, v in items if v is not None}
+
+
+@dataclass(frozen=True)
+class DramStoreConfig(_Section):
+    """Host-memory LRU tier; the budget bounds how much RAM the cache may pin."""
+    capacity_bytes: int = 4 * GiB
+
+    def __post_init__(self) -> None:
+        _set(self, "capacity_bytes", _int("capacity_bytes", self.capacity_bytes, lo=1))
+
+
+@dataclass(frozen=True)
+class NfsStoreConfig(_Section):
+    """One file per block under ``storage_backends`` (a local dir or an NFS mount); the
+    store, not the config, creates it: a config may be checked where the mount is absent."""
+    storage_backends: str
+    capacity_bytes: Optional[int] = None  # None: no limit, no eviction
+    io_threads: int = 4
+
+    def __post_init__(self) -> None:
+        path = self.storage_backends
+        path = os.fspath(path) if isinstance(path, os.PathLike) else path  # pathlib.Path is fine
+        _set(self, "storage_backends", _str("storage_backends", path))
+        if self.capacity_bytes is not None:
+            _set(self, "capacity_bytes", _int("capacity_bytes", self.capacity_bytes, lo=1))
+        _set(self, "io_threads", _int("io_threads", self.io_threads, lo=1, hi=64))
+
+
+StoreConfig = Union[DramStoreConfig, NfsStoreConfig]
+
+#: Store name (``ucm_connector_name``) -> its config class. Add new stores here.
+STORE_CONFIGS: dict[str, type] = {"UcmDramStore": DramStoreConfig, "UcmNfsStore": NfsStoreConfig}
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """One tier of the store pipeline: which store, and its own config."""
+    name: str
+    config: StoreConfig
+
+    def __post_init__(self) -> None:
+        key = "ucm_connector_name"
+        if _expect(key, self.name, str, "str") not in STORE_CONFIGS:
+            known = ", ".join(STORE_CONFIGS) + _suggest(self.name, STORE_CONFIGS)
+            raise UcmConfigError(key, f"unknown store {self.name!r}; known: {known}")
+        expected = STORE_CONFIGS[self.name]
+        _expect("ucm_connector_config", self.config, expected, expected.__name__)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> StoreSpec:
+        data = _expect("", data, Mapping, "a mapping")
+        _check_keys(data, ("ucm_connector_name", "ucm_connector_config"))
+        if "ucm_connector_name" not in data:
+            raise UcmConfigError("ucm_connector_name", f"required key is missing; known: {', '.join(STORE_CONFIGS)}")
+        name = data["ucm_connector_name"]
+        if not isinstance(name, str) or name not in STORE_CONFIGS:
+            return cls(name, None)  # type: ignore[arg-type]  # raises the name error
+        with _under("ucm_connector_config"):
+            return cls(name, STORE_CONFIGS[name].from_dict(data.get("ucm_connector_config", {})))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ucm_connector_name": self.name, "ucm_connector_config": self.config.to_dict()}
+
+
+LAYER_NAME_FORM = "model.layers.<N>.self_attn.attn"
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.self_attn\.attn")
+_DELIMITER_KEYS = ("chunk_end_token_id", "blend_special_str", "separator_token_ids")
+
+
+@dataclass(frozen=True)
+class CheckLayer:
+    """A layer where Blend measures KV deviation and keeps the top ``ratio`` of reused tokens."""
+    layer_index: int
+    layer_name: str
+    ratio: float
+
+    def __post_init__(self) -> None:
+        _set(self, "layer_index", _int("layer_index", self.layer_index, lo=0))
+        match = _LAYER_RE.fullmatch(_str("layer_name", self.layer_name))
+        if match is None:
+            raise UcmConfigError("layer_name", f"expected the form {LAYER_NAME_FORM}, got {self.layer_name!r}")
+        if int(match.group(1)) != self.layer_index:
+            raise UcmConfigError("layer_index", f"{self.layer_index} does not match {self.layer_name!r}")
+        _set(self, "ratio", _float("ratio", self.ratio, 0.0, 1.0))
+
+    @classmethod
+    def from_compute_meta(cls, layer_name: Any, meta: Any) -> CheckLayer:
+        """Parse one ``compute_meta`` entry (layer name -> ``{"ratio": r}``)."""
+        with _under(str(layer_name)):
+            match = _LAYER_RE.fullmatch(layer_name) if isinstance(layer_name, str) else None
+            if match is None:
+                raise UcmConfigError("", f"not a layer name of the form {LAYER_NAME_FORM} (vLLM's attention layer)")
+            meta = _expect("", meta, Mapping, "a mapping")
+            _check_keys(meta, ("ratio",))
+            if "ratio" not in meta:
+                raise UcmConfigError("ratio", "required key is missing (share of reused tokens to recompute, 0..1)")
+            return cls(int(match.group(1)), layer_name, meta["ratio"])
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    """Settings of the Blend (CacheBlend) sparse method. Exactly one chunk delimiter must be
+    set: guessed chunk boundaries would silently make every chunk key miss."""
+    chunk_end_token_id: Optional[int] = None  # a chunk ends with this token
+    blend_special_str: Optional[str] = None  # separator text, tokenized once by the integration
+    separator_token_ids: Optional[tuple[int, ...]] = None  # separator as token ids
+    check_layers: tuple[CheckLayer, ...] = (CheckLayer(1, "model.layers.1.self_attn.attn", 0.15),)  # by index
+    deviation_target: str = "k"  # cache the deviation is measured on: "k", "v" or "kv"
+    deviation_norm: str = "l2"  # "l1" or "l2" per token, summed over heads
+    save_chunks: bool = True  # store each missed chunk's KV under its chunk keys for later requests
+    min_chunk_tokens: int = 1  # shorter chunks are recomputed, not reused
+
+    def __post_init__(self) -> None:
+        if self.chunk_end_token_id is not None:
+            _set(self, "chunk_end_token_id", _int("chunk_end_token_id", self.chunk_end_token_id, lo=0))
+        if self.blend_special_str is not None:
+            _str("blend_special_str", self.blend_special_str)
+        if self.separator_token_ids is not None:
+            ids = _seq("separator_token_ids", self.separator_token_ids, "token id")
+            ids = tuple(_int(f"separator_token_ids[{i}]", t, lo=0) for i, t in enumerate(ids))
+            _set(self, "separator_token_ids", ids)
+        given = [k for k in _DELIMITER_KEYS if getattr(self, k) is not None]
+        if len(given) != 1:
+            got = ", ".join(given) or "none"
+            raise UcmConfigError("", f"set exactly one chunk delimiter of {', '.join(_DELIMITER_KEYS)}; got {got}")
+        self._check_layers()
+        _str("deviation_target", self.deviation_target, ("k", "v", "kv"))
+        _str("deviation_norm", self.deviation_norm, ("l1", "l2"))
+        _expect("save_chunks", self.save_chunks, bool, "bool")
+        _set(self, "min_chunk_tokens", _int("min_chunk_tokens", self.min_chunk_tokens, lo=1))
+
+    def _check_layers(self) -> None:
+        """Sort by layer index and enforce gradual filtering: ratios never rise with depth."""
+        layers = tuple(sorted(_seq("compute_meta", self.check_layers, "check layer"), key=lambda c: c.layer_index))
+        for prev, cur in zip(layers, layers[1:]):
+            if prev.layer_index == cur.layer_index:
+                raise UcmConfigError("compute_meta", f"layer {cur.layer_index} is given twice")
+            if cur.ratio > prev.ratio:
+                raise UcmConfigError("compute_meta", (
+                    f"ratios must not increase with the layer index (gradual filtering); layer "
+                    f"{prev.layer_index} has {prev.ratio} but layer {cur.layer_index} has {cur.ratio}"))
+        _set(self, "check_layers", layers)
+
+    @property
+    def first_check_layer(self) -> int:
+        """Index of the first check layer; every layer before it is computed in full."""
+        return self.check_layers[0].layer_index
+
+    @classmethod
+    def from_dict(cls, data: Any) -> BlendConfig:
+        data = _expect("", data, Mapping, "a mapping")
+        _check_keys(data, (*_DELIMITER_KEYS, "compute_meta", "deviation_target", "deviation_norm",
+                           "save_chunks", "min_chunk_tokens"))
+        kwargs = {k: v for k, v in data.items() if k != "compute_meta"}
+        if "compute_meta" in data:
+            with _under("compute_meta"):
+                meta = _expect("", data["compute_meta"], Mapping, "a mapping")
+                kwargs["check_layers"] = tuple(CheckLayer.from_compute_meta(k, v) for k, v in meta.items())
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v
+                               for k in _DELIMITER_KEYS if (v := getattr(self, k)) is not None}
+        out["compute_meta"] = {c.layer_name: {"ratio": c.ratio} for c in self.check_layers}
+        out.update(deviation_target=self.deviation_target, deviation_norm=self.deviation_norm,
+                   save_chunks=self.save_chunks, min_chunk_tokens=self.min_chunk_tokens)
+        return out
+
+
+#: Sparse method name (key of ``ucm_sparse_config``) -> (config class, UcmConfig field).
+SPARSE_METHODS: dict[str, tuple[type, str]] = {"Blend": (BlendConfig, "blend")}
+
+
+@dataclass(frozen=True)
+class UcmConfig:
+    """Everything ucm reads from the user, validated."""
+    stores: tuple[StoreSpec, ...] = (StoreSpec("UcmDramStore", DramStoreConfig()),)  # tiers, fastest first
+    blend: Optional[BlendConfig] = None
+    use_layerwise: bool = True  # load/save KV per layer so that I/O overlaps compute
+    log_stats: bool = True
+    block_tokens: int = 16  # tokens per stored block (hashing and store granularity)
+
+    def __post_init__(self) -> None:
+        _set(self, "stores", _seq("ucm_connectors", self.stores, "store"))
+        _int("block_tokens", self.block_tokens, 1, 4096)
+        _expect("use_layerwise", self.use_layerwise, bool, "bool")
+        _expect("log_stats", self.log_stats, bool, "bool")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> UcmConfig:
+        """Parse the content of ``kv_connector_extra_config`` (or of the YAML file)."""
+        data = _expect("", data, Mapping, "a mapping")
+        _check_keys(data, ("ucm_connectors", "ucm_sparse_config", "use_layerwise", "log_stats", "block_tokens"))
+        kwargs: dict[str, Any] = {k: data[k] for k in ("use_layerwise", "log_stats", "block_tokens") if k in data}
+        if "ucm_connectors" in data:
+            with _under("ucm_connectors"):
+                specs = []
+                for i, item in enumerate(_seq("", data["ucm_connectors"], "store")):
+                    with _under(f"[{i}]"):
+                        specs.append(StoreSpec.from_dict(item))
+                kwargs["stores"] = tuple(specs)
+        if "ucm_sparse_config" in data:
+            with _under("ucm_sparse_config"):
+                methods = _expect("", data["ucm_sparse_config"], Mapping, "a mapping")
+                _check_keys(methods, tuple(SPARSE_METHODS), what="sparse method")
+                for name, section in methods.items():
+                    config_cls, attr = SPARSE_METHODS[name]
+                    with _under(name):
+                        kwargs[attr] = config_cls.from_dict(section)
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The extra-config dict that parses back to this object; JSON and YAML safe."""
+        out: dict[str, Any] = {"ucm_connectors": [s.to_dict() for s in self.stores]}
+        sparse = {name: getattr(self, attr).to_dict() for name, (_, attr) in SPARSE_METHODS.items()
+                  if getattr(self, attr) is not None}
+        if sparse:
+            out["ucm_sparse_config"] = sparse
+        out.update(use_layerwise=self.use_layerwise, log_stats=self.log_stats, block_tokens=self.block_tokens)
+        return out
+
+    @classmethod
+    def from_extra_config(cls, extra: Optional[Mapping[str, Any]], env: Mapping[str, str] = os.environ) -> UcmConfig:
+        """From vLLM's extra config or ``UCM_CONFIG_FILE``, never both (which would win?).
+        ``ENABLE_SPARSE`` is checked here too, so that a typo in it fails at engine start."""
+        if extra is not None:
+            _expect(EXTRA_CONFIG_KEY, extra, Mapping, "a mapping")
+        path = env.get(CONFIG_FILE_ENV, "").strip()
+        if path:
+            if extra:
+                raise UcmConfigError(CONFIG_FILE_ENV, f"set the config in one place: both {CONFIG_FILE_ENV}="
+                                                      f"{path!r} and a non-empty {EXTRA_CONFIG_KEY} are given")
+            data = _load_yaml(path)
+            try:
+                config = cls.from_dict(data)
+            except UcmConfigError as err:
+                raise UcmConfigError(err.key, f"{err.reason} (in {CONFIG_FILE_ENV}={path})") from None
+        else:
+            config = cls.from_dict(extra or {})
+        sparse = sparse_enabled(env)
+        if sparse != (config.blend is not None):
+            logger.warning("%s is %s but ucm_sparse_config %s", ENABLE_SPARSE_ENV, "on" if sparse else "off",
+                           "names no method" if sparse else "sets Blend: Blend will not run")
+        logger.info("ucm config from %s: stores=%s, blend=%s", f"{CONFIG_FILE_ENV}={path}" if path else
+                    EXTRA_CONFIG_KEY, [s.name for s in config.stores], config.blend is not None)
+        return config
+
+
+def _load_yaml(path: str) -> Mapping[Any, Any]:
+    """Read the config file; every failure names the env var and the path."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as err:
+        raise UcmConfigError(CONFIG_FILE_ENV, f"cannot read {path!r}: {err.strerror or err}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UcmConfigError(CONFIG_FILE_ENV, f"{path!r} is not valid YAML: {err}") from None
+    if not isinstance(data, Mapping):
+        raise UcmConfigError(CONFIG_FILE_ENV, f"{path!r} must hold a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def sparse_enabled(env: Mapping[str, str] = os.environ) -> bool:
+    """Read ``ENABLE_SPARSE``; an unrecognized value is an error rather than a silent "off"."""
+    raw = env.get(ENABLE_SPARSE_ENV)
+    value = "" if raw is None else raw.strip().lower()
+    if value in _TRUE_WORDS or value in _FALSE_WORDS:
+        return value in _TRUE_WORDS
+    allowed = ", ".join(repr(w) for w in (*_TRUE_WORDS, *_FALSE_WORDS[1:]))
+    raise UcmConfigError(ENABLE_SPARSE_ENV, f"must be one of {allowed} (case-insensitive) or unset, got {raw!r}")

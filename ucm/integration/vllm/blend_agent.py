@@ -1,0 +1,222 @@
+"""Blend inside a vLLM forward: the process-wide sparse agent of a worker.
+
+The patch points (see :mod:`patches`) call this agent at three places:
+
+* around the model forward (``execute_begin``/``execute_finished``): learn the
+  batch's row order from the model runner and the per-request plan from the
+  connector metadata, and start a :class:`BlendStep`;
+* around every decoder layer (``layer_begin``/``layer_finished``): after a check
+  layer shrink ``hidden_states``/``residual``/``positions`` to the kept rows, and
+  after the last layer scatter them back to the full batch so that vLLM's
+  ``logits_indices`` still point at the right rows;
+* instead of the attention backend from the first check layer on
+  (``attention_forward``): write the kept rows' fresh K/V into the paged cache and
+  compute their attention over each request's whole context with an exact causal
+  mask by true position. Layers before the first check layer use the backend over
+  all rows, which is exactly a full prefill of those layers.
+
+When a step has no reused rows the agent does nothing and vLLM runs untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from ucm.integration.vllm import stats
+from ucm.integration.vllm.metadata import UcmConnectorMetadata
+from ucm.integration.vllm.worker_side import WorkerSide, layer_index, token_slots
+from ucm.sparse.base import UcmSparseBase, UcmSparseRole
+from ucm.sparse.blend.attention import causal_attention_by_position
+from ucm.sparse.blend.blend import Blend, BlendStep, RequestRows
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchInfo:
+    """What the model runner knows about the batch it is about to run."""
+
+    req_ids: list[str]
+    positions: torch.Tensor
+
+
+@dataclass
+class _ReqContext:
+    row_start: int
+    num_rows: int
+    block_ids: torch.Tensor
+    seq_len: int
+
+
+class VllmBlendAgent(UcmSparseBase):
+    """Drives :class:`Blend` through one vLLM worker's forward passes."""
+
+    def __init__(self, method: Blend, worker: WorkerSide, metadata: Callable[[], Optional[UcmConnectorMetadata]],
+                 all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+        super().__init__(method.config, UcmSparseRole.WORKER)
+        self.method = method
+        self.worker = worker
+        self.metadata = metadata
+        self.all_reduce = all_reduce
+        self.last_layer = -1
+        self.step: Optional[BlendStep] = None
+        self._expect_step = False
+        self._layer_index: dict[str, int] = {}
+
+    # ---- forward boundaries -------------------------------------------------------------
+    def execute_begin(self, batch: BatchInfo) -> None:
+        self.step = None
+        meta = self.metadata()
+        self._expect_step = bool(meta is not None and meta.blend_active)
+        if not self._expect_step:
+            return
+        requests, contexts, slots = [], {}, []
+        row = 0
+        device = batch.positions.device
+        for req_id in batch.req_ids:
+            req = meta.requests.get(req_id)
+            if req is None:
+                raise RuntimeError(f"ucm Blend: request {req_id} is scheduled but missing from the "
+                                   "connector metadata")
+            reusable = self.worker.reusable.get(req_id, torch.zeros(req.num_scheduled, dtype=torch.bool))
+            requests.append(RequestRows(req_id, row, req.num_scheduled, reusable))
+            block_ids = torch.tensor(req.block_ids, dtype=torch.long, device=device)
+            tokens = torch.arange(req.num_computed, req.num_computed + req.num_scheduled, device=device)
+            slots.append(token_slots(block_ids, tokens, self.worker.vllm_block_size))
+            contexts[req_id] = _ReqContext(row, req.num_scheduled, block_ids, req.num_computed + req.num_scheduled)
+            row += req.num_scheduled
+        if row != batch.positions.shape[0]:
+            # Padded batch: row bookkeeping would not line up. Running plain is always
+            # correct (loaded KV is simply overwritten by the full prefill).
+            logger.warning("ucm Blend: batch has %d rows but %d scheduled tokens; running a full prefill",
+                           batch.positions.shape[0], row)
+            self._expect_step = False
+            return
+        step = self.method.begin_step(requests, row, self.all_reduce)
+        if not step.active:
+            self.method.end_step()
+            return
+        self.step = step
+        self.contexts = contexts
+        self.positions = batch.positions
+        self.slots = torch.cat(slots)
+        self.rows_dev = torch.arange(row, device=device)
+
+    def execute_finished(self, logits_indices: torch.Tensor) -> torch.Tensor:
+        step = self.method.end_step()
+        if step is not None:
+            for req_id, outcome in step.outcomes.items():
+                if outcome.num_reusable:
+                    stats.record_step(req_id, outcome.num_reusable, outcome.num_recomputed_reusable)
+        self.step = None
+        self._expect_step = False
+        return logits_indices
+
+    # ---- decoder layers ------------------------------------------------------------------
+    def layer_begin(self, layer_index: int, positions, hidden_states, residual):
+        step = self.step
+        if step is None:
+            return positions, hidden_states, residual
+        local = step.take_shrink()
+        if local is not None:
+            local = local.to(hidden_states.device)
+            hidden_states = hidden_states[local]
+            residual = residual[local] if residual is not None else None
+            self.rows_dev = step.rows.to(hidden_states.device)
+        if hidden_states.shape[0] != step.num_rows:
+            positions = self.positions[self.rows_dev]
+        return positions, hidden_states, residual
+
+    def layer_finished(self, layer_index: int, positions, hidden_states, residual):
+        step = self.step
+        if step is None or layer_index != self.last_layer or hidden_states.shape[0] == step.num_rows:
+            return positions, hidden_states, residual
+        # Back to the full batch: vLLM's logits_indices address rows of the whole batch.
+        full = hidden_states.new_zeros((step.num_rows,) + tuple(hidden_states.shape[1:]))
+        full[self.rows_dev] = hidden_states
+        if residual is not None:
+            res = residual.new_zeros((step.num_rows,) + tuple(residual.shape[1:]))
+            res[self.rows_dev] = residual
+            residual = res
+        return self.positions, full, residual
+
+    # ---- attention -----------------------------------------------------------------------------
+    def _index(self, layer_name: str) -> int:
+        idx = self._layer_index.get(layer_name)
+        if idx is None:
+            idx = self._layer_index[layer_name] = layer_index(layer_name)
+        return idx
+
+    def attention_forward(self, layer: Any, query, key, value) -> Optional[torch.Tensor]:
+        step = self.step
+        if step is None:
+            if self._expect_step:
+                raise RuntimeError("ucm Blend: the model-runner patch did not run for this forward; "
+                                   "this model runner is not supported (use the classic GPUModelRunner)")
+            return None
+        idx = self._index(layer.layer_name)
+        if step.computes_all_rows(idx):
+            return None
+        heads, kv_heads, dim = layer.num_heads, layer.num_kv_heads, layer.head_size
+        q = query.view(-1, heads, dim)
+        k = key.view(-1, kv_heads, dim)
+        v = value.view(-1, kv_heads, dim)
+        view = self.worker.views[layer.layer_name]
+        slots = self.slots[self.rows_dev]
+        rows = step.rows
+        if step.is_check_layer(idx):
+            cached_k, cached_v = view.gather(slots)
+            keep = step.select(idx, k, cached_k, v, cached_v)
+        else:
+            keep = torch.ones(rows.shape[0], dtype=torch.bool)
+        kept = keep.nonzero().flatten()
+        kept_dev = kept.to(q.device)
+        view.scatter(slots[kept_dev], k[kept_dev], v[kept_dev])
+        out = q.new_zeros(q.shape)
+        scale = layer.impl.scale
+        for ctx in self.contexts.values():
+            mine = (rows[kept] >= ctx.row_start) & (rows[kept] < ctx.row_start + ctx.num_rows)
+            if not bool(mine.any()):
+                continue
+            local = kept_dev[mine.to(q.device)]
+            k_ctx, v_ctx = view.context(ctx.block_ids, ctx.seq_len)
+            k_pos = torch.arange(ctx.seq_len, device=q.device)
+            out[local] = causal_attention_by_position(
+                q[local], self.positions[self.rows_dev[local]], k_ctx.to(q.dtype), v_ctx.to(q.dtype), k_pos, scale)
+        return out.view(-1, heads * dim)
+
+
+def _check_layer_supported(name: str, layer: Any) -> None:
+    impl = getattr(layer, "impl", None)
+    for attr in ("sliding_window", "logits_soft_cap", "alibi_slopes"):
+        value = getattr(impl, attr, None)
+        if value not in (None, 0, 0.0, -1, (-1, -1)):
+            raise RuntimeError(f"ucm Blend: attention layer {name} uses {attr}={value!r}, which Blend's "
+                               "exact-mask attention does not implement")
+
+
+def install_agent(connector: Any, forward_context: dict[str, Any], kv_caches: dict[str, torch.Tensor]) -> VllmBlendAgent:
+    """Create this worker's Blend agent, make it the process's sparse agent, and make
+    sure the patch points are in place (the plugin applies them at start; a worker
+    started without the entry point gets them here, before its first forward)."""
+    from ucm.integration.vllm.patches import apply_patches
+    from ucm.sparse import state
+    from ucm.sparse.base import UcmSparseRole
+    from ucm.sparse.factory import create_sparse_method
+
+    for name in kv_caches:
+        _check_layer_supported(name, forward_context[name])
+    method = create_sparse_method("Blend", connector.ucm_config.blend, UcmSparseRole.WORKER)
+    all_reduce = None
+    if connector.tp_size > 1:
+        from vllm.distributed import tensor_model_parallel_all_reduce
+
+        all_reduce = tensor_model_parallel_all_reduce
+    agent = VllmBlendAgent(method, connector.worker_side, lambda: connector._connector_metadata, all_reduce)
+    apply_patches()
+    state.set_sparse_agent(agent)
+    return agent

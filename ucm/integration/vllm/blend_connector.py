@@ -1,0 +1,28 @@
+"""UCMBlendConnector: the connector a user names to get Blend.
+
+Same stores, hashing and transfers as :class:`UCMConnector`; in addition the
+scheduler splits prompts into chunks and plans chunk reuse, and the worker installs
+the Blend sparse agent. Without ENABLE_SPARSE it reuses prefix blocks only.
+"""
+
+from __future__ import annotations
+
+from ucm.config import UcmConfigError
+from ucm.integration.vllm.connector import UCMConnector
+
+
+class UCMBlendConnector(UCMConnector):
+    uses_blend = True
+
+    def _check_config(self) -> None:
+        if self.ucm_config.blend is None:
+            raise UcmConfigError("ucm_sparse_config.Blend", "UCMBlendConnector needs a Blend section "
+                                 "with the chunk delimiter (chunk_end_token_id, blend_special_str or "
+                                 "separator_token_ids)")
+        model = self._vllm_config.model_config
+        if not model.enforce_eager:
+            raise UcmConfigError("enforce_eager", "Blend changes the rows a forward computes, which a "
+                                 "compiled or CUDA-graph model cannot do; start vLLM with enforce_eager=True")
+
+
+__all__ = ["UCMBlendConnector", "UCMConnector"]

@@ -1,0 +1,196 @@
+"""UCMConnector: vLLM KV connector for prefix reuse (and, in the Blend subclass, chunk reuse).
+
+One class per role split, as vLLM's v1 connector interface wants: the scheduler
+role plans and ships metadata (:mod:`scheduler_side`), the worker role moves KV
+(:mod:`worker_side`) and, under Blend, drives the sparse agent
+(:mod:`blend_agent`). Configuration is read once, here, from
+``kv_connector_extra_config`` or ``UCM_CONFIG_FILE`` (:mod:`ucm.config`); any error
+is raised at engine start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from vllm.config import VllmConfig
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from ucm.config import UcmConfig, UcmConfigError, sparse_enabled
+from ucm.hashing import HashContext
+from ucm.integration.vllm import stats as stats_registry
+from ucm.integration.vllm.metadata import UcmConnectorMetadata
+from ucm.integration.vllm.scheduler_side import SchedulerSide
+from ucm.integration.vllm.worker_side import LayerInfo, WorkerSide, layer_index
+from ucm.sparse.blend.chunking import Delimiter
+from ucm.sparse.blend.rope import RopeSpec
+from ucm.store.base import KVStoreBase
+from ucm.store.factory import build_store_chain
+
+if TYPE_CHECKING:
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+_SHARED_STORES: dict[str, KVStoreBase] = {}
+
+
+def shared_store(config: UcmConfig) -> KVStoreBase:
+    """One store chain per process and configuration.
+
+    vLLM runs the scheduler and (with one GPU) the worker in the same engine process,
+    each with its own connector instance. They must see the same store, or the
+    scheduler's lookups would miss what the worker saved in host memory.
+    """
+    key = json.dumps([s.to_dict() for s in config.stores], sort_keys=True)
+    store = _SHARED_STORES.get(key)
+    if store is None:
+        store = _SHARED_STORES[key] = build_store_chain([(s.name, s.config) for s in config.stores])
+    return store
+
+
+def _cache_writer(layer: Any):
+    """The backend's own op that writes K/V rows into a paged cache (used to probe layouts)."""
+    impl = layer.impl
+    if not hasattr(impl, "do_kv_cache_update"):
+        return None
+    return lambda key, value, cache, slots: impl.do_kv_cache_update(layer, key, value, cache, slots)
+
+
+class UCMConnector(KVConnectorBase_V1):
+    """Prefix blocks offloaded to a ucm store and reused across requests and engines."""
+
+    uses_blend = False
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config or None
+        self.ucm_config = UcmConfig.from_extra_config(extra)
+        self._check_config()
+        self.blend_on = self.uses_blend and sparse_enabled()
+        if self.uses_blend and not self.blend_on:
+            logger.warning("ucm: ENABLE_SPARSE is off; UCMBlendConnector reuses prefix blocks only")
+        parallel = vllm_config.parallel_config
+        self.tp_size = parallel.tensor_parallel_size
+        model = vllm_config.model_config
+        self.hash_context = HashContext(
+            model_id=str(model.model), kv_dtype=f"{model.dtype}/{vllm_config.cache_config.cache_dtype}",
+            tp_size=self.tp_size)
+        self.store = shared_store(self.ucm_config)
+        self._check_tiers()
+        self.block_tokens = self.ucm_config.block_tokens
+        self.scheduler_side: Optional[SchedulerSide] = None
+        self.worker_side: Optional[WorkerSide] = None
+        self.agent = None
+        if role == KVConnectorRole.SCHEDULER:
+            self.scheduler_side = SchedulerSide(self.ucm_config, self.store, self.hash_context, self.block_tokens,
+                                                self.tp_size, self._delimiter() if self.blend_on else None)
+        else:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            blend = self.ucm_config.blend if self.blend_on else None
+            self.worker_side = WorkerSide(
+                self.store, self.block_tokens, get_tensor_model_parallel_rank(),
+                RopeSpec.from_hf_config(model.hf_text_config),
+                blend.first_check_layer if blend else None)
+
+    def _check_config(self) -> None:
+        if not self.uses_blend and self.ucm_config.blend is not None:
+            raise UcmConfigError("ucm_sparse_config", "UCMConnector does not run sparse methods; use "
+                                 "kv_connector='UCMBlendConnector' (module ucm.integration.vllm.blend_connector)")
+
+    def _check_tiers(self) -> None:
+        if self.tp_size > 1 and all(s.name == "UcmDramStore" for s in self.ucm_config.stores):
+            raise UcmConfigError("ucm_connectors", "with tensor_parallel_size > 1 the workers run in their own "
+                                 "processes and a host-memory store is private to each; add a UcmNfsStore "
+                                 "tier so the scheduler can see what the workers saved")
+
+    def _delimiter(self) -> Delimiter:
+        blend = self.ucm_config.blend
+        assert blend is not None
+        if blend.chunk_end_token_id is not None:
+            return Delimiter(chunk_end_token_id=blend.chunk_end_token_id)
+        if blend.separator_token_ids is not None:
+            return Delimiter(separator_token_ids=tuple(blend.separator_token_ids))
+        from vllm.tokenizers import cached_tokenizer_from_config
+
+        tokenizer = cached_tokenizer_from_config(self._vllm_config.model_config)
+        ids = tuple(tokenizer.encode(blend.blend_special_str, add_special_tokens=False))
+        if not ids:
+            raise UcmConfigError("ucm_sparse_config.Blend.blend_special_str", "tokenizes to no tokens")
+        return Delimiter(separator_token_ids=ids)
+
+    # ==== worker side ================================================================
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        forward_context = self._vllm_config.compilation_config.static_forward_context
+        layers = []
+        for name in kv_caches:
+            layer = forward_context[name]
+            layers.append(LayerInfo(name, layer_index(name), layer.attn_backend.get_name(),
+                                    layer.num_kv_heads, layer.head_size, _cache_writer(layer)))
+        assert self.worker_side is not None
+        self.worker_side.register(kv_caches, layers)
+        if self.blend_on:
+            from ucm.integration.vllm.blend_agent import install_agent
+
+            self.agent = install_agent(self, forward_context, kv_caches)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, UcmConnectorMetadata) and self.worker_side is not None
+        self.worker_side.start_load(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are synchronous in start_load_kv
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # blocks are saved once the forward is done, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        assert self.worker_side is not None
+        if self.has_connector_metadata():
+            meta = self._get_connector_metadata()
+            assert isinstance(meta, UcmConnectorMetadata)
+            self.worker_side.save(meta)
+        self.worker_side.reap_saves()
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker_side.take_load_errors() if self.worker_side else set()
+
+    def shutdown(self) -> None:
+        if self.worker_side is not None:
+            self.worker_side.reap_saves(wait=True)
+
+    # ==== scheduler side =============================================================
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        assert self.scheduler_side is not None
+        prompt = list(request.prompt_token_ids or [])
+        hit = self.scheduler_side.num_new_matched_tokens(
+            request.request_id, prompt, getattr(request, "cache_salt", None), num_computed_tokens)
+        return hit, False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+        assert self.scheduler_side is not None
+        self.scheduler_side.after_alloc(request.request_id, num_external_tokens, request.num_computed_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        assert self.scheduler_side is not None
+        return self.scheduler_side.build_meta(scheduler_output)
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, Optional[dict[str, Any]]]:
+        assert self.scheduler_side is not None
+        plan = self.scheduler_side.finished(request.request_id)
+        if plan is not None:
+            stats_registry.record_plan(request.request_id, plan)
+            if self.ucm_config.log_stats:
+                logger.info("ucm request %s: %d tokens, prefix hit %d, chunk hit %d", request.request_id,
+                            plan.num_tokens, plan.prefix_hit_tokens, plan.chunk_hit_tokens)
+        return False, None

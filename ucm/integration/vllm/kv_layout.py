@@ -1,0 +1,169 @@
+"""One small adapter per paged-KV layout: K and V views of one layer's cache.
+
+Backends store a layer's paged KV differently (CPU_ATTN in vLLM 0.32 keeps, per
+block and head, K in an ISA-dependent order then V rows, so its order is probed;
+FLASH_ATTN keeps K and V planes of ``[blocks, block_size, heads, head_dim]``). Blend needs only four operations on
+it, all by *slot* (``block_id * block_size + offset``): gather and scatter token
+rows, and gather a request's whole context by its block ids. Every view here is
+``[num_blocks, block_size, heads, head_dim]`` over the engine's own storage, so
+writes land in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class PagedKV:
+    """K and V of one layer as ``[num_blocks, block_size, heads, head_dim]`` views."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[1]
+
+    def _split(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return slots // self.block_size, slots % self.block_size
+
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[n, heads, head_dim]`` K and V at ``slots`` (copies)."""
+        blocks, offsets = self._split(slots)
+        return self.k[blocks, offsets], self.v[blocks, offsets]
+
+    def scatter(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``[n, heads, head_dim]`` K and V rows into ``slots``."""
+        blocks, offsets = self._split(slots)
+        self.k[blocks, offsets] = k.to(self.k.dtype)
+        self.v[blocks, offsets] = v.to(self.v.dtype)
+
+    def context(self, block_ids: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A request's first ``num_tokens`` K and V rows, ``[num_tokens, heads, head_dim]``."""
+        heads, dim = self.k.shape[2], self.k.shape[3]
+        k = self.k[block_ids].reshape(-1, heads, dim)[:num_tokens]
+        v = self.v[block_ids].reshape(-1, heads, self.v.shape[3])[:num_tokens]
+        return k, v
+
+
+def _block_index(view: "PagedKV", slots: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    blocks = (slots // view.block_size)[:, None, None]
+    return blocks, index[slots % view.block_size]
+
+
+@dataclass
+class ProbedPagedKV(PagedKV):
+    """A paged cache whose per-block element order is learned, not assumed.
+
+    CPU_ATTN stores K in an ISA-dependent order (e.g. transposed to
+    ``[head_dim, block_size]`` per head for the "vec" kernels) and V row-major. Rather
+    than hard-coding each variant, :func:`probe_cpu_attn` writes known values through
+    the backend's own cache-update op and records where each (token, head, dim) of K
+    and V lands. ``k_index``/``v_index`` are ``[block_size, heads, head_dim]`` offsets
+    into one block's flat storage ``flat[block]``.
+    """
+
+    flat: torch.Tensor = None  # type: ignore[assignment]
+    k_index: torch.Tensor = None  # type: ignore[assignment]
+    v_index: torch.Tensor = None  # type: ignore[assignment]
+    size: int = 0
+
+    @property
+    def block_size(self) -> int:
+        return self.size
+
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, k_off = _block_index(self, slots, self.k_index)
+        _, v_off = _block_index(self, slots, self.v_index)
+        return self.flat[b, k_off], self.flat[b, v_off]
+
+    def scatter(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        b, k_off = _block_index(self, slots, self.k_index)
+        _, v_off = _block_index(self, slots, self.v_index)
+        self.flat[b, k_off] = k.to(self.flat.dtype)
+        self.flat[b, v_off] = v.to(self.flat.dtype)
+
+    def context(self, block_ids: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.arange(num_tokens, device=block_ids.device)
+        slots = block_ids[tokens // self.size] * self.size + tokens % self.size
+        return self.gather(slots)
+
+
+def probe_cpu_attn(kv_cache: torch.Tensor, write: Callable[..., None]) -> ProbedPagedKV:
+    """Learn CPU_ATTN's per-block order by writing probes with the backend's own op.
+
+    ``write(key, value, cache, slot_mapping)`` must be the backend's cache update.
+    Three probes encode token, head and dim index as small integers (+1, exact in
+    bf16/fp16); K is written positive and V negative so the two are told apart.
+    """
+    num_blocks, heads, block_size, width = kv_cache.shape
+    head_dim = width // 2
+    scratch = torch.zeros((1, heads, block_size, width), dtype=kv_cache.dtype, device=kv_cache.device)
+    grid = torch.meshgrid(torch.arange(block_size), torch.arange(heads), torch.arange(head_dim), indexing="ij")
+    slots = torch.arange(block_size, device=kv_cache.device)
+    found = []
+    for coord in grid:
+        scratch.zero_()
+        probe = (coord + 1).to(kv_cache.dtype).to(kv_cache.device).contiguous()
+        write(probe, -probe, scratch, slots)
+        found.append(scratch.reshape(-1).float().cpu().clone())
+    flat_t, flat_h, flat_d = found
+    k_index = torch.full((block_size, heads, head_dim), -1, dtype=torch.long)
+    v_index = torch.full((block_size, heads, head_dim), -1, dtype=torch.long)
+    for index, sign in ((k_index, 1), (v_index, -1)):
+        where = ((flat_t * sign) > 0).nonzero().flatten()
+        t = (flat_t[where] * sign).long() - 1
+        h = (flat_h[where] * sign).long() - 1
+        d = (flat_d[where] * sign).long() - 1
+        index[t, h, d] = where
+    if (k_index < 0).any() or (v_index < 0).any():
+        raise RuntimeError("ucm: could not learn the CPU_ATTN cache layout (probe incomplete)")
+    flat = kv_cache.view(num_blocks, -1)
+    return ProbedPagedKV(k=kv_cache, v=kv_cache, flat=flat, k_index=k_index.to(kv_cache.device),
+                         v_index=v_index.to(kv_cache.device), size=block_size)
+
+
+def flash_attn_view(kv_cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> PagedKV:
+    """FLASH_ATTN (and Triton/FlexAttention): ``[2, blocks, block_size, heads, head_dim]``,
+    possibly with a permuted stride order; indexing the logical shape handles that."""
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+        if kv_cache.dim() == 5 and kv_cache.shape[1] == 2:
+            return PagedKV(k=kv_cache[:, 0], v=kv_cache[:, 1])
+        raise ValueError(f"unexpected FLASH_ATTN cache shape {tuple(kv_cache.shape)}")
+    if kv_cache.shape[3] != num_kv_heads or kv_cache.shape[4] != head_dim:
+        raise ValueError(f"unexpected FLASH_ATTN cache shape {tuple(kv_cache.shape)} for "
+                         f"{num_kv_heads} kv heads of dim {head_dim}")
+    return PagedKV(k=kv_cache[0], v=kv_cache[1])
+
+
+LAYOUTS = {
+    "FLASH_ATTN": flash_attn_view,
+    "TRITON_ATTN": flash_attn_view,
+}
+
+
+def paged_kv_view(backend_name: str, kv_cache: torch.Tensor, num_kv_heads: int, head_dim: int,
+                  write: Optional[Callable[..., None]] = None) -> PagedKV:
+    """The view for ``backend_name``; an unknown backend is refused, never guessed.
+
+    ``write`` is the backend's own cache-update op, needed for layouts that are probed.
+    """
+    if backend_name == "CPU_ATTN":
+        if write is None:
+            raise RuntimeError("CPU_ATTN layout needs the backend's cache-update op to probe")
+        view = probe_cpu_attn(kv_cache, write)
+        if view.k_index.shape[1:] != (num_kv_heads, head_dim):
+            raise RuntimeError(f"unexpected CPU_ATTN cache shape {tuple(kv_cache.shape)}")
+        return view
+    try:
+        make = LAYOUTS[backend_name]
+    except KeyError:
+        raise RuntimeError(
+            f"ucm does not support the attention backend {backend_name!r}; "
+            f"supported: {', '.join(sorted(LAYOUTS) + ['CPU_ATTN'])}"
+        ) from None
+    return make(kv_cache, num_kv_heads, head_dim)

@@ -1,0 +1,162 @@
+"""Every point where ucm patches vLLM, in one place.
+
+Applied only when ENABLE_SPARSE is on (by the plugin entry point, in every engine
+process), and only on a vLLM version listed in :data:`SUPPORTED_VERSIONS`; any
+other version is refused with a clear error instead of being patched blindly.
+Each patch calls the ``maybe_execute_*`` helpers of :mod:`ucm.sparse.state`, which
+return their inputs untouched when no sparse agent is set, so a patched engine
+without a Blend request runs the original code path.
+
+Patch points:
+
+1. ``GPUModelRunner._model_forward`` (classic model runner; CPUModelRunner inherits
+   it): tell the agent the batch's request order and positions before the model
+   runs; on its first call, install (2) on the model's decoder layers.
+2. Each decoder layer's ``forward`` (instance-level, for models whose layers live in
+   ``model.layers`` with the ``(positions, hidden_states, residual)`` signature:
+   Llama, Mistral, Qwen2, Qwen3): shrink rows after a check layer; restore the full
+   batch after the last layer.
+3. ``Attention.forward``: let the agent compute the attention of the kept rows
+   instead of the backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ucm.sparse import state
+
+logger = logging.getLogger(__name__)
+
+# vLLM version prefix -> module of the ``Attention`` layer class.
+SUPPORTED_VERSIONS = {
+    "0.32.": "vllm.model_executor.layers.attention.attention",
+    "0.26.": "vllm.model_executor.layers.attention.attention",
+}
+RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
+SUPPORTED_DECODER_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+_APPLIED = False
+
+
+@dataclass(frozen=True)
+class PatchPoint:
+    module: str
+    owner: str
+    attribute: str
+    make: Callable[[Callable], Callable]
+
+
+def check_vllm_version(version: str) -> str:
+    """The attention module for ``version``; refuses unsupported versions loudly."""
+    for prefix, module in SUPPORTED_VERSIONS.items():
+        if version.startswith(prefix):
+            return module
+    raise RuntimeError(
+        f"ucm sparse patches support vLLM {', '.join(p + 'x' for p in SUPPORTED_VERSIONS)}; "
+        f"found vLLM {version}. Unset ENABLE_SPARSE to run without Blend."
+    )
+
+
+def _wrap_model_forward(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def _model_forward(self, *args: Any, **kwargs: Any):
+        agent = state.get_sparse_agent()
+        if agent is None:
+            return original(self, *args, **kwargs)
+        install_layer_hooks(self.model, agent)
+        from ucm.integration.vllm.blend_agent import BatchInfo
+
+        num_reqs = self.input_batch.num_reqs
+        positions = kwargs.get("positions")
+        state.maybe_execute_begin(BatchInfo(list(self.input_batch.req_ids[:num_reqs]), positions))
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            state.maybe_execute_finished(torch.empty(0))
+
+    return _model_forward
+
+
+def _wrap_attention_forward(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def forward(self, query, key, value, *args: Any, **kwargs: Any):
+        out = state.maybe_execute_attention_forward(self, query, key, value)
+        if out is None:
+            return original(self, query, key, value, *args, **kwargs)
+        return out
+
+    return forward
+
+
+def _decoder_layers(model: torch.nn.Module) -> tuple[torch.nn.ModuleList, int]:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise RuntimeError(f"ucm Blend: {type(model).__name__} has no model.layers; unsupported model")
+    end = getattr(inner, "end_layer", len(layers))
+    return layers, end
+
+
+def install_layer_hooks(model: torch.nn.Module, agent: Any) -> None:
+    """Wrap each decoder layer's forward once per model instance (patch point 2)."""
+    if getattr(model, "_ucm_layer_hooks", False):
+        return
+    layers, end = _decoder_layers(model)
+    for index, layer in enumerate(layers):
+        name = type(layer).__name__
+        if name == "PPMissingLayer":
+            continue
+        if name not in SUPPORTED_DECODER_LAYERS:
+            raise RuntimeError(f"ucm Blend: decoder layer {name} is not supported; supported: "
+                               f"{', '.join(SUPPORTED_DECODER_LAYERS)}")
+        layer.forward = _wrap_layer(layer.forward, index)
+    agent.last_layer = end - 1
+    model._ucm_layer_hooks = True
+
+
+def _wrap_layer(original: Callable, index: int) -> Callable:
+    @functools.wraps(original)
+    def forward(positions, hidden_states, residual, *args: Any, **kwargs: Any):
+        positions, hidden_states, residual = state.maybe_execute_layer_begin(index, positions, hidden_states, residual)
+        hidden_states, residual = original(positions, hidden_states, residual, *args, **kwargs)
+        _, hidden_states, residual = state.maybe_execute_layer_finished(index, positions, hidden_states, residual)
+        return hidden_states, residual
+
+    return forward
+
+
+def patch_points(attention_module: str) -> list[PatchPoint]:
+    return [
+        PatchPoint(RUNNER_MODULE, "GPUModelRunner", "_model_forward", _wrap_model_forward),
+        PatchPoint(attention_module, "Attention", "forward", _wrap_attention_forward),
+    ]
+
+
+def apply_patches() -> None:
+    """Apply every class-level patch point once per process."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    import vllm
+
+    attention_module = check_vllm_version(vllm.__version__)
+    for point in patch_points(attention_module):
+        owner = getattr(importlib.import_module(point.module), point.owner)
+        original = getattr(owner, point.attribute)
+        if getattr(original, "_ucm_patched", False):
+            continue
+        patched = point.make(original)
+        patched._ucm_patched = True
+        setattr(owner, point.attribute, patched)
+        logger.info("ucm: patched %s.%s.%s", point.module, point.owner, point.attribute)
+    _APPLIED = True
+
+
+def patches_applied() -> bool:
+    return _APPLIED

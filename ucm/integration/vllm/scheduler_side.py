@@ -1,0 +1,156 @@
+"""Scheduler half of the ucm connector: plan reuse per request, ship per-step work.
+
+Per request (once, at its first lookup): split the prompt (Blend only), hash the
+prefix chain and each chunk's chain, look the keys up in the store, keep the
+:class:`ReusePlan`. Per step: tell the worker which blocks to load into which
+prompt tokens, which blocks to save, and (when Blend runs) every scheduled
+request's block ids and token range. No tensors here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from ucm.config import UcmConfig
+from ucm.hashing import HashContext, rank_key
+from ucm.integration.vllm.metadata import BlockLoad, BlockSave, RequestStep, UcmConnectorMetadata
+from ucm.sparse.blend.chunking import Delimiter, split_prompt
+from ucm.sparse.blend.plan import ReusePlan, build_plan
+from ucm.store.base import KVStoreBase
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Tracked:
+    """Scheduler-side state of one live request."""
+
+    plan: ReusePlan
+    prompt_len: int
+    block_ids: list[int] = field(default_factory=list)
+    external_tokens: int = 0  # prefix tokens vLLM counts as loaded by us
+    local_computed: int = 0  # tokens vLLM had computed itself before our load
+    prefix_loaded: bool = False
+    saved: bool = False
+
+
+class SchedulerSide:
+    """Lookup, planning and step metadata; owned by the connector's scheduler role."""
+
+    def __init__(self, config: UcmConfig, store: KVStoreBase, hash_context: HashContext,
+                 block_tokens: int, tp_size: int, delimiter: Optional[Delimiter]) -> None:
+        self.config = config
+        self.store = store
+        self.hash_context = hash_context
+        self.block_tokens = block_tokens
+        self.tp_size = tp_size
+        self.delimiter = delimiter
+        self.requests: dict[str, _Tracked] = {}
+
+    # ---- lookup ------------------------------------------------------------------
+    def _exists(self, keys: Sequence[bytes]) -> list[bool]:
+        """A logical key exists only if every TP rank's shard is stored."""
+        if not keys:
+            return []
+        found = [True] * len(keys)
+        for rank in range(self.tp_size):
+            hits = self.store.lookup([rank_key(k, rank) for k in keys])
+            found = [a and b for a, b in zip(found, hits)]
+        return found
+
+    def plan_request(self, req_id: str, prompt: Sequence[int], cache_salt: Optional[str]) -> _Tracked:
+        tracked = self.requests.get(req_id)
+        if tracked is not None:
+            return tracked
+        blend = self.config.blend
+        split = split_prompt(prompt, self.delimiter) if self.delimiter is not None else None
+        plan = build_plan(
+            prompt, split, self.hash_context.seed(cache_salt), self.block_tokens, self._exists,
+            min_chunk_tokens=blend.min_chunk_tokens if blend else 1,
+            save_chunks=bool(blend and blend.save_chunks),
+        )
+        tracked = _Tracked(plan=plan, prompt_len=len(prompt))
+        self.requests[req_id] = tracked
+        logger.debug("request %s: %d tokens, prefix hit %d, chunk hit %d", req_id, len(prompt),
+                     plan.prefix_hit_tokens, plan.chunk_hit_tokens)
+        return tracked
+
+    def num_new_matched_tokens(self, req_id: str, prompt: Sequence[int], cache_salt: Optional[str],
+                               num_computed: int) -> int:
+        """Prefix tokens we can load beyond what vLLM already has (never the whole prompt:
+        vLLM must compute at least the last token to produce logits)."""
+        tracked = self.plan_request(req_id, prompt, cache_salt)
+        hit = min(tracked.plan.prefix_hit_tokens, len(prompt) - 1)
+        return max(0, hit - num_computed)
+
+    def after_alloc(self, req_id: str, num_external_tokens: int, num_local_computed: int) -> None:
+        tracked = self.requests.get(req_id)
+        if tracked is None:
+            return
+        tracked.external_tokens = num_external_tokens
+        tracked.local_computed = num_local_computed
+        tracked.prefix_loaded = num_external_tokens == 0
+
+    # ---- per step -------------------------------------------------------------------
+    def build_meta(self, scheduler_output: Any) -> UcmConnectorMetadata:
+        meta = UcmConnectorMetadata()
+        steps: list[RequestStep] = []
+        for new in scheduler_output.scheduled_new_reqs:
+            tracked = self.requests.get(new.req_id)
+            if tracked is None:
+                continue
+            tracked.block_ids = list(new.block_ids[0])
+            steps.append(self._step(new.req_id, tracked, new.num_computed_tokens,
+                                    scheduler_output.num_scheduled_tokens[new.req_id]))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            tracked = self.requests.get(req_id)
+            if tracked is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                # Preempted and resumed: vLLM recomputes from num_computed; reload and resave.
+                tracked.block_ids = list(new_ids[0]) if new_ids is not None else []
+                tracked.prefix_loaded = tracked.external_tokens == 0
+                tracked.saved = False
+            elif new_ids is not None:
+                tracked.block_ids.extend(new_ids[0])
+            steps.append(self._step(req_id, tracked, cached.num_computed_tokens[i],
+                                    scheduler_output.num_scheduled_tokens[req_id]))
+        meta.blend_active = any(s.blend for s in steps)
+        for s in steps:
+            if meta.blend_active or s.loads or s.saves:
+                meta.requests[s.req_id] = s
+        if any(s.loads for s in steps) and hasattr(scheduler_output, "has_sync_kv_loads"):
+            # Our loads feed this very forward: vLLM must start them before it.
+            scheduler_output.has_sync_kv_loads = True
+        return meta
+
+    def _step(self, req_id: str, tracked: _Tracked, num_computed: int, num_scheduled: int) -> RequestStep:
+        plan = tracked.plan
+        lo, hi = num_computed, num_computed + num_scheduled
+        step = RequestStep(req_id, list(tracked.block_ids), num_computed, num_scheduled, tracked.prompt_len)
+        b = self.block_tokens
+        if not tracked.prefix_loaded:
+            load_lo, load_hi = tracked.local_computed, tracked.local_computed + tracked.external_tokens
+            for ref in plan.prefix_hits:
+                a, z = max(ref.token_start, load_lo), min(ref.token_start + b, load_hi)
+                if a < z:
+                    step.loads.append(BlockLoad(ref.key, ref.token_start, a, z, 0, chunk=False))
+            tracked.prefix_loaded = True
+        if lo < tracked.prompt_len:
+            for ref in plan.chunk_hits_in(lo, min(hi, tracked.prompt_len)):
+                a, z = max(ref.token_start, lo), min(ref.token_start + b, hi)
+                step.loads.append(BlockLoad(ref.key, ref.token_start, a, z, ref.rope_delta, chunk=True))
+                step.blend = True
+        if not tracked.saved and hi >= tracked.prompt_len:
+            step.saves = [BlockSave(r.key, r.token_start, r.rope_delta)
+                          for r in plan.prefix_saves + plan.chunk_saves]
+            tracked.saved = True
+        return step
+
+    def finished(self, req_id: str) -> Optional[ReusePlan]:
+        tracked = self.requests.pop(req_id, None)
+        return tracked.plan if tracked else None

@@ -1,0 +1,55 @@
+"""Per-request ucm statistics, collected in-process.
+
+The scheduler side records what a request reused (prefix and chunk hits), the
+worker side what Blend recomputed. With vLLM's in-process engine
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) both land here and :func:`request_stats`
+gives the merged record; with a multi-process engine each process holds its part
+(and the scheduler part is also logged per request).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from ucm.sparse.blend.plan import ReusePlan
+
+_LOCK = threading.Lock()
+_STATS: dict[str, dict[str, Any]] = {}
+
+
+def record_plan(req_id: str, plan: ReusePlan) -> None:
+    with _LOCK:
+        entry = _STATS.setdefault(req_id, {})
+        entry.update(prompt_tokens=plan.num_tokens, prefix_hit_tokens=plan.prefix_hit_tokens,
+                     chunk_hit_tokens=plan.chunk_hit_tokens, chunk_tokens=plan.num_chunk_tokens)
+
+
+def record_step(req_id: str, num_reusable: int, num_recomputed: int) -> None:
+    """Add one forward's Blend outcome for a request (chunked prefills add several)."""
+    with _LOCK:
+        entry = _STATS.setdefault(req_id, {})
+        reusable = entry.get("reusable_tokens", 0) + num_reusable
+        recomputed = entry.get("recomputed_reused_tokens", 0) + num_recomputed
+        entry.update(reusable_tokens=reusable, recomputed_reused_tokens=recomputed,
+                     reused_tokens=reusable - recomputed, recompute_ratio=recomputed / reusable if reusable else None)
+
+
+def request_stats(req_id: str) -> dict[str, Any]:
+    """The merged record of one request (empty if ucm saw nothing of it).
+
+    Accepts the id vLLM returns to the caller as well as the engine's internal id
+    (vLLM appends ``-<random suffix>`` to the caller's id).
+    """
+    with _LOCK:
+        if req_id in _STATS:
+            return dict(_STATS[req_id])
+        for key, value in _STATS.items():
+            if key.rsplit("-", 1)[0] == req_id:
+                return dict(value)
+        return {}
+
+
+def clear() -> None:
+    with _LOCK:
+        _STATS.clear()

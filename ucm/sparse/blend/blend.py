@@ -1,0 +1,171 @@
+"""Blend: the engine-agnostic per-forward state machine.
+
+One :class:`BlendStep` lives for one forward pass of a batch. The engine
+integration tells it where each request's rows are and which rows hold reused
+(cached, re-rotated) KV; Blend then decides, layer by layer, which rows are still
+computed:
+
+* before the first check layer every row is computed (a full prefill of those
+  layers, which is what makes the deviation check meaningful);
+* at a check layer the integration hands over fresh and cached K/V of the rows
+  still computed; Blend keeps the top ``ratio`` of each request's reused rows by
+  deviation, plus every row that must be recomputed (cache misses, suffix,
+  separators, each request's last row that produces logits);
+* from then on only the kept rows are computed; every other row keeps its
+  cached KV.
+
+Plain torch, no engine import: the reference forward in :mod:`reference` and the
+vLLM integration drive the same object.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from ucm.sparse.base import UcmSparseBase
+from ucm.sparse.blend.selection import GradualFilter, token_deviation
+
+logger = logging.getLogger(__name__)
+
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class RequestRows:
+    """One request's rows in the flattened batch of a forward pass."""
+
+    req_id: str
+    row_start: int
+    num_rows: int
+    reusable: torch.Tensor  # bool [num_rows], CPU: rows whose KV was loaded from cache
+    always: Optional[torch.Tensor] = None  # bool [num_rows]: rows never skipped
+
+    @property
+    def num_reusable(self) -> int:
+        return int(self.reusable.sum())
+
+
+@dataclass
+class RequestOutcome:
+    """What Blend decided for one request in one forward (for stats)."""
+
+    num_rows: int
+    num_reusable: int
+    num_recomputed_reusable: int = 0
+
+    @property
+    def recompute_fraction(self) -> float:
+        return self.num_recomputed_reusable / self.num_reusable if self.num_reusable else 1.0
+
+
+@dataclass
+class BlendStep:
+    """Row selection state of one forward pass.
+
+    ``rows`` is always the sorted global row indices currently computed; after a
+    check layer, :meth:`take_shrink` gives the local indices (into the previous
+    ``rows``) that the next layer keeps.
+    """
+
+    requests: list[RequestRows]
+    num_rows: int
+    check_ratios: dict[int, float]
+    target: str = "k"
+    norm: str = "l2"
+    all_reduce: Optional[AllReduce] = None
+    rows: torch.Tensor = field(init=False)
+    outcomes: dict[str, RequestOutcome] = field(init=False)
+    _filters: dict[str, GradualFilter] = field(init=False)
+    _pending_local: Optional[torch.Tensor] = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.rows = torch.arange(self.num_rows)
+        self._filters = {}
+        self.outcomes = {}
+        for req in self.requests:
+            always = req.always if req.always is not None else torch.zeros(req.num_rows, dtype=torch.bool)
+            if req.num_rows:
+                always = always.clone()
+                always[-1] = True  # the last row produces the request's logits
+            self._filters[req.req_id] = GradualFilter(req.reusable, always)
+            self.outcomes[req.req_id] = RequestOutcome(req.num_rows, req.num_reusable)
+
+    @property
+    def active(self) -> bool:
+        """Whether any request reuses KV in this forward (else run the plain path)."""
+        return any(r.num_reusable for r in self.requests)
+
+    @property
+    def first_check_layer(self) -> int:
+        return min(self.check_ratios)
+
+    def is_check_layer(self, layer: int) -> bool:
+        return layer in self.check_ratios
+
+    def computes_all_rows(self, layer: int) -> bool:
+        """Layers before the first check layer compute every row with the engine's own path."""
+        return not self.active or layer < self.first_check_layer
+
+    def select(self, layer: int, fresh_k: torch.Tensor, cached_k: torch.Tensor,
+               fresh_v: Optional[torch.Tensor] = None, cached_v: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Choose the rows to keep at check layer ``layer``.
+
+        Inputs are ``[len(rows), heads, head_dim]`` for the rows currently computed.
+        Returns a bool mask over the current rows; the kept rows become ``rows``
+        once :meth:`take_shrink` is called.
+        """
+        ratio = self.check_ratios[layer]
+        deviation = token_deviation(fresh_k, cached_k, fresh_v, cached_v, self.target, self.norm)
+        if self.all_reduce is not None:
+            # One collective for the whole batch: every TP rank then ranks identical numbers.
+            deviation = self.all_reduce(deviation)
+        deviation = deviation.float().cpu()
+        full = torch.zeros(self.num_rows, dtype=torch.float32)
+        full[self.rows] = deviation
+        keep_global = torch.zeros(self.num_rows, dtype=torch.bool)
+        for req in self.requests:
+            span = slice(req.row_start, req.row_start + req.num_rows)
+            mask = self._filters[req.req_id].step(full[span], ratio)
+            keep_global[span] = mask
+            outcome = self.outcomes[req.req_id]
+            outcome.num_recomputed_reusable = int((mask & req.reusable).sum())
+        current = torch.zeros(self.num_rows, dtype=torch.bool)
+        current[self.rows] = True
+        keep_global &= current
+        keep_local = keep_global[self.rows]
+        self._pending_local = keep_local.nonzero().flatten()
+        self._next_rows = self.rows[keep_local]
+        return keep_local
+
+    def take_shrink(self) -> Optional[torch.Tensor]:
+        """Local indices the next layer keeps, once, after a check layer (else None)."""
+        local = self._pending_local
+        if local is None:
+            return None
+        self._pending_local = None
+        self.rows = self._next_rows
+        return local
+
+
+class Blend(UcmSparseBase):
+    """The registered sparse method "Blend": holds the config and builds steps."""
+
+    def __init__(self, config, role: str) -> None:
+        super().__init__(config, role)
+        self.check_ratios = {c.layer_index: c.ratio for c in config.check_layers}
+        self.target = config.deviation_target
+        self.norm = config.deviation_norm
+        self.step: Optional[BlendStep] = None
+
+    def begin_step(self, requests: list[RequestRows], num_rows: int,
+                   all_reduce: Optional[AllReduce] = None) -> BlendStep:
+        self.step = BlendStep(requests, num_rows, self.check_ratios, self.target, self.norm, all_reduce)
+        return self.step
+
+    def end_step(self) -> Optional[BlendStep]:
+        step, self.step = self.step, None
+        return step

@@ -1,0 +1,172 @@
+"""Which reused tokens to recompute: HKVD (high KV deviation) selection.
+
+At a check layer Blend has, for every scheduled token, the K/V it just computed
+("fresh") and the K/V loaded from the cache (re-rotated to the new position). Tokens
+whose cached KV deviates most from the fresh one are the ones whose meaning depends
+on the chunks now in front of them; recomputing only those restores most of the
+cross-chunk attention (CacheBlend, EuroSys 2025).
+
+Tensor parallel: each rank holds a subset of the KV heads. The deviation here is a
+*sum over heads*, so a rank's value is a partial sum; all-reduce (SUM) it across
+ranks before selecting, and every rank then holds the full-head deviation and picks
+the same rows (ties break by lower row index, so the choice is deterministic).
+
+Pure torch; never imports vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+_TARGETS = ("k", "v", "kv")
+_NORMS = ("l1", "l2")
+
+
+def _per_token(fresh: torch.Tensor, cached: torch.Tensor, norm: str) -> torch.Tensor:
+    """``[tokens, heads, head_dim]`` pair -> ``[tokens]``: per-head norm, summed over heads."""
+    if fresh.shape != cached.shape or fresh.dim() != 3:
+        raise ValueError(f"fresh and cached must both be [tokens, heads, head_dim]; got "
+                         f"{tuple(fresh.shape)} and {tuple(cached.shape)}")
+    diff = fresh.to(torch.float32) - cached.to(torch.float32)
+    per_head = diff.abs().sum(-1) if norm == "l1" else torch.linalg.vector_norm(diff, dim=-1)
+    return per_head.sum(-1)
+
+
+def token_deviation(
+    fresh_k: torch.Tensor,
+    cached_k: torch.Tensor,
+    fresh_v: Optional[torch.Tensor] = None,
+    cached_v: Optional[torch.Tensor] = None,
+    target: str = "k",
+    norm: str = "l2",
+) -> torch.Tensor:
+    """Per-token deviation between fresh and cached KV, float32 ``[tokens]``.
+
+    * ``norm="l1"``: sum of absolute differences over head_dim and heads.
+    * ``norm="l2"``: Euclidean norm over head_dim *per head*, then summed over heads.
+      (Not the norm over all heads at once: a sum over heads is what keeps the
+      tensor-parallel partial results summable.)
+    * ``target="kv"`` adds the K and V deviations.
+
+    Under tensor parallel the result is a partial sum over this rank's heads; reduce it
+    with SUM across ranks (see ``select_recompute(all_reduce=...)``).
+    """
+    if target not in _TARGETS:
+        raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
+    if norm not in _NORMS:
+        raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
+    dev = None
+    if target in ("k", "kv"):
+        dev = _per_token(fresh_k, cached_k, norm)
+    if target in ("v", "kv"):
+        if fresh_v is None or cached_v is None:
+            raise ValueError(f"target={target!r} needs fresh_v and cached_v")
+        dev_v = _per_token(fresh_v, cached_v, norm)
+        dev = dev_v if dev is None else dev + dev_v
+    return dev
+
+
+def _check_ratio(ratio: float) -> float:
+    ratio = float(ratio)
+    if not 0.0 <= ratio <= 1.0:  # also rejects NaN
+        raise ValueError(f"recompute ratio must be in [0, 1], got {ratio}")
+    return ratio
+
+
+def _budget(ratio: float, num_reusable: int) -> int:
+    """``ceil(ratio * n)``, robust to float noise (0.15 * 20 is 3.0000000000000004)."""
+    return min(num_reusable, math.ceil(ratio * num_reusable - 1e-9))
+
+
+def top_rows(deviation: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` candidate rows with the largest deviation.
+
+    Ties go to the lower row index (stable sort), so identical inputs give identical
+    picks on every rank. NaN deviations sort first: a row we cannot judge is recomputed.
+    """
+    mask = torch.zeros_like(candidates, dtype=torch.bool)
+    idx = candidates.nonzero().flatten()
+    k = min(k, idx.numel())
+    if k <= 0:
+        return mask
+    dev = deviation[idx].to(torch.float32).nan_to_num(nan=float("inf"))
+    order = torch.sort(dev, descending=True, stable=True).indices[:k]
+    mask[idx[order]] = True
+    return mask
+
+
+def _prepare(deviation: torch.Tensor, reusable: torch.Tensor, always: Optional[torch.Tensor],
+             all_reduce: Optional[AllReduce]) -> tuple[torch.Tensor, torch.Tensor]:
+    if deviation.dim() != 1 or reusable.shape != deviation.shape:
+        raise ValueError(f"deviation and reusable must both be [tokens]; got {tuple(deviation.shape)} "
+                         f"and {tuple(reusable.shape)}")
+    if always is None:
+        always = torch.zeros_like(reusable, dtype=torch.bool)
+    elif always.shape != reusable.shape:
+        raise ValueError(f"always must be [tokens] like reusable; got {tuple(always.shape)}")
+    deviation = deviation.to(torch.float32)
+    if all_reduce is not None:
+        deviation = all_reduce(deviation)
+    return deviation, always.to(torch.bool) | ~reusable.to(torch.bool)
+
+
+def select_recompute(
+    deviation: torch.Tensor,
+    reusable: torch.Tensor,
+    ratio: float,
+    always: Optional[torch.Tensor] = None,
+    all_reduce: Optional[AllReduce] = None,
+) -> torch.Tensor:
+    """Bool mask ``[tokens]`` of rows to recompute from this layer on.
+
+    Selected: every non-reusable row (cache misses, suffix), every ``always`` row, plus
+    the top ``ceil(ratio * num_reusable)`` other reusable rows by deviation.
+    ``ratio=0`` recomputes nothing reusable; ``ratio=1`` recomputes every row.
+    ``all_reduce`` (SUM across TP ranks) is applied to the deviation before ranking.
+    """
+    ratio = _check_ratio(ratio)
+    deviation, forced = _prepare(deviation, reusable, always, all_reduce)
+    k = _budget(ratio, int(reusable.sum()))
+    candidates = reusable.to(torch.bool) & ~forced
+    return forced | top_rows(deviation, candidates, k)
+
+
+class GradualFilter:
+    """Several check layers with falling ratios (the paper's gradual filtering).
+
+    At the first check the candidates are all reusable rows; at every later check they
+    are the reusable rows still selected, so the selected sets nest (later ⊆ earlier).
+    Every ratio is relative to the request's *total* number of reusable tokens: ratios
+    0.3 then 0.15 keep 30% then 15% of them, not 15% of the 30%. A ratio larger than
+    the previous one cannot grow the set (rows already dropped have no fresh state).
+    """
+
+    def __init__(self, reusable: torch.Tensor, always: Optional[torch.Tensor] = None) -> None:
+        self.reusable = reusable.to(torch.bool)
+        self.always = (torch.zeros_like(self.reusable) if always is None else always.to(torch.bool))
+        self.num_reusable = int(self.reusable.sum())
+        self.candidates = self.reusable & ~self.always
+        self.selected = torch.ones_like(self.reusable)  # before any check: every row computed
+        self.steps = 0
+
+    def step(self, deviation: torch.Tensor, ratio: float, all_reduce: Optional[AllReduce] = None) -> torch.Tensor:
+        """Select at one check layer. ``deviation`` is ``[tokens]``; rows outside the
+        current selection are ignored (callers may leave them zero). Returns the new mask."""
+        ratio = _check_ratio(ratio)
+        deviation, forced = _prepare(deviation, self.reusable, self.always, all_reduce)
+        k = _budget(ratio, self.num_reusable)
+        if k > int(self.candidates.sum()):
+            logger.debug("check %d: ratio %.3f exceeds the %d rows still selected; keeping them all",
+                         self.steps, ratio, int(self.candidates.sum()))
+        picked = top_rows(deviation, self.candidates, k)
+        self.candidates = picked
+        self.selected = forced | picked
+        self.steps += 1
+        return self.selected

@@ -1,0 +1,135 @@
+"""Store registry: config names -> classes, and tier chains built from config.
+
+Config files name stores by string ("UcmDramStore", ...), so the mapping lives
+in one place and third-party tiers can plug in with :func:`register_store`
+without the connector knowing about them. Config objects are accepted as plain
+dicts or as any object with matching attributes (the dataclasses in
+:mod:`ucm.config`), so this module does not import the config module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import threading
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type
+
+from ucm.store.base import KVStoreBase
+from ucm.store.dram_store import UcmDramStore
+from ucm.store.nfs_store import UcmNfsStore
+from ucm.store.pipeline_store import UcmPipelineStore
+
+logger = logging.getLogger(__name__)
+
+_registry_lock = threading.Lock()
+_REGISTRY: Dict[str, Type[KVStoreBase]] = {
+    "UcmDramStore": UcmDramStore,
+    "UcmNfsStore": UcmNfsStore,
+    "UcmPipelineStore": UcmPipelineStore,
+}
+
+StoreSpec = Tuple[str, Any]
+
+
+def register_store(name: str, cls: Type[KVStoreBase]) -> None:
+    """Add a store class under ``name``; re-registering a name is a ValueError.
+
+    Refusing duplicates keeps two plugins from silently replacing each other.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"store name must be a non-empty str, got {name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, KVStoreBase)):
+        raise TypeError(f"store class must subclass KVStoreBase, got {cls!r}")
+    with _registry_lock:
+        if name in _REGISTRY:
+            raise ValueError(f"store {name!r} is already registered ({_REGISTRY[name].__name__})")
+        _REGISTRY[name] = cls
+
+
+def registered_stores() -> List[str]:
+    """Known store names, sorted (used in error messages and docs)."""
+    with _registry_lock:
+        return sorted(_REGISTRY)
+
+
+def _constructor_params(cls: Type[KVStoreBase]) -> List[str]:
+    sig = inspect.signature(cls.__init__)
+    return [
+        p.name for p in sig.parameters.values()
+        if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+
+
+def _config_kwargs(name: str, cls: Type[KVStoreBase], config: Any) -> Dict[str, Any]:
+    """Turn a dict / dataclass / attribute object into constructor kwargs.
+
+    Dict keys must all be constructor parameters (a typo should fail, not be
+    ignored). For objects, only attributes named like parameters are taken,
+    since config objects may carry unrelated fields.
+    """
+    params = _constructor_params(cls)
+    if config is None:
+        return {}
+    if isinstance(config, Mapping):
+        unknown = sorted(set(config) - set(params))
+        if unknown:
+            raise ValueError(f"unknown config keys for {name}: {unknown}; accepted: {params}")
+        return dict(config)
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        return {k: v for k, v in fields.items() if k in params}
+    return {p: getattr(config, p) for p in params if hasattr(config, p)}
+
+
+def _coerce_tiers(tiers: Sequence[Any]) -> List[KVStoreBase]:
+    """Pipeline tiers may be given as stores, (name, config) pairs or {"name", "config"} dicts."""
+    out = []
+    for tier in tiers:
+        if isinstance(tier, KVStoreBase):
+            out.append(tier)
+        elif isinstance(tier, Mapping):
+            out.append(create_store(tier["name"], tier.get("config")))
+        else:
+            tier_name, tier_config = tier
+            out.append(create_store(tier_name, tier_config))
+    return out
+
+
+def create_store(name: str, config: Optional[Any] = None) -> KVStoreBase:
+    """Instantiate the store registered as ``name`` with ``config``.
+
+    Unknown names raise ValueError listing the known ones, so a config typo
+    points straight at the fix.
+    """
+    with _registry_lock:
+        cls = _REGISTRY.get(name)
+    if cls is None:
+        raise ValueError(f"unknown store {name!r}; known stores: {', '.join(registered_stores())}")
+    kwargs = _config_kwargs(name, cls, config)
+    if issubclass(cls, UcmPipelineStore) and "tiers" in kwargs:
+        kwargs["tiers"] = _coerce_tiers(kwargs["tiers"])
+    logger.info("creating store %s with %s", name, sorted(kwargs))
+    return cls(**kwargs)
+
+
+def build_store_chain(specs: Sequence[StoreSpec]) -> KVStoreBase:
+    """Build tiers from ``[(name, config), ...]`` (fastest first).
+
+    One spec yields that store itself (no pipeline overhead); several yield a
+    :class:`UcmPipelineStore` over them in the given order. If a later tier
+    fails to build, the ones already built are closed before re-raising.
+    """
+    if not specs:
+        raise ValueError("build_store_chain needs at least one (name, config) spec")
+    stores: List[KVStoreBase] = []
+    try:
+        for name, config in specs:
+            stores.append(create_store(name, config))
+    except BaseException:
+        for store in stores:
+            store.close()
+        raise
+    if len(stores) == 1:
+        return stores[0]
+    return UcmPipelineStore(stores)

@@ -1,0 +1,380 @@
+"""File KV tier: one file per block under a root directory (local disk or NFS).
+
+A directory of plain files is the simplest thing several vLLM instances on
+several hosts can share: a block one instance dumps is found by every other
+instance's ``lookup``, which is how Blend chunk reuse scales past one machine.
+
+Rules that make sharing safe:
+
+* A block is written to a unique temp name in its final directory and then
+  ``os.replace``-d into place, so no reader ever sees a partial file and two
+  writers of the same key simply leave one complete file (the last rename wins;
+  both wrote the same content for the same key).
+* Every read verifies the header and checksum (:mod:`ucm.store.block_format`)
+  and never unpickles; a bad file is a miss, counted, logged and removed.
+* The file system is the truth for presence: ``lookup`` stats the file, so
+  blocks written by other processes are found. The in-memory index only tracks
+  sizes and recency for this process's capacity budget (LRU eviction); it is
+  rebuilt from a directory scan (file mtimes) at start, and a hit refreshes the
+  file's mtime so other processes' scans see the recency too.
+
+Decision on a vanished root directory: it is *not* recreated. A root that
+disappears is most often an NFS mount that went away, and recreating the path
+would silently fill the local disk underneath the mount point. ``dump`` and
+``load`` fail with a :class:`StoreError` naming the root; ``lookup`` reports
+misses. Shard subdirectories, by contrast, are created on demand.
+
+No fsync: this is a cache. A power loss can leave a renamed-but-torn file on
+some file systems; the checksum turns that into a miss.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import errno
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ucm.store.base import (
+    BASE_COUNTERS,
+    KVStoreBase,
+    StoreError,
+    StoreStats,
+    Task,
+    check_keys,
+    check_layout,
+    check_tensors,
+)
+from ucm.store.block_format import DTYPES, BlockFormatError, read_block, write_block
+
+logger = logging.getLogger(__name__)
+
+BLOCK_SUFFIX = ".ucmkv"
+TEMP_SUFFIX = ".tmp"
+# Upper bound on header size, used only to decide whether a block can fit the budget.
+_HEADER_ALLOWANCE = 1024
+
+
+def describe_oserror(exc: OSError) -> str:
+    """'ENOSPC: No space left on device' -- the errno name is what people search for."""
+    name = errno.errorcode.get(exc.errno or 0, "OSError")
+    text = exc.strerror or os.strerror(exc.errno or 0)
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{name}: {text}{where}"
+
+
+class UcmNfsStore(KVStoreBase):
+    """Blocks as checksummed files in ``storage_backends`` with thread-pool I/O.
+
+    ``capacity_bytes=None`` means unbounded. With a budget, this process
+    evicts its least-recently-used files once the bytes it knows about exceed
+    it. Several processes sharing a directory each enforce their own view, so
+    give them the same budget and call :meth:`rescan` if they must converge.
+    """
+
+    def __init__(
+        self,
+        storage_backends: str,
+        capacity_bytes: Optional[int] = None,
+        io_threads: int = 4,
+        stale_temp_seconds: float = 3600.0,
+    ) -> None:
+        if not storage_backends:
+            raise ValueError("storage_backends (the root directory) must be given")
+        if capacity_bytes is not None and (not isinstance(capacity_bytes, int) or capacity_bytes <= 0):
+            raise ValueError(f"capacity_bytes must be a positive int or None, got {capacity_bytes!r}")
+        if not isinstance(io_threads, int) or io_threads < 1:
+            raise ValueError(f"io_threads must be a positive int, got {io_threads!r}")
+        self.root = os.path.abspath(os.fspath(storage_backends))
+        self.capacity_bytes = capacity_bytes
+        self.io_threads = io_threads
+        self.stale_temp_seconds = stale_temp_seconds
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create storage root {self.root}: {describe_oserror(exc)}") from exc
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StoreError(f"storage root {self.root} is not writable (EACCES)")
+        self._lock = threading.Lock()
+        # key -> file size; order is least- to most-recently used.
+        self._index: "OrderedDict[bytes, int]" = OrderedDict()
+        self._used = 0
+        self._inflight: set = set()
+        self._closed = False
+        self._stats = StoreStats(BASE_COUNTERS)
+        self._pool = cf.ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="ucm-nfs-io")
+        self.rescan()
+
+    # ----- paths and index -------------------------------------------------
+
+    def path_for(self, key: bytes) -> str:
+        """Final file path of a block: sharded by the first hex byte to keep directories small."""
+        hexkey = key.hex()
+        return os.path.join(self.root, hexkey[:2], hexkey + BLOCK_SUFFIX)
+
+    def rescan(self) -> None:
+        """Rebuild the LRU index from the directory (mtime order) and drop stale temp files.
+
+        Temp files younger than ``stale_temp_seconds`` are left alone: another
+        process may still be writing them.
+        """
+        found: List[Tuple[float, bytes, int]] = []
+        now = time.time()
+        try:
+            shards = [e for e in os.scandir(self.root) if e.is_dir() and len(e.name) == 2]
+        except OSError as exc:
+            raise StoreError(f"cannot scan storage root {self.root}: {describe_oserror(exc)}") from exc
+        for shard in shards:
+            try:
+                entries = list(os.scandir(shard.path))
+            except OSError as exc:
+                logger.warning("skipping unreadable shard %s: %s", shard.path, describe_oserror(exc))
+                continue
+            for entry in entries:
+                try:
+                    st = entry.stat()
+                except OSError:
+                    continue  # removed meanwhile by another process
+                if entry.name.endswith(TEMP_SUFFIX):
+                    if now - st.st_mtime > self.stale_temp_seconds:
+                        self._unlink_quietly(entry.path)
+                    continue
+                if not entry.name.endswith(BLOCK_SUFFIX):
+                    continue
+                try:
+                    key = bytes.fromhex(entry.name[: -len(BLOCK_SUFFIX)])
+                except ValueError:
+                    continue
+                found.append((st.st_mtime, key, st.st_size))
+        found.sort()
+        with self._lock:
+            self._index = OrderedDict((key, size) for _mtime, key, size in found)
+            self._used = sum(size for _mtime, _key, size in found)
+            victims = self._evict_locked()
+        self._remove_victims(victims)
+        logger.info("storage root %s: %d blocks, %d bytes", self.root, len(found), self._used)
+
+    def _remember(self, key: bytes, size: int) -> List[Tuple[bytes, str]]:
+        """Mark ``key`` most recently used; returns files to evict (removed outside the lock)."""
+        with self._lock:
+            old = self._index.pop(key, None)
+            if old is not None:
+                self._used -= old
+            self._index[key] = size
+            self._used += size
+            return self._evict_locked()
+
+    def _forget(self, key: bytes) -> None:
+        """Drop ``key`` from the index (its file is gone or rejected)."""
+        with self._lock:
+            size = self._index.pop(key, None)
+            if size is not None:
+                self._used -= size
+
+    def _evict_locked(self) -> List[Tuple[bytes, str]]:
+        """Pop LRU entries until within budget; caller holds the lock."""
+        victims = []
+        if self.capacity_bytes is None:
+            return victims
+        while self._used > self.capacity_bytes and len(self._index) > 1:
+            key, size = self._index.popitem(last=False)
+            self._used -= size
+            victims.append((key, self.path_for(key)))
+        return victims
+
+    def _remove_victims(self, victims: List[Tuple[bytes, str]]) -> None:
+        """Delete evicted files; one already gone (another process evicted it) is fine."""
+        for key, path in victims:
+            self._unlink_quietly(path)
+            self._stats.incr("evictions")
+            logger.debug("evicted block %s", key.hex())
+
+    @staticmethod
+    def _unlink_quietly(path: str) -> None:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("could not remove %s: %s", path, describe_oserror(exc))
+
+    def _root_gone_error(self, action: str, exc: OSError) -> StoreError:
+        return StoreError(
+            f"{action}: storage root {self.root} vanished ({describe_oserror(exc)}); "
+            "not recreating it (an unmounted NFS share must not fill the local disk)"
+        )
+
+    # ----- public API ------------------------------------------------------
+
+    def lookup(self, keys: Sequence[bytes]) -> List[bool]:
+        """One stat per key: the directory is the truth, so other writers' blocks are seen."""
+        return [os.path.exists(self.path_for(key)) for key in check_keys(keys)]
+
+    def load(self, keys: Sequence[bytes], layout: str) -> Task:
+        """Read blocks in the I/O pool; each missing or rejected block yields None."""
+        keys = check_keys(keys)
+        layout = check_layout(layout)
+        description = f"nfs load of {len(keys)} blocks from {self.root}"
+        try:
+            futures = [self._submit(self._load_one, key, layout) for key in keys]
+        except StoreError as exc:
+            return Task.failed(exc, description)
+        return Task(futures, list, description)
+
+    def dump(self, keys: Sequence[bytes], tensors: Sequence[torch.Tensor], layout: str) -> Task:
+        """Write new blocks in the I/O pool; the result counts blocks actually written."""
+        keys = check_keys(keys)
+        layout = check_layout(layout)
+        check_tensors(keys, tensors)
+        for tensor in tensors:
+            if tensor.dtype not in DTYPES.values():
+                raise ValueError(f"dtype {tensor.dtype} is not supported by the block format")
+        description = f"nfs dump of {len(keys)} blocks to {self.root}"
+        futures = []
+        try:
+            for key, tensor in zip(keys, tensors):
+                with self._lock:
+                    if key in self._inflight:  # duplicate in this call or a concurrent dump
+                        self._stats.incr("blocks_skipped")
+                        continue
+                    self._inflight.add(key)
+                try:
+                    futures.append(self._submit(self._dump_one, key, tensor.contiguous(), layout))
+                except BaseException:
+                    with self._lock:
+                        self._inflight.discard(key)
+                    raise
+        except StoreError as exc:
+            return Task.failed(exc, description)
+        return Task(futures, sum, description)
+
+    def _submit(self, fn: Any, *args: Any) -> cf.Future:
+        if self._closed:
+            raise StoreError(f"UcmNfsStore on {self.root} is closed")
+        try:
+            return self._pool.submit(fn, *args)
+        except RuntimeError as exc:  # pool shut down between the check and submit
+            raise StoreError(f"UcmNfsStore on {self.root} is closed") from exc
+
+    # ----- workers (run in the I/O pool) -------------------------------------
+
+    def _load_one(self, key: bytes, layout: str) -> Optional[torch.Tensor]:
+        path = self.path_for(key)
+        try:
+            f = open(path, "rb", buffering=0)
+        except FileNotFoundError as exc:
+            if not os.path.isdir(self.root):
+                self._stats.incr("errors")
+                raise self._root_gone_error(f"load of block {key.hex()}", exc) from exc
+            self._forget(key)  # evicted by someone else since we last saw it
+            self._stats.incr("misses")
+            return None
+        except OSError as exc:
+            self._stats.incr("errors")
+            raise StoreError(f"load of block {key.hex()}: cannot open {path}: {describe_oserror(exc)}") from exc
+        with f:
+            try:
+                tensor = read_block(f, key, layout)
+            except BlockFormatError as exc:
+                self._reject(key, path, f, exc)
+                return None
+            except OSError as exc:
+                self._stats.incr("errors")
+                raise StoreError(f"load of block {key.hex()}: read {path} failed: {describe_oserror(exc)}") from exc
+            size = os.fstat(f.fileno()).st_size
+        try:
+            os.utime(path)  # recency for other processes' scans; a read-only share is fine
+        except OSError:
+            pass
+        self._stats.incr("hits")
+        self._stats.incr("bytes_read", size)
+        self._remove_victims(self._remember(key, size))
+        return tensor
+
+    def _reject(self, key: bytes, path: str, f: Any, exc: BlockFormatError) -> None:
+        """Count, log and remove a bad file -- unless a writer replaced it meanwhile."""
+        logger.warning("rejecting block file %s (%s): %s", path, exc.reason, exc)
+        self._stats.incr("corrupt")
+        self._stats.incr(f"rejected_{exc.reason}")
+        self._stats.incr("misses")
+        self._forget(key)
+        try:
+            ours = os.fstat(f.fileno())
+            now = os.stat(path)
+        except OSError:
+            return
+        if (ours.st_dev, ours.st_ino) == (now.st_dev, now.st_ino):
+            self._unlink_quietly(path)
+
+    def _dump_one(self, key: bytes, tensor: torch.Tensor, layout: str) -> int:
+        try:
+            return self._write_block(key, tensor, layout)
+        finally:
+            with self._lock:
+                self._inflight.discard(key)
+
+    def _write_block(self, key: bytes, tensor: torch.Tensor, layout: str) -> int:
+        path = self.path_for(key)
+        what = f"dump of block {key.hex()} to {path}"
+        if os.path.exists(path):
+            self._stats.incr("blocks_skipped")
+            return 0
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.capacity_bytes is not None and nbytes + _HEADER_ALLOWANCE > self.capacity_bytes:
+            logger.warning("%s skipped: %d bytes exceed capacity %d", what, nbytes, self.capacity_bytes)
+            self._stats.incr("blocks_skipped")
+            return 0
+        shard = os.path.dirname(path)
+        try:
+            os.mkdir(shard)
+        except FileExistsError:
+            pass
+        except FileNotFoundError as exc:
+            self._stats.incr("errors")
+            raise self._root_gone_error(what, exc) from exc
+        except OSError as exc:
+            self._stats.incr("errors")
+            raise StoreError(f"{what}: cannot create {shard}: {describe_oserror(exc)}") from exc
+        tmp = os.path.join(
+            shard, f".{key.hex()}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
+        )
+        try:
+            with open(tmp, "xb", buffering=0) as f:
+                size = write_block(f, key, layout, tensor)
+            os.replace(tmp, path)
+        except OSError as exc:
+            self._unlink_quietly(tmp)
+            self._stats.incr("errors")
+            if not os.path.isdir(self.root):
+                raise self._root_gone_error(what, exc) from exc
+            raise StoreError(f"{what} failed: {describe_oserror(exc)}") from exc
+        except BaseException:
+            self._unlink_quietly(tmp)
+            raise
+        self._stats.incr("blocks_written")
+        self._stats.incr("bytes_written", size)
+        self._remove_victims(self._remember(key, size))
+        return 1
+
+    # ----- lifecycle -----------------------------------------------------------
+
+    def close(self) -> None:
+        """Finish queued I/O, then stop the pool; later operations fail with StoreError."""
+        self._closed = True
+        self._pool.shutdown(wait=True)
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters (incl. per-reason ``rejected_*``) plus this process's index occupancy."""
+        out: Dict[str, Any] = dict(self._stats.snapshot())
+        with self._lock:
+            out["used_bytes"] = self._used
+            out["num_blocks"] = len(self._index)
+        out["capacity_bytes"] = self.capacity_bytes
+        return out
