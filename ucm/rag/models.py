@@ -150,8 +150,10 @@ def convert_gguf_with_transformers(gguf_path: Path, out_dir: Path) -> None:
     for cfg in (model.config, getattr(model, "generation_config", None)):
         if cfg is not None and hasattr(cfg, "quantization_config"):
             delattr(cfg, "quantization_config")
-    if hasattr(model, "is_quantized"):
+    try:
         model.is_quantized = False
+    except AttributeError:  # a read-only property in some transformers versions
+        pass
     model = model.to(torch.float32)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)

@@ -34,6 +34,7 @@ meaning to "next passage", and ordinary text never tokenizes to it.
 from __future__ import annotations
 
 import logging
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, Sequence, Union
 
@@ -100,10 +101,10 @@ def _to_delimiter(spec: DelimiterSpec, tokenizer: Any) -> Delimiter:
         return default_delimiter(tokenizer)
     if isinstance(spec, Delimiter):
         return spec
-    if isinstance(spec, bool) or not isinstance(spec, (int, Sequence)) or isinstance(spec, str):
+    if isinstance(spec, numbers.Integral) and not isinstance(spec, bool):
+        return Delimiter(chunk_end_token_id=int(spec))
+    if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence):
         raise TypeError(f"delimiter must be a token id, a list of token ids or a Delimiter, got {spec!r}")
-    if isinstance(spec, int):
-        return Delimiter(chunk_end_token_id=spec)
     return Delimiter(separator_token_ids=tuple(int(t) for t in spec))
 
 

@@ -64,15 +64,15 @@ class VllmBlendAgent(UcmSparseBase):
         self.all_reduce = all_reduce
         self.last_layer = -1
         self.step: Optional[BlendStep] = None
-        self._expect_step = False
+        self._began = False  # the model-runner patch announced the current forward
         self._layer_index: dict[str, int] = {}
 
     # ---- forward boundaries -------------------------------------------------------------
     def execute_begin(self, batch: BatchInfo) -> None:
         self.step = None
+        self._began = True
         meta = self.metadata()
-        self._expect_step = bool(meta is not None and meta.blend_active)
-        if not self._expect_step:
+        if meta is None or not meta.blend_active:
             return
         requests, contexts, slots = [], {}, []
         row = 0
@@ -83,7 +83,7 @@ class VllmBlendAgent(UcmSparseBase):
                 raise RuntimeError(f"ucm Blend: request {req_id} is scheduled but missing from the "
                                    "connector metadata")
             reusable = self.worker.reusable.get(req_id, torch.zeros(req.num_scheduled, dtype=torch.bool))
-            requests.append(RequestRows(req_id, row, req.num_scheduled, reusable))
+            requests.append(RequestRows(req_id, row, req.num_scheduled, reusable, ratio=req.ratio))
             block_ids = torch.tensor(req.block_ids, dtype=torch.long, device=device)
             tokens = torch.arange(req.num_computed, req.num_computed + req.num_scheduled, device=device)
             slots.append(token_slots(block_ids, tokens, self.worker.vllm_block_size))
@@ -94,7 +94,6 @@ class VllmBlendAgent(UcmSparseBase):
             # correct (loaded KV is simply overwritten by the full prefill).
             logger.warning("ucm Blend: batch has %d rows but %d scheduled tokens; running a full prefill",
                            batch.positions.shape[0], row)
-            self._expect_step = False
             return
         step = self.method.begin_step(requests, row, self.all_reduce)
         if not step.active:
@@ -113,7 +112,7 @@ class VllmBlendAgent(UcmSparseBase):
                 if outcome.num_reusable:
                     stats.record_step(req_id, outcome.num_reusable, outcome.num_recomputed_reusable)
         self.step = None
-        self._expect_step = False
+        self._began = False
         return logits_indices
 
     # ---- decoder layers ------------------------------------------------------------------
@@ -154,7 +153,8 @@ class VllmBlendAgent(UcmSparseBase):
     def attention_forward(self, layer: Any, query, key, value) -> Optional[torch.Tensor]:
         step = self.step
         if step is None:
-            if self._expect_step:
+            meta = None if self._began else self.metadata()
+            if meta is not None and meta.blend_active:
                 raise RuntimeError("ucm Blend: the model-runner patch did not run for this forward; "
                                    "this model runner is not supported (use the classic GPUModelRunner)")
             return None

@@ -26,7 +26,7 @@ from ucm.config import UcmConfig, UcmConfigError, sparse_enabled
 from ucm.hashing import HashContext
 from ucm.integration.vllm import stats as stats_registry
 from ucm.integration.vllm.metadata import UcmConnectorMetadata
-from ucm.integration.vllm.scheduler_side import SchedulerSide
+from ucm.integration.vllm.scheduler_side import SchedulerSide, request_ratio
 from ucm.integration.vllm.worker_side import LayerInfo, WorkerSide, layer_index
 from ucm.sparse.blend.chunking import Delimiter
 from ucm.sparse.blend.rope import RopeSpec
@@ -72,6 +72,7 @@ class UCMConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        self._recompute_failed_loads()
         extra = self._kv_transfer_config.kv_connector_extra_config or None
         self.ucm_config = UcmConfig.from_extra_config(extra)
         self._check_config()
@@ -101,6 +102,13 @@ class UCMConnector(KVConnectorBase_V1):
                 self.store, self.block_tokens, get_tensor_model_parallel_rank(),
                 RopeSpec.from_hf_config(model.hf_text_config),
                 blend.first_check_layer if blend else None)
+
+    def _recompute_failed_loads(self) -> None:
+        """ucm is a cache: a block that fails to load is a miss, recomputed, never a failed
+        request. vLLM reads this policy right after creating the scheduler's connector."""
+        if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+            logger.info("ucm: setting kv_load_failure_policy='recompute' (a failed load is a cache miss)")
+            object.__setattr__(self._kv_transfer_config, "kv_load_failure_policy", "recompute")
 
     def _check_config(self) -> None:
         if not self.uses_blend and self.ucm_config.blend is not None:
@@ -173,8 +181,10 @@ class UCMConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
         assert self.scheduler_side is not None
         prompt = list(request.prompt_token_ids or [])
+        params = getattr(request, "sampling_params", None)
+        ratio = request_ratio(getattr(params, "extra_args", None)) if self.blend_on else None
         hit = self.scheduler_side.num_new_matched_tokens(
-            request.request_id, prompt, getattr(request, "cache_salt", None), num_computed_tokens)
+            request.request_id, prompt, getattr(request, "cache_salt", None), num_computed_tokens, ratio)
         return hit, False
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:

@@ -8,6 +8,7 @@ backend's attention metadata (which differs per backend and version).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
@@ -51,8 +52,8 @@ class RequestStep:
     prompt_len: int
     loads: list[BlockLoad] = field(default_factory=list)
     saves: list[BlockSave] = field(default_factory=list)
-    # Row flags for Blend (None: plain request): prompt tokens never skipped.
-    blend: bool = False
+    blend: bool = False  # this step loads reused chunk KV for the request
+    ratio: Optional[float] = None  # per-request recompute ratio (SamplingParams.extra_args)
 
 
 @dataclass

@@ -34,6 +34,26 @@ class _Tracked:
     local_computed: int = 0  # tokens vLLM had computed itself before our load
     prefix_loaded: bool = False
     saved: bool = False
+    ratio: Optional[float] = None
+
+
+RATIO_ARG = "ucm_blend_ratio"
+
+
+def request_ratio(extra_args: Optional[dict]) -> Optional[float]:
+    """The per-request Blend ratio from ``SamplingParams.extra_args`` (None: the config's).
+
+    A bad value is logged and ignored (the config's ratios apply) rather than failing
+    the engine from inside the scheduler.
+    """
+    if not extra_args or RATIO_ARG not in extra_args:
+        return None
+    value = extra_args[RATIO_ARG]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        logger.error("ucm: extra_args[%r]=%r is not a number in [0, 1]; using the configured ratios",
+                     RATIO_ARG, value)
+        return None
+    return float(value)
 
 
 class SchedulerSide:
@@ -60,7 +80,8 @@ class SchedulerSide:
             found = [a and b for a, b in zip(found, hits)]
         return found
 
-    def plan_request(self, req_id: str, prompt: Sequence[int], cache_salt: Optional[str]) -> _Tracked:
+    def plan_request(self, req_id: str, prompt: Sequence[int], cache_salt: Optional[str],
+                     ratio: Optional[float] = None) -> _Tracked:
         tracked = self.requests.get(req_id)
         if tracked is not None:
             return tracked
@@ -71,17 +92,17 @@ class SchedulerSide:
             min_chunk_tokens=blend.min_chunk_tokens if blend else 1,
             save_chunks=bool(blend and blend.save_chunks),
         )
-        tracked = _Tracked(plan=plan, prompt_len=len(prompt))
+        tracked = _Tracked(plan=plan, prompt_len=len(prompt), ratio=ratio)
         self.requests[req_id] = tracked
         logger.debug("request %s: %d tokens, prefix hit %d, chunk hit %d", req_id, len(prompt),
                      plan.prefix_hit_tokens, plan.chunk_hit_tokens)
         return tracked
 
     def num_new_matched_tokens(self, req_id: str, prompt: Sequence[int], cache_salt: Optional[str],
-                               num_computed: int) -> int:
+                               num_computed: int, ratio: Optional[float] = None) -> int:
         """Prefix tokens we can load beyond what vLLM already has (never the whole prompt:
         vLLM must compute at least the last token to produce logits)."""
-        tracked = self.plan_request(req_id, prompt, cache_salt)
+        tracked = self.plan_request(req_id, prompt, cache_salt, ratio)
         hit = min(tracked.plan.prefix_hit_tokens, len(prompt) - 1)
         return max(0, hit - num_computed)
 
@@ -131,7 +152,8 @@ class SchedulerSide:
     def _step(self, req_id: str, tracked: _Tracked, num_computed: int, num_scheduled: int) -> RequestStep:
         plan = tracked.plan
         lo, hi = num_computed, num_computed + num_scheduled
-        step = RequestStep(req_id, list(tracked.block_ids), num_computed, num_scheduled, tracked.prompt_len)
+        step = RequestStep(req_id, list(tracked.block_ids), num_computed, num_scheduled, tracked.prompt_len,
+                           ratio=tracked.ratio)
         b = self.block_tokens
         if not tracked.prefix_loaded:
             load_lo, load_hi = tracked.local_computed, tracked.local_computed + tracked.external_tokens

@@ -43,6 +43,7 @@ class RequestRows:
     num_rows: int
     reusable: torch.Tensor  # bool [num_rows], CPU: rows whose KV was loaded from cache
     always: Optional[torch.Tensor] = None  # bool [num_rows]: rows never skipped
+    ratio: Optional[float] = None  # overrides every check layer's ratio for this request
 
     @property
     def num_reusable(self) -> int:
@@ -118,7 +119,6 @@ class BlendStep:
         Returns a bool mask over the current rows; the kept rows become ``rows``
         once :meth:`take_shrink` is called.
         """
-        ratio = self.check_ratios[layer]
         deviation = token_deviation(fresh_k, cached_k, fresh_v, cached_v, self.target, self.norm)
         if self.all_reduce is not None:
             # One collective for the whole batch: every TP rank then ranks identical numbers.
@@ -129,6 +129,7 @@ class BlendStep:
         keep_global = torch.zeros(self.num_rows, dtype=torch.bool)
         for req in self.requests:
             span = slice(req.row_start, req.row_start + req.num_rows)
+            ratio = self.check_ratios[layer] if req.ratio is None else req.ratio
             mask = self._filters[req.req_id].step(full[span], ratio)
             keep_global[span] = mask
             outcome = self.outcomes[req.req_id]

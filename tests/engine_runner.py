@@ -1,0 +1,100 @@
+"""Run one vLLM engine through a scripted scenario in a fresh process.
+
+Tests need several engines (with and without ucm, different ratios, two engines on
+one store). vLLM holds process-wide state, so each engine runs here, in its own
+process: ``python -m tests.engine_runner spec.json out.json``. The spec lists
+actions; the output holds, per action, each request's tokens, logprobs and ucm
+stats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def _generate(llm, action: dict) -> list[dict]:
+    from vllm import SamplingParams
+
+    from ucm.integration.vllm.stats import request_stats
+
+    prompts, params = [], []
+    for item in action["prompts"]:
+        prompt = {"prompt_token_ids": item["ids"]}
+        if item.get("salt"):
+            prompt["cache_salt"] = item["salt"]
+        prompts.append(prompt)
+        extra = {"ucm_blend_ratio": item["ratio"]} if "ratio" in item else None
+        params.append(SamplingParams(max_tokens=action.get("max_tokens", 4), temperature=0.0,
+                                     logprobs=action.get("logprobs", 1), ignore_eos=True, extra_args=extra))
+    results = []
+    outputs = llm.generate(prompts, params, use_tqdm=False) if action.get("batch", True) else [
+        llm.generate([p], [sp], use_tqdm=False)[0] for p, sp in zip(prompts, params)]
+    for out in outputs:
+        completion = out.outputs[0]
+        top = [{str(k): v.logprob for k, v in step.items()} for step in completion.logprobs]
+        results.append({"tokens": list(completion.token_ids),
+                        "logprobs": [step[str(t)] for step, t in zip(top, completion.token_ids)],
+                        "top": top, "stats": request_stats(out.request_id),
+                        "finish_reason": completion.finish_reason})
+    return results
+
+
+def _corrupt(action: dict) -> list[dict]:
+    """Damage store files: 'truncate' or 'flip' a byte in each file under a directory."""
+    changed = []
+    for dirpath, _, names in os.walk(action["dir"]):
+        for name in sorted(names):
+            path = os.path.join(dirpath, name)
+            with open(path, "r+b") as f:
+                data = bytearray(f.read())
+                if action["how"] == "truncate":
+                    f.seek(0)
+                    f.truncate(len(data) // 2)
+                else:
+                    data[-5] ^= 0xFF
+                    f.seek(0)
+                    f.write(data)
+            changed.append(path)
+    return [{"changed": len(changed)}]
+
+
+def run(spec: dict) -> dict:
+    for key, value in spec.get("env", {}).items():
+        os.environ[key] = value
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    engine = dict(skip_tokenizer_init=True, enforce_eager=True, dtype="float32", max_model_len=4096,
+                  max_num_batched_tokens=4096, seed=0)
+    engine.update(spec.get("engine", {}))
+    if spec.get("ucm") is not None:
+        engine["kv_transfer_config"] = KVTransferConfig(
+            kv_connector=spec.get("connector", "UCMBlendConnector"),
+            kv_connector_module_path=spec.get("module", "ucm.integration.vllm.blend_connector"),
+            kv_role="kv_both", kv_connector_extra_config=spec["ucm"])
+    llm = LLM(spec["model"], **engine)
+    out: dict = {}
+    for i, action in enumerate(spec["actions"]):
+        name = action.get("name", str(i))
+        if action["op"] == "generate":
+            out[name] = _generate(llm, action)
+        elif action["op"] == "corrupt":
+            out[name] = _corrupt(action)
+        elif action["op"] == "patched":
+            from vllm.model_executor.layers.attention.attention import Attention
+
+            out[name] = [{"patched": bool(getattr(Attention.forward, "_ucm_patched", False))}]
+        else:
+            raise ValueError(f"unknown action {action['op']}")
+    return out
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        result = run(json.load(f))
+    with open(sys.argv[2], "w") as f:
+        json.dump(result, f)
