@@ -2,7 +2,9 @@
 
 Backends store a layer's paged KV differently (CPU_ATTN in vLLM 0.32 keeps, per
 block and head, K in an ISA-dependent order then V rows, so its order is probed;
-FLASH_ATTN keeps K and V planes of ``[blocks, block_size, heads, head_dim]``). Blend needs only four operations on
+FLASH_ATTN in vLLM 0.32 keeps K and V planes of ``[blocks, block_size, heads, head_dim]``,
+in vLLM 0.26 one ``[blocks, heads, block_size, 2 * head_dim]`` tensor with K and V
+packed in the last dim). Blend needs only four operations on
 it, all by *slot* (``block_id * block_size + offset``): gather and scatter token
 rows, and gather a request's whole context by its block ids. Every view here is
 ``[num_blocks, block_size, heads, head_dim]`` over the engine's own storage, so
@@ -11,8 +13,8 @@ writes land in place.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -23,27 +25,40 @@ class PagedKV:
 
     k: torch.Tensor
     v: torch.Tensor
+    # A CUDA event recorded on the worker's load stream once this layer's loaded KV is
+    # in place (layer-wise loading); the first access from the compute stream waits on it.
+    ready: Optional[Any] = field(default=None, repr=False, compare=False)
 
     @property
     def block_size(self) -> int:
         return self.k.shape[1]
+
+    def wait_ready(self) -> None:
+        """Order the current stream after this layer's pending load (no host sync)."""
+        event = self.ready
+        if event is not None:
+            self.ready = None
+            torch.cuda.current_stream(self.k.device).wait_event(event)
 
     def _split(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return slots // self.block_size, slots % self.block_size
 
     def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[n, heads, head_dim]`` K and V at ``slots`` (copies)."""
+        self.wait_ready()
         blocks, offsets = self._split(slots)
         return self.k[blocks, offsets], self.v[blocks, offsets]
 
     def scatter(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write ``[n, heads, head_dim]`` K and V rows into ``slots``."""
+        self.wait_ready()
         blocks, offsets = self._split(slots)
         self.k[blocks, offsets] = k.to(self.k.dtype)
         self.v[blocks, offsets] = v.to(self.v.dtype)
 
     def context(self, block_ids: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A request's first ``num_tokens`` K and V rows, ``[num_tokens, heads, head_dim]``."""
+        self.wait_ready()
         heads, dim = self.k.shape[2], self.k.shape[3]
         k = self.k[block_ids].reshape(-1, heads, dim)[:num_tokens]
         v = self.v[block_ids].reshape(-1, heads, self.v.shape[3])[:num_tokens]
@@ -77,11 +92,13 @@ class ProbedPagedKV(PagedKV):
         return self.size
 
     def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.wait_ready()
         b, k_off = _block_index(self, slots, self.k_index)
         _, v_off = _block_index(self, slots, self.v_index)
         return self.flat[b, k_off], self.flat[b, v_off]
 
     def scatter(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.wait_ready()
         b, k_off = _block_index(self, slots, self.k_index)
         _, v_off = _block_index(self, slots, self.v_index)
         self.flat[b, k_off] = k.to(self.flat.dtype)
@@ -128,14 +145,28 @@ def probe_cpu_attn(kv_cache: torch.Tensor, write: Callable[..., None]) -> Probed
 
 
 def flash_attn_view(kv_cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> PagedKV:
-    """FLASH_ATTN (and Triton/FlexAttention): ``[2, blocks, block_size, heads, head_dim]``,
-    possibly with a permuted stride order; indexing the logical shape handles that."""
+    """FLASH_ATTN (and Triton/FlexAttention), by the backend's logical cache shape:
+
+    * vLLM 0.26: ``[blocks, heads, block_size, 2 * head_dim]``, K in ``[..., :head_dim]``,
+      V in ``[..., head_dim:]`` (the backend's own ``kv_cache.transpose(1, 2).split``);
+    * vLLM 0.32: ``[2, blocks, block_size, heads, head_dim]`` (or ``[blocks, 2, ...]``).
+
+    The physical stride order (NHD/HND) may be permuted; indexing the logical shape
+    handles that, and every view below aliases the engine's storage.
+    """
+    shape = tuple(kv_cache.shape)
+    if kv_cache.dim() == 4:
+        if shape[1] != num_kv_heads or shape[3] != 2 * head_dim:
+            raise ValueError(f"unexpected FLASH_ATTN cache shape {shape} for {num_kv_heads} kv heads "
+                             f"of dim {head_dim} (expected [blocks, heads, block_size, 2 * head_dim])")
+        tokens_first = kv_cache.transpose(1, 2)  # [blocks, block_size, heads, 2 * head_dim]
+        return PagedKV(k=tokens_first[..., :head_dim], v=tokens_first[..., head_dim:])
     if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
         if kv_cache.dim() == 5 and kv_cache.shape[1] == 2:
             return PagedKV(k=kv_cache[:, 0], v=kv_cache[:, 1])
-        raise ValueError(f"unexpected FLASH_ATTN cache shape {tuple(kv_cache.shape)}")
+        raise ValueError(f"unexpected FLASH_ATTN cache shape {shape}")
     if kv_cache.shape[3] != num_kv_heads or kv_cache.shape[4] != head_dim:
-        raise ValueError(f"unexpected FLASH_ATTN cache shape {tuple(kv_cache.shape)} for "
+        raise ValueError(f"unexpected FLASH_ATTN cache shape {shape} for "
                          f"{num_kv_heads} kv heads of dim {head_dim}")
     return PagedKV(k=kv_cache[0], v=kv_cache[1])
 

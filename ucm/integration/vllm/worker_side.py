@@ -6,6 +6,14 @@ layer as they are; chunk blocks fill only the layers Blend does not recompute
 Saves run after the forward: a block's tokens are gathered from the paged cache,
 K rotated back to the positions its key stands for, and dumped asynchronously.
 
+On CUDA nothing here waits for the host: blocks are copied straight from the
+store's tensors (no host-side concatenation; asynchronous when they are pinned)
+into a device staging buffer, then re-rotated and scattered per layer. Prefix loads
+run on the compute stream (vLLM's backend reads them). Chunk loads run on a side
+stream, in layer groups (the first check layer alone first), and each layer's
+:class:`PagedKV` view carries an event that Blend's first access to that layer waits
+on, so layer ``i + 1``'s transfer overlaps layer ``i``'s compute.
+
 A block that fails to load is never used: a failed prefix block is reported to
 vLLM (which recomputes from there), a failed chunk block leaves its rows marked
 not reusable, so Blend recomputes them.
@@ -16,20 +24,24 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from ucm.hashing import rank_key
 from ucm.integration.vllm.kv_layout import PagedKV, ProbedPagedKV, paged_kv_view
 from ucm.integration.vllm.metadata import BlockLoad, RequestStep, UcmConnectorMetadata
-from ucm.sparse.blend.rope import RopeSpec, delta_rotate
+from ucm.sparse.blend.rope import RopeSpec, _apply, _delta_cos_sin, delta_rotate
 from ucm.store.base import KVStoreBase, StoreError, Task
 
 logger = logging.getLogger(__name__)
 
 BLOCK_LAYOUT = "ucm-kv-v1:L,KV,T,H,D"
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+# Chunk loads on CUDA: layers per transfer group after the first check layer (which is
+# always a group of its own, so that selection can start early). Fewer groups mean
+# fewer copy calls; more groups mean finer overlap of transfer and compute.
+LOAD_LAYER_GROUP = 8
 
 
 def layer_index(layer_name: str) -> int:
@@ -63,6 +75,14 @@ def token_slots(block_ids: torch.Tensor, tokens: torch.Tensor, block_size: int) 
     return block_ids[tokens // block_size] * block_size + tokens % block_size
 
 
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 class WorkerSide:
     """Store <-> paged KV transfers of one worker (one TP rank)."""
 
@@ -80,6 +100,8 @@ class WorkerSide:
         self.load_errors: set[int] = set()
         self.pending_saves: list[Task] = []
         self.stats = WorkerStats()
+        self._load_stream: Any = None
+        self._inflight: Optional[tuple] = None
 
     # ---- setup ---------------------------------------------------------------------
     def register(self, kv_caches: dict[str, torch.Tensor], layers: list[LayerInfo]) -> None:
@@ -110,6 +132,7 @@ class WorkerSide:
 
     # ---- load ------------------------------------------------------------------------
     def start_load(self, meta: UcmConnectorMetadata) -> None:
+        self._release_inflight()
         self.reusable = {rid: torch.zeros(r.num_scheduled, dtype=torch.bool) for rid, r in meta.requests.items()}
         items = [(req, load) for req in meta.requests.values() for load in req.loads]
         if not items:
@@ -129,8 +152,8 @@ class WorkerSide:
             self.stats.loaded_blocks += 1
             if load.chunk:
                 self.reusable[req.req_id][load.lo - req.num_computed:load.hi - req.num_computed] = True
-        self._write(groups[False], self.layers)
-        self._write(groups[True], self._chunk_layers())
+        self._write(groups[False], self.layers, side_stream=False)
+        self._write(groups[True], self._chunk_layers(), side_stream=True)
 
     def _block_fits(self, block: torch.Tensor) -> bool:
         info = self.layers[0]
@@ -150,28 +173,130 @@ class WorkerSide:
         first, last = load.lo // self.vllm_block_size, (load.hi - 1) // self.vllm_block_size
         self.load_errors.update(req.block_ids[first:last + 1])
 
-    def _write(self, loads: list[tuple[RequestStep, BlockLoad, torch.Tensor]], layers: list[LayerInfo]) -> None:
+    def _indices(self, loads: list[tuple[RequestStep, BlockLoad, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Host-side (vectorised) index tensors of one group of loads.
+
+        ``source``: row of each loaded token in the staged ``[num_loads * block_tokens]``
+        rows; ``slot``: its paged-cache slot; ``position``: its prompt position;
+        ``delta``: its RoPE shift.
+        """
+        b = self.block_tokens
+        lo = torch.tensor([load.lo for _, load, _ in loads], dtype=torch.long)
+        hi = torch.tensor([load.hi for _, load, _ in loads], dtype=torch.long)
+        start = torch.tensor([load.token_start for _, load, _ in loads], dtype=torch.long)
+        delta = torch.tensor([load.rope_delta for _, load, _ in loads], dtype=torch.long)
+        counts = hi - lo
+        which = torch.repeat_interleave(torch.arange(len(loads)), counts)
+        offset = torch.cumsum(counts, 0) - counts
+        within = torch.arange(int(counts.sum())) - offset[which]
+        position = lo[which] + within
+        source = which * b + (lo - start)[which] + within
+        slot = torch.empty_like(position)
+        tables: dict[str, torch.Tensor] = {}
+        req_of = [req for req, _, _ in loads]
+        for i, req in enumerate(req_of):  # one table per request, reused by its loads
+            if req.req_id not in tables:
+                tables[req.req_id] = torch.tensor(req.block_ids, dtype=torch.long)
+        # Group token rows by request (loads of one request are contiguous in `loads`).
+        row = 0
+        i = 0
+        while i < len(loads):
+            j = i
+            while j < len(loads) and req_of[j] is req_of[i]:
+                j += 1
+            n = int(counts[i:j].sum())
+            tokens = position[row:row + n]
+            slot[row:row + n] = token_slots(tables[req_of[i].req_id], tokens, self.vllm_block_size)
+            row += n
+            i = j
+        return {"source": source, "slot": slot, "position": position, "delta": delta[which]}
+
+    def _layer_groups(self, layers: list[LayerInfo]) -> list[list[LayerInfo]]:
+        if not layers:
+            return []
+        size = max(1, int(LOAD_LAYER_GROUP))
+        rest = layers[1:]
+        return [layers[:1]] + [rest[i:i + size] for i in range(0, len(rest), size)]
+
+    def _write(self, loads: list[tuple[RequestStep, BlockLoad, torch.Tensor]], layers: list[LayerInfo],
+               side_stream: bool = False) -> None:
         if not loads or not layers:
             return
         device = self.device
-        slots, deltas, sources = [], [], []
-        for req, load, block in loads:
-            tokens = torch.arange(load.lo, load.hi, device=device)
-            slots.append(token_slots(self._block_ids(req), tokens, self.vllm_block_size))
-            deltas.append(torch.full((load.hi - load.lo,), load.rope_delta, dtype=torch.long, device=device))
-            a = load.lo - load.token_start
-            sources.append(block[:, :, a:a + (load.hi - load.lo)])
-        slot = torch.cat(slots)
-        delta = torch.cat(deltas)
-        positions = torch.cat([torch.arange(l.lo, l.hi, device=device) for _, l, _ in loads])
-        source = torch.cat(sources, dim=2).to(device, non_blocking=True)
-        rotate = bool((delta != 0).any())
-        for info in layers:
-            view = self.views[info.name]
-            k, v = source[self.layers.index(info), 0], source[self.layers.index(info), 1]
+        idx = self._indices(loads)
+        rotate = bool((idx["delta"] != 0).any())
+        cuda = device.type == "cuda"
+        stream = None
+        if cuda and side_stream:
+            if self._load_stream is None:
+                self._load_stream = torch.cuda.Stream(device=device)
+            stream = self._load_stream
+            stream.wait_stream(torch.cuda.current_stream(device))
+        sources = [block for _, _, block in loads]
+        with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+            dev = {k: v.to(device, non_blocking=True) for k, v in idx.items()}
+            cos = sin = None
             if rotate:
-                k = delta_rotate(k.float(), delta, self.rope, from_positions=positions - delta)
-            view.scatter(slot, k, v)
+                cos, sin = _delta_cos_sin(dev["delta"], self.rope, dev["position"] - dev["delta"], device)
+            full_rows = bool(len(loads) * self.block_tokens == dev["source"].numel())
+            position_of = {info.name: p for p, info in enumerate(self.layers)}
+            for group in (self._layer_groups(layers) if cuda else [layers]):
+                p0 = position_of[group[0].name]
+                p1 = position_of[group[-1].name] + 1
+                assert p1 - p0 == len(group), "chunk layers must be consecutive"
+                staged = self._stage([block[p0:p1] for block in sources], device)  # [n, G, 2, T, H, D]
+                for q, info in enumerate(group):
+                    kv = staged[:, q]  # [n, 2, T, H, D]
+                    k = kv[:, 0].reshape(-1, kv.shape[-2], kv.shape[-1])
+                    v = kv[:, 1].reshape(-1, kv.shape[-2], kv.shape[-1])
+                    if not full_rows:
+                        k, v = k[dev["source"]], v[dev["source"]]
+                    if rotate:
+                        k = _apply(k, cos, sin, self.rope)
+                    view = self.views[info.name]
+                    view.ready = None  # this write is ordered on `stream` itself
+                    view.scatter(dev["slot"], k, v)
+                    if stream is not None:
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                        view.ready = event
+        if stream is not None:
+            # Host tensors must outlive their asynchronous copies.
+            self._inflight = (sources, view.ready)
+
+    @staticmethod
+    def _stage(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Copy equally shaped host blocks into one device tensor, block by block (no
+        host-side concatenation; asynchronous when the blocks are pinned)."""
+        if device.type != "cuda":
+            return torch.stack(parts).to(device)
+        staged = torch.empty((len(parts),) + tuple(parts[0].shape), dtype=parts[0].dtype, device=device)
+        targets = list(staged.unbind(0))
+        try:
+            torch._foreach_copy_(targets, parts, non_blocking=True)
+        except (RuntimeError, TypeError):  # no cross-device foreach copy in this torch
+            for target, part in zip(targets, parts):
+                target.copy_(part, non_blocking=True)
+        return staged
+
+    def _release_inflight(self) -> None:
+        if self._inflight is not None:
+            _, event = self._inflight
+            if event is not None:
+                event.synchronize()
+            self._inflight = None
+
+    def wait_loads(self) -> None:
+        """Order the compute stream after every pending chunk load (no host sync)."""
+        if self._load_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._load_stream)
+            for view in self.views.values():
+                view.ready = None
+
+    def wait_layer(self, layer_name: str) -> None:
+        view = self.views.get(layer_name)
+        if view is not None:
+            view.wait_ready()
 
     def take_load_errors(self) -> set[int]:
         errors, self.load_errors = self.load_errors, set()
@@ -179,26 +304,44 @@ class WorkerSide:
 
     # ---- save ------------------------------------------------------------------------
     def save(self, meta: UcmConnectorMetadata) -> None:
+        self.wait_loads()
         saves = [(req, s) for req in meta.requests.values() for s in req.saves]
         if not saves:
             return
         device = self.device
         b = self.block_tokens
-        tokens = torch.cat([torch.arange(s.token_start, s.token_start + b, device=device) for _, s in saves])
-        slot = torch.cat([token_slots(self._block_ids(req), torch.arange(s.token_start, s.token_start + b,
-                                                                          device=device), self.vllm_block_size)
-                          for req, s in saves])
-        delta = torch.cat([torch.full((b,), -s.rope_delta, dtype=torch.long, device=device) for _, s in saves])
+        within = torch.arange(b)
+        tokens = torch.cat([within + s.token_start for _, s in saves])
+        tables: dict[str, torch.Tensor] = {}
+        slots = []
+        for req, s in saves:
+            table = tables.get(req.req_id)
+            if table is None:
+                table = tables[req.req_id] = torch.tensor(req.block_ids, dtype=torch.long)
+            slots.append(token_slots(table, within + s.token_start, self.vllm_block_size))
+        slot = torch.cat(slots).to(device, non_blocking=True)
+        delta = torch.tensor([-s.rope_delta for _, s in saves], dtype=torch.long).repeat_interleave(b)
         rotate = bool((delta != 0).any())
+        if rotate:
+            delta, tokens = delta.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
         per_layer = []
         for info in self.layers:
             k, v = self.views[info.name].gather(slot)
             if rotate:
-                k = delta_rotate(k.float(), delta, self.rope, from_positions=tokens).to(v.dtype)
+                k = delta_rotate(k, delta, self.rope, from_positions=tokens).to(v.dtype)
             per_layer.append(torch.stack([k, v]))
-        # [L, 2, N, H, D] -> one [L, 2, b, H, D] tensor per block, on the host.
-        stacked = torch.stack(per_layer).cpu()
-        blocks = [stacked[:, :, i * b:(i + 1) * b].contiguous() for i in range(len(saves))]
+        # [L, 2, N, H, D] -> [blocks, L, 2, b, H, D]: each block one contiguous piece, so
+        # the host copy is one transfer (into pinned memory on CUDA) and blocks are views.
+        stacked = torch.stack(per_layer)
+        layers, _, _, heads, dim = stacked.shape
+        per_block = stacked.view(layers, 2, len(saves), b, heads, dim).permute(2, 0, 1, 3, 4, 5).contiguous()
+        if per_block.is_cuda:
+            host = torch.empty(per_block.shape, dtype=per_block.dtype, pin_memory=True)
+            host.copy_(per_block, non_blocking=True)
+            torch.cuda.current_stream(device).synchronize()
+        else:
+            host = per_block.cpu()
+        blocks = list(host.unbind(0))
         keys = [rank_key(s.key, self.tp_rank) for _, s in saves]
         self.pending_saves.append(self.store.dump(keys, blocks, BLOCK_LAYOUT))
         self.stats.saved_blocks += len(blocks)

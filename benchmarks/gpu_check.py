@@ -1,0 +1,379 @@
+"""GPU host check for ucm on vLLM 0.26 (CUDA): patch points, KV layout, kernels, correctness.
+
+Run on the GPU host once vLLM is staged (see ../shared/gpu/README.md)::
+
+    PYTHONPATH=/tmp/site:. VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_USE_V2_MODEL_RUNNER=0 \\
+        python benchmarks/gpu_check.py --out $OUT/gpu_check.json
+
+Sections (each prints a block and goes into the JSON; a failing section is reported
+and the next one still runs):
+
+* ``inspect``: what ucm's patch points and connector read, as this vLLM has them
+  (Attention class and forward signature, GPUModelRunner._model_forward, InputBatch
+  req_ids, KVConnectorBase_V1 methods, SchedulerOutput fields, FLASH_ATTN cache shape
+  and stride order, kv_load_failure_policy, the V2 model runner switch).
+* ``micro``: host->device copy bandwidth (pageable vs pinned, one copy vs per-block
+  copies), whether ``clone()`` keeps pinned memory, delta-RoPE throughput, and the
+  exact-mask attention of Blend (SDPA, GQA) against the bottom-right FlashAttention
+  call of the same shape.
+* ``equality``: a tiny random Llama (fp16 and bf16) in vLLM with FLASH_ATTN: Blend at
+  ratio 1.0 must give the tokens of a plain full prefill with logprobs within
+  tolerance; ratio 0 must reuse the cached chunks. Each engine runs in its own process
+  through tests/engine_runner.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect as pyinspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def section(name: str, fn: Callable[[], dict], results: dict) -> None:
+    print(f"\n===== {name} =====", flush=True)
+    t0 = time.time()
+    try:
+        results[name] = fn()
+    except Exception as exc:  # report and go on
+        traceback.print_exc()
+        results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    results[name]["seconds"] = round(time.time() - t0, 1)
+    print(json.dumps(results[name], indent=1, default=str)[:6000], flush=True)
+
+
+# ---------------------------------------------------------------------------------
+def inspect_vllm() -> dict:
+    import torch
+    import vllm
+
+    out: dict[str, Any] = {"vllm": vllm.__version__, "torch": torch.__version__,
+                           "gpu": torch.cuda.get_device_name(0), "cuda": torch.version.cuda}
+    from ucm.integration.vllm import patches
+
+    module = patches.check_vllm_version(vllm.__version__)
+    import importlib
+
+    attn_mod = importlib.import_module(module)
+    out["attention_class"] = f"{module}.Attention: {hasattr(attn_mod, 'Attention')}"
+    out["attention_forward_sig"] = str(pyinspect.signature(attn_mod.Attention.forward))
+    from vllm.v1.worker import gpu_model_runner
+
+    runner = gpu_model_runner.GPUModelRunner
+    out["model_forward_sig"] = str(pyinspect.signature(runner._model_forward))
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+
+    out["input_batch_req_ids"] = isinstance(getattr(InputBatch, "req_ids", None), property)
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+
+    from ucm.integration.vllm.connector import UCMConnector
+
+    sigs = {}
+    for name, fn in vars(UCMConnector).items():
+        if callable(fn) and not name.startswith("_") and hasattr(KVConnectorBase_V1, name):
+            base = pyinspect.signature(getattr(KVConnectorBase_V1, name))
+            ours = pyinspect.signature(fn)
+            sigs[name] = "same" if list(base.parameters) == list(ours.parameters) else f"base{base} ours{ours}"
+    out["connector_methods"] = sigs
+    out["connector_init_sig"] = str(pyinspect.signature(KVConnectorBase_V1.__init__))
+    from vllm.v1.core.sched import output as sched_out
+
+    fields = lambda cls: sorted(getattr(cls, "__dataclass_fields__", {}))  # noqa: E731
+    out["NewRequestData"] = fields(sched_out.NewRequestData)
+    out["CachedRequestData"] = fields(sched_out.CachedRequestData)
+    out["SchedulerOutput_has_sync_kv_loads"] = "has_sync_kv_loads" in fields(sched_out.SchedulerOutput)
+    from vllm.config import KVTransferConfig
+
+    out["kv_load_failure_policy"] = str(KVTransferConfig.__dataclass_fields__["kv_load_failure_policy"].type)
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+    from vllm.v1.attention.backends.utils import get_kv_cache_layout
+
+    out["flash_attn_name"] = FlashAttentionBackend.get_name()
+    out["flash_attn_shape(7,16,8,128)"] = FlashAttentionBackend.get_kv_cache_shape(7, 16, 8, 128)
+    out["flash_attn_stride_order"] = FlashAttentionBackend.get_kv_cache_stride_order()
+    out["kv_cache_layout"] = get_kv_cache_layout()
+    import vllm.envs as envs
+
+    out["VLLM_USE_V2_MODEL_RUNNER"] = envs.VLLM_USE_V2_MODEL_RUNNER
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func  # noqa: F401
+
+        out["vllm_flash_attn"] = True
+    except Exception as exc:  # noqa: BLE001
+        out["vllm_flash_attn"] = repr(exc)
+    return out
+
+
+# ---------------------------------------------------------------------------------
+def _time_cuda(fn: Callable[[], Any], reps: int = 20, warmup: int = 3) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def micro() -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    dev = torch.device("cuda")
+    out: dict[str, Any] = {}
+    # -- clone of a pinned tensor
+    p = torch.empty(16, pin_memory=True)
+    out["clone_keeps_pinned"] = p.clone().is_pinned()
+    # -- H2D: 1 GiB in 512 blocks of 2 MiB (Llama-3-8B: 32 layers x 2 x 16 tokens x 8 x 128 bf16)
+    shape = (32, 2, 16, 8, 128)
+    n = 512
+    gib = n * 2 * 32 * 2 * 16 * 8 * 128 / 2**30
+    pageable = [torch.randn(shape).to(torch.bfloat16) for _ in range(n)]
+    pinned = [t.pin_memory() for t in pageable]
+    dst = torch.empty((n,) + shape, dtype=torch.bfloat16, device=dev)
+    big_pinned = torch.empty((n,) + shape, dtype=torch.bfloat16, pin_memory=True)
+    big_pageable = torch.empty((n,) + shape, dtype=torch.bfloat16)
+
+    def per_block(src):
+        return lambda: torch._foreach_copy_(list(dst.unbind(0)), src, non_blocking=True)
+
+    def loop_copy(src):
+        def run():
+            for i, t in enumerate(src):
+                dst[i].copy_(t, non_blocking=True)
+        return run
+
+    for name, fn in (("one_copy_pinned", lambda: dst.copy_(big_pinned, non_blocking=True)),
+                     ("one_copy_pageable", lambda: dst.copy_(big_pageable, non_blocking=True)),
+                     ("foreach_blocks_pinned", per_block(pinned)),
+                     ("foreach_blocks_pageable", per_block(pageable)),
+                     ("loop_blocks_pinned", loop_copy(pinned))):
+        t0 = time.perf_counter()
+        ms = _time_cuda(fn, reps=5, warmup=1)
+        out[f"h2d_{name}_GBps"] = round(gib * 2**30 / (ms / 1e3) / 1e9, 1)
+        # host time to *issue* (pinned copies return before they finish)
+        t0 = time.perf_counter()
+        fn()
+        out[f"h2d_{name}_issue_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
+        torch.cuda.synchronize()
+    # -- delta-RoPE (llama3 scaled) on 8K tokens x 8 heads x 128, bf16
+    from ucm.sparse.blend.rope import RopeSpec, _apply, _delta_cos_sin
+
+    spec = RopeSpec(head_dim=128, rotary_dim=128, base=500000.0, is_neox_style=True,
+                    scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    N = 8192
+    k = torch.randn(N, 8, 128, device=dev, dtype=torch.bfloat16)
+    delta = torch.full((N,), 1000, device=dev, dtype=torch.long)
+    pos = torch.arange(N, device=dev)
+    cos, sin = _delta_cos_sin(delta, spec, pos, dev)
+    ms = _time_cuda(lambda: _apply(k, cos, sin, spec))
+    out["delta_rope_8k_ms"] = round(ms, 3)
+    out["delta_rope_8k_GBps"] = round(2 * k.numel() * 2 / (ms / 1e3) / 1e9, 1)
+    out["delta_cos_sin_8k_ms"] = round(_time_cuda(lambda: _delta_cos_sin(delta, spec, pos, dev)), 3)
+    # -- exact-mask attention (Blend) vs bottom-right FlashAttention, 8K context, 15% + 64 rows
+    from ucm.sparse.blend.attention import causal_attention_by_position
+
+    nk, hq, hkv, d = 8288, 32, 8, 128
+    sel = torch.randperm(nk - 64, device=dev)[: int(0.15 * (nk - 64))]
+    q_pos = torch.cat([sel.sort().values, torch.arange(nk - 64, nk, device=dev)])
+    nq = q_pos.numel()
+    q = torch.randn(nq, hq, d, device=dev, dtype=torch.bfloat16)
+    kk = torch.randn(nk, hkv, d, device=dev, dtype=torch.bfloat16)
+    vv = torch.randn(nk, hkv, d, device=dev, dtype=torch.bfloat16)
+    k_pos = torch.arange(nk, device=dev)
+    scale = d ** -0.5
+    out["attn_shape"] = f"nq={nq} nk={nk} hq={hq} hkv={hkv} d={d}"
+    ref = causal_attention_by_position(q.float(), q_pos, kk.float(), vv.float(), k_pos, scale)
+    out["attn_ucm_sdpa_ms"] = round(_time_cuda(lambda: causal_attention_by_position(q, q_pos, kk, vv, k_pos, scale)), 3)
+    got = causal_attention_by_position(q, q_pos, kk, vv, k_pos, scale).float()
+    out["attn_ucm_sdpa_relerr"] = float((got - ref).norm() / ref.norm())
+
+    def expanded():
+        g = hq // hkv
+        mask = k_pos[None, :] <= q_pos[:, None]
+        return F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], kk.repeat_interleave(g, 1).transpose(0, 1)[None],
+            vv.repeat_interleave(g, 1).transpose(0, 1)[None], attn_mask=mask, scale=scale)[0].transpose(0, 1)
+
+    out["attn_sdpa_expanded_heads_ms"] = round(_time_cuda(expanded), 3)
+    out["attn_sdpa_expanded_relerr"] = float((expanded().float() - ref).norm() / ref.norm())
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+        cu_q = torch.tensor([0, nq], device=dev, dtype=torch.int32)
+        cu_k = torch.tensor([0, nk], device=dev, dtype=torch.int32)
+        fa = lambda: flash_attn_varlen_func(q, kk, vv, max_seqlen_q=nq, cu_seqlens_q=cu_q, max_seqlen_k=nk,  # noqa: E731
+                                            cu_seqlens_k=cu_k, softmax_scale=scale, causal=True)
+        out["attn_flash_bottom_right_ms"] = round(_time_cuda(fa), 3)
+    except Exception as exc:  # noqa: BLE001
+        out["attn_flash_bottom_right_ms"] = repr(exc)[:300]
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for backend in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+            try:
+                with sdpa_kernel(getattr(SDPBackend, backend)):
+                    out[f"attn_ucm_sdpa_only_{backend}_ms"] = round(
+                        _time_cuda(lambda: causal_attention_by_position(q, q_pos, kk, vv, k_pos, scale), reps=5), 3)
+            except Exception as exc:  # noqa: BLE001
+                out[f"attn_ucm_sdpa_only_{backend}_ms"] = repr(exc)[:200]
+    except Exception as exc:  # noqa: BLE001
+        out["sdpa_backends"] = repr(exc)[:200]
+    return out
+
+
+# ---------------------------------------------------------------------------------
+END = 2
+
+
+class Rag:
+    """Same prompts as tests/vllm/conftest.py: ``sys END c_i END ... question``."""
+
+    def __init__(self, seed: int = 0, vocab: int = 512) -> None:
+        import random
+
+        rng = random.Random(seed)
+        pick = lambda n: [rng.randrange(3, vocab) for _ in range(n)]  # noqa: E731
+        self.system = pick(37) + [END]
+        self.chunks = [pick(n) + [END] for n in (70, 45, 93, 61, 52)]
+        self.questions = [pick(n) for n in (19, 23, 11, 30)]
+
+    def prompt(self, order: list[int], question: int = 0) -> list[int]:
+        ids = list(self.system)
+        for i in order:
+            ids += self.chunks[i]
+        return ids + self.questions[question]
+
+
+def build_tiny_llama(path: Path) -> Path:
+    import torch
+    import transformers
+
+    if (path / "config.json").exists():
+        return path
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                   max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("proj.weight"):
+                param.normal_(0.0, 0.08)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def run_engine(spec: dict, workdir: Path, enable_sparse: bool) -> dict:
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_path, out_path = workdir / "spec.json", workdir / "out.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    env.pop("ENABLE_SPARSE", None)
+    if enable_sparse:
+        env["ENABLE_SPARSE"] = "1"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "tests.engine_runner", str(spec_path), str(out_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"engine failed ({proc.returncode}) after {time.time() - t0:.0f}s:\n"
+                           f"{proc.stderr[-5000:]}")
+    (workdir / "stderr.txt").write_text(proc.stderr[-20000:])
+    backend = [ln for ln in proc.stderr.splitlines() if "backend" in ln.lower() and "attention" in ln.lower()]
+    result = json.loads(out_path.read_text())
+    result["_log"] = backend[:3]
+    result["_seconds"] = round(time.time() - t0, 1)
+    return result
+
+
+def _diff(a: dict, b: dict) -> tuple[bool, float]:
+    same = a["tokens"] == b["tokens"]
+    return same, max(abs(p - q) for p, q in zip(a["logprobs"], b["logprobs"]))
+
+
+def equality(workdir: Path) -> dict:
+    model = str(build_tiny_llama(workdir / "tiny_llama"))
+    rag = Rag(seed=0)
+    prompts = [rag.prompt([2, 0, 1], 0), rag.prompt([0, 3, 1], 2), rag.prompt([1, 1, 2], 3), rag.prompt([4, 2], 1)]
+    out: dict[str, Any] = {}
+    blend = {"ucm_connectors": [{"ucm_connector_name": "UcmDramStore", "ucm_connector_config": {}}],
+             "ucm_sparse_config": {"Blend": {"chunk_end_token_id": END,
+                                             "compute_meta": {"model.layers.1.self_attn.attn": {"ratio": 1.0}}}}}
+    for dtype in ("float16", "bfloat16"):
+        engine = {"dtype": dtype, "gpu_memory_utilization": 0.25, "max_model_len": 4096}
+        gen = lambda name, ps, **kw: {"op": "generate", "name": name, "prompts": ps, "max_tokens": 8, **kw}  # noqa: E731
+        plain = run_engine({"model": model, "ucm": None, "engine": engine, "actions": [
+            gen("main", [{"ids": p} for p in prompts])]}, workdir / f"plain_{dtype}", enable_sparse=False)
+        ucm = run_engine({"model": model, "ucm": blend, "engine": dict(engine, enable_prefix_caching=False),
+                          "actions": [
+            {"op": "patched", "name": "patched"},
+            gen("precompute", [{"ids": rag.chunks[i]} for i in range(5)], max_tokens=1),
+            gen("ratio1", [{"ids": p} for p in prompts], batch=False),
+            gen("ratio1_batch", [{"ids": p} for p in prompts]),
+            gen("ratio0", [{"ids": p, "ratio": 0.0} for p in prompts], batch=False),
+            gen("ratio015", [{"ids": p, "ratio": 0.15} for p in prompts], batch=False)]},
+            workdir / f"ucm_{dtype}", enable_sparse=True)
+        res: dict[str, Any] = {"patched": ucm["patched"], "log": ucm["_log"][:2],
+                               "engine_seconds": [plain["_seconds"], ucm["_seconds"]]}
+        for name in ("ratio1", "ratio1_batch", "ratio0", "ratio015"):
+            rows = []
+            for a, b in zip(ucm[name], plain["main"]):
+                same, dlp = _diff(a, b)
+                rows.append({"same_tokens": same, "max_dlogprob": round(dlp, 5),
+                             "chunk_hit": a["stats"].get("chunk_hit_tokens"),
+                             "recompute_ratio": a["stats"].get("recompute_ratio")})
+            res[name] = rows
+        tol = 0.05 if dtype == "float16" else 0.15
+        res["PASS_ratio1"] = all(r["same_tokens"] and r["max_dlogprob"] < tol for r in res["ratio1"] + res["ratio1_batch"])
+        res["PASS_reuse"] = all((r["chunk_hit"] or 0) > 0 for r in res["ratio0"][:3])
+        out[dtype] = res
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="gpu_check.json")
+    ap.add_argument("--only", nargs="*", default=["inspect", "micro", "equality"])
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ucm_gpu_check_"))
+    results: dict[str, Any] = {}
+    if "inspect" in args.only:
+        section("inspect", inspect_vllm, results)
+    if "micro" in args.only:
+        section("micro", micro, results)
+    if "equality" in args.only:
+        section("equality", lambda: equality(workdir), results)
+    Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    print("\nSUMMARY", json.dumps({k: {kk: vv for kk, vv in v.items() if kk.startswith(("PASS", "error"))}
+                                   for k, v in results.items()}, default=str))
+    eq = results.get("equality", {})
+    for dtype in ("float16", "bfloat16"):
+        if isinstance(eq.get(dtype), dict):
+            print(dtype, "PASS_ratio1", eq[dtype].get("PASS_ratio1"), "PASS_reuse", eq[dtype].get("PASS_reuse"))
+
+
+if __name__ == "__main__":
+    main()
