@@ -1,0 +1,549 @@
+"""TTFT of Blend on a GPU: Llama-3-8B-shaped model, RAG prompts, vLLM with and without ucm.
+
+Each engine configuration runs in its own process (vLLM holds process-wide state);
+this script is both the driver and (with ``--engine``) the per-engine worker:
+
+* ``plain``: vLLM alone, prefix caching on. Full prefill (a unique ``cache_salt``
+  per request, so nothing is reused) and the prefix-cache hit of the same prompt
+  asked again (the floor: no recompute at all, KV already in HBM).
+* ``dram``: UCMBlendConnector with a host-memory store (ENABLE_SPARSE=1, vLLM prefix
+  caching off so every reuse goes through ucm). The chunks are precomputed, then
+  prompts with the chunks in fresh random orders are asked at each Blend ratio
+  (per-request ``SamplingParams(extra_args={"ucm_blend_ratio": r})``).
+* ``file``: the same with the file store (UcmNfsStore) on local disk, no host-memory
+  tier; reads come from the page cache unless ``--file-cold`` (which drops the store
+  files from the page cache with posix_fadvise before each request).
+
+TTFT of one request = wall time of ``LLM.generate`` of that request alone with
+``max_tokens=1`` (after warm-up); median over ``--reps`` requests. Throughput: the
+same engine given ``--concurrency`` RAG requests at once (requests/s and mean TTFT
+from vLLM's request metrics).
+
+    PYTHONPATH=/tmp/site:. VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_USE_V2_MODEL_RUNNER=0 \\
+        python benchmarks/ttft_gpu.py --out-dir $OUT
+
+``--plot-only results.json`` redraws the table and plot from a saved run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu", "tie_word_embeddings": False,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "bos_token_id": 128000, "eos_token_id": 128009, "torch_dtype": "bfloat16", "attention_bias": False,
+    "mlp_bias": False,
+}
+END = 128001  # chunk_end_token_id; never drawn as a content token
+CHUNK = 512
+SYSTEM = 32
+QUESTION = 64
+
+
+# ---------------------------------------------------------------------------------- prompts
+class Prompts:
+    """A pool of 512-token chunks (511 random tokens + END), a system prompt and questions."""
+
+    def __init__(self, pool: int, seed: int = 0) -> None:
+        self.rng = random.Random(seed)
+        pick = lambda n: [self.rng.randrange(1000, 128000) for _ in range(n)]  # noqa: E731
+        self.system = pick(SYSTEM - 1) + [END]
+        self.chunks = [pick(CHUNK - 1) + [END] for _ in range(pool)]
+        self._pick = pick
+
+    def question(self) -> list[int]:
+        return self._pick(QUESTION)
+
+    def rag(self, n_chunks: int) -> list[int]:
+        """A fresh random choice and order of ``n_chunks`` pool chunks, and a fresh question."""
+        order = self.rng.sample(range(len(self.chunks)), n_chunks)
+        ids = list(self.system)
+        for i in order:
+            ids += self.chunks[i]
+        return ids + self.question()
+
+
+# ---------------------------------------------------------------------------------- engine side
+def _progress(it, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(it, desc=desc, leave=False, mininterval=5.0, file=sys.stderr)
+
+
+def _median_ms(xs: list[float]) -> float:
+    return round(statistics.median(xs) * 1e3, 2)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, kind: str) -> None:
+        self.args = args
+        self.kind = kind
+        self.prompts = Prompts(pool=max(args.chunks) if args.pool is None else args.pool, seed=args.seed)
+        self.llm = self._engine()
+        from vllm import SamplingParams
+
+        self.SamplingParams = SamplingParams
+        self.results: dict[str, Any] = {"kind": kind, "modes": {}, "throughput": {}}
+
+    def _engine(self):
+        from vllm import LLM
+        from vllm.config import KVTransferConfig
+
+        a = self.args
+        engine: dict[str, Any] = dict(
+            model=a.model_dir, load_format="dummy", skip_tokenizer_init=True, dtype=a.dtype,
+            enforce_eager=True, max_model_len=a.max_model_len, max_num_batched_tokens=a.max_batched_tokens,
+            max_num_seqs=max(64, a.concurrency), gpu_memory_utilization=a.gpu_mem, seed=0,
+            disable_log_stats=False, enable_prefix_caching=self.kind == "plain",
+            tensor_parallel_size=a.tp, async_scheduling=False)
+        if self.kind != "plain":
+            if self.kind.startswith("dram"):
+                stores = [{"ucm_connector_name": "UcmDramStore",
+                           "ucm_connector_config": {"capacity_bytes": a.dram_gib * 2**30}}]
+            else:
+                stores = [{"ucm_connector_name": "UcmNfsStore",
+                           "ucm_connector_config": {"storage_backends": a.file_dir, "io_threads": a.io_threads}}]
+            extra = {"ucm_connectors": stores, "block_tokens": a.block_tokens,
+                     "ucm_sparse_config": {"Blend": {
+                         "chunk_end_token_id": END,
+                         "compute_meta": {f"model.layers.{a.check_layer}.self_attn.attn": {"ratio": 0.15}}}}}
+            engine["kv_transfer_config"] = KVTransferConfig(
+                kv_connector="UCMBlendConnector", kv_connector_module_path="ucm.integration.vllm.blend_connector",
+                kv_role="kv_both", kv_connector_extra_config=extra)
+        t0 = time.time()
+        llm = LLM(**engine)
+        self.start_seconds = round(time.time() - t0, 1)
+        return llm
+
+    def params(self, ratio: Optional[float] = None, max_tokens: int = 1):
+        extra = {"ucm_blend_ratio": ratio} if ratio is not None else None
+        return self.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, extra_args=extra)
+
+    def one(self, ids: list[int], ratio: Optional[float] = None, salt: Optional[str] = None) -> tuple[float, Any]:
+        prompt: dict[str, Any] = {"prompt_token_ids": ids}
+        if salt:
+            prompt["cache_salt"] = salt
+        t0 = time.perf_counter()
+        out = self.llm.generate([prompt], [self.params(ratio)], use_tqdm=False)[0]
+        return time.perf_counter() - t0, out
+
+    def stats(self, out: Any) -> dict:
+        from ucm.integration.vllm.stats import request_stats
+
+        return request_stats(out.request_id)
+
+    def record(self, mode: str, n_chunks: int, times: list[float], stats: Optional[list[dict]] = None) -> None:
+        entry: dict[str, Any] = {"median_ms": _median_ms(times), "min_ms": round(min(times) * 1e3, 2),
+                                 "max_ms": round(max(times) * 1e3, 2), "n": len(times)}
+        if stats:
+            for key in ("chunk_hit_tokens", "prefix_hit_tokens", "recompute_ratio", "reusable_tokens"):
+                vals = [s.get(key) for s in stats if s.get(key) is not None]
+                if vals:
+                    entry[key] = round(statistics.mean(vals), 3)
+        self.results["modes"].setdefault(str(n_chunks), {})[mode] = entry
+        print(f"[{self.kind}] {n_chunks:2d} chunks {mode:>14}: median {entry['median_ms']:8.2f} ms "
+              f"(min {entry['min_ms']}, max {entry['max_ms']}) {({k: v for k, v in entry.items() if 'hit' in k or 'ratio' in k})}",
+              flush=True)
+
+    def throughput(self, mode: str, n_chunks: int, ratio: Optional[float], salted: bool) -> None:
+        c = self.args.concurrency
+        prompts = []
+        for i in range(c):
+            p: dict[str, Any] = {"prompt_token_ids": self.prompts.rag(n_chunks)}
+            if salted:
+                p["cache_salt"] = f"tput-{n_chunks}-{i}-{time.time()}"
+            prompts.append(p)
+        t0 = time.perf_counter()
+        outs = self.llm.generate(prompts, [self.params(ratio)] * c, use_tqdm=False)
+        wall = time.perf_counter() - t0
+        ttfts = [o.metrics.first_token_latency for o in outs
+                 if getattr(o, "metrics", None) is not None and getattr(o.metrics, "first_token_latency", 0)]
+        entry = {"requests": c, "wall_s": round(wall, 3), "req_per_s": round(c / wall, 2),
+                 "mean_ttft_ms": round(statistics.mean(ttfts) * 1e3, 1) if ttfts else None,
+                 "ttft_source": "vllm metrics first_token_latency" if ttfts else "none"}
+        self.results["throughput"].setdefault(str(n_chunks), {})[mode] = entry
+        print(f"[{self.kind}] throughput {n_chunks:2d} chunks {mode}: {entry}", flush=True)
+
+    # ---- the scenarios ------------------------------------------------------------
+    def run_plain(self) -> None:
+        a = self.args
+        for _ in range(3):  # warm-up
+            self.one(self.prompts.rag(min(a.chunks)), salt=f"warm{random.random()}")
+        for n in a.chunks:
+            times = [self.one(self.prompts.rag(n), salt=f"full-{n}-{i}-{random.random()}")[0]
+                     for i in _progress(range(a.reps), f"full {n}")]
+            self.record("full_prefill", n, times)
+            ids = self.prompts.rag(n)
+            self.one(ids)
+            times = [self.one(ids)[0] for _ in _progress(range(a.reps), f"hit {n}")]
+            self.record("prefix_hit", n, times)
+        if a.concurrency:
+            for n in a.chunks:
+                self.throughput("full_prefill", n, None, salted=True)
+
+    def _drop_page_cache(self) -> None:
+        for dirpath, _, names in os.walk(self.args.file_dir):
+            for name in names:
+                try:
+                    fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def run_ucm(self) -> None:
+        a = self.args
+        t0 = time.perf_counter()
+        chunk_prompts = [{"prompt_token_ids": c} for c in self.prompts.chunks]
+        self.llm.generate(chunk_prompts, [self.params()] * len(chunk_prompts), use_tqdm=False)
+        self.results["precompute_s"] = round(time.perf_counter() - t0, 2)
+        for n in a.chunks:  # warm-up (also saves the system-prompt blocks once)
+            for r in (0.15, 0.0):
+                self.one(self.prompts.rag(n), ratio=r)
+        ratios = {"dram": a.dram_ratios, "dram_pinned": a.ratios}.get(self.kind, a.file_ratios)
+        if self.kind == "file" and a.file_cold:
+            os.sync()
+        for n in a.chunks:
+            for r in ratios:
+                times, stats = [], []
+                for _ in _progress(range(a.reps), f"{self.kind} {n} r={r:g}"):
+                    if self.kind == "file" and a.file_cold:
+                        self._drop_page_cache()
+                    dt, out = self.one(self.prompts.rag(n), ratio=r)
+                    times.append(dt)
+                    stats.append(self.stats(out))
+                self.record(f"blend_{r:g}", n, times, stats)
+        if a.concurrency and self.kind.startswith("dram"):
+            for n in a.chunks:
+                self.throughput("blend_0.15", n, 0.15, salted=False)
+        cold_engine = "dram_pinned" if "dram_pinned" in a.engines else "dram"
+        if self.kind == cold_engine and a.cold_reps:
+            for n in a.chunks:  # cold prompt through ucm: full prefill plus saving its KV
+                times = [self.one(self.prompts.rag(n), salt=f"cold-{n}-{i}-{random.random()}")[0]
+                         for i in range(a.cold_reps)]
+                self.record("ucm_cold", n, times)
+
+    def profile(self) -> None:
+        """torch.profiler over one blend request (largest size, ratio 0.15) and one full prefill."""
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        n = max(self.args.chunks)
+        acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+        out_dir = Path(self.args.out_dir)
+        for label, ratio, salt in (("blend_0.15", 0.15, None), ("ucm_cold", None, f"prof{random.random()}")):
+            ids = self.prompts.rag(n)
+            self.one(self.prompts.rag(n), ratio=ratio, salt=salt)
+            with profile(activities=acts, record_shapes=False) as prof:
+                dt, _ = self.one(ids, ratio=ratio, salt=salt)
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)
+            cpu_table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70)
+            text = f"{label} {n} chunks: wall {dt * 1e3:.1f} ms (under the profiler)\n{table}\n\n{cpu_table}\n"
+            (out_dir / f"profile_{self.kind}_{label}.txt").write_text(text)
+            print(text[:7000], flush=True)
+            if self.args.trace:
+                prof.export_chrome_trace(str(out_dir / f"trace_{self.kind}_{label}.json"))
+            del prof
+            torch.cuda.synchronize()
+
+
+def engine_main(args: argparse.Namespace) -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if args.engine != "plain":
+        os.environ["ENABLE_SPARSE"] = "1"
+    if args.engine == "dram_pinned":
+        _pin_dram_store()
+    if args.load_group:
+        from ucm.integration.vllm import worker_side
+
+        worker_side.LOAD_LAYER_GROUP = args.load_group
+    bench = Bench(args, args.engine)
+    bench.results["engine_start_s"] = bench.start_seconds
+    if args.engine == "plain":
+        bench.run_plain()
+    else:
+        bench.run_ucm()
+    if args.profile and args.engine == args.profile_engine:
+        bench.profile()
+    Path(args.result).write_text(json.dumps(bench.results, indent=1))
+
+
+def _pin_dram_store() -> None:
+    """Keep the host-memory tier's blocks in pinned memory (proposed default of
+    UcmDramStore on CUDA hosts): H2D copies from it are DMA, asynchronous and ~2x
+    faster than from pageable memory."""
+    import torch
+
+    from ucm.store.dram_store import UcmDramStore
+
+    original = UcmDramStore._put
+
+    def _put(self, key, tensor, layout):
+        written = original(self, key, tensor, layout)
+        if written:
+            with self._lock:
+                entry = self._blocks.get(key)
+                if entry is not None and not entry[0].is_pinned():
+                    self._blocks[key] = (entry[0].pin_memory(),) + tuple(entry[1:])
+        return written
+
+    UcmDramStore._put = _put
+    print("ucm bench: UcmDramStore keeps pinned blocks", torch.cuda.is_available(), flush=True)
+
+
+# ---------------------------------------------------------------------------------- driver
+TINY = dict(LLAMA3_8B, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=64, torch_dtype="float32")
+
+
+def write_model(path: Path, tiny: bool = False) -> str:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(TINY if tiny else LLAMA3_8B, indent=1))
+    return str(path)
+
+
+def run_engine_process(args: argparse.Namespace, kind: str, out_dir: Path, extra: list[str]) -> dict:
+    result = out_dir / f"result_{kind}.json"
+    cmd = [sys.executable, os.path.abspath(__file__), "--engine", kind, "--result", str(result)] + extra
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    env["PYTHONUNBUFFERED"] = "1"
+    t0 = time.time()
+    log = open(out_dir / f"log_{kind}.txt", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        log.write(line)
+        if line.startswith("[") or "Traceback" in line or "Error" in line or "ucm bench" in line:
+            print(line, end="", flush=True)
+    proc.wait()
+    log.close()
+    print(f"engine {kind}: exit {proc.returncode} after {time.time() - t0:.0f}s", flush=True)
+    if proc.returncode != 0 or not result.exists():
+        tail = (out_dir / f"log_{kind}.txt").read_text()[-4000:]
+        print(tail, flush=True)
+        return {"kind": kind, "error": f"exit {proc.returncode}", "modes": {}, "throughput": {}}
+    return json.loads(result.read_text())
+
+
+MODE_ORDER = ["full_prefill", "prefix_hit", "blend_0", "blend_0.05", "blend_0.15", "blend_0.3", "blend_1",
+              "pageable_blend_0", "pageable_blend_0.15", "file_blend_0", "file_blend_0.15", "file_blend_0.3",
+              "ucm_cold", "pageable_ucm_cold"]
+
+
+def merge(results: list[dict]) -> dict:
+    table: dict[str, dict[str, dict]] = {}
+    tput: dict[str, dict[str, dict]] = {}
+    for res in results:
+        prefix = {"file": "file_", "dram": "pageable_"}.get(res.get("kind"), "")
+        for n, modes in res.get("modes", {}).items():
+            for mode, entry in modes.items():
+                table.setdefault(n, {})[prefix + mode] = entry
+        for n, modes in res.get("throughput", {}).items():
+            for mode, entry in modes.items():
+                tput.setdefault(n, {})[prefix + mode] = entry
+    return {"ttft": table, "throughput": tput}
+
+
+def render(merged: dict, meta: dict) -> str:
+    lines = []
+    table = merged["ttft"]
+    sizes = sorted(table, key=int)
+    modes = [m for m in MODE_ORDER if any(m in table[n] for n in sizes)]
+    modes += sorted({m for n in sizes for m in table[n]} - set(modes))
+    lines.append("| mode | " + " | ".join(f"{n}×512 (~{int(n) * CHUNK + SYSTEM + QUESTION} tok) ms, × vs full"
+                                          for n in sizes) + " |")
+    lines.append("|---|" + "---|" * len(sizes))
+    for m in modes:
+        cells = []
+        for n in sizes:
+            e = table[n].get(m)
+            full = table[n].get("full_prefill", {}).get("median_ms")
+            if e is None:
+                cells.append("")
+                continue
+            speed = f" ({full / e['median_ms']:.2f}×)" if full else ""
+            extra = ""
+            if e.get("recompute_ratio") is not None:
+                extra = f", rc {e['recompute_ratio']:.2f}"
+            cells.append(f"{e['median_ms']:.1f}{speed}{extra}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if merged["throughput"]:
+        lines.append("")
+        lines.append(f"Throughput, {meta.get('concurrency')} concurrent requests (max_tokens=1):")
+        lines.append("")
+        lines.append("| chunks | mode | req/s | mean TTFT ms | wall s |")
+        lines.append("|---|---|---|---|---|")
+        for n in sorted(merged["throughput"], key=int):
+            for m, e in merged["throughput"][n].items():
+                lines.append(f"| {n} | {m} | {e['req_per_s']} | {e['mean_ttft_ms']} | {e['wall_s']} |")
+    return "\n".join(lines)
+
+
+def plot(merged: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = merged["ttft"]
+    sizes = sorted(table, key=int)
+    modes = [m for m in MODE_ORDER if any(m in table[n] for n in sizes) and m != "ucm_cold"]
+    fig, ax = plt.subplots(figsize=(11, 5))
+    width = 0.8 / max(1, len(modes))
+    for i, m in enumerate(modes):
+        xs = [j + i * width for j in range(len(sizes))]
+        ys = [table[n].get(m, {}).get("median_ms", 0) for n in sizes]
+        bars = ax.bar(xs, ys, width, label=m)
+        for x, y, n in zip(xs, ys, sizes):
+            full = table[n].get("full_prefill", {}).get("median_ms")
+            if y and full:
+                ax.text(x, y, f"{full / y:.1f}×", ha="center", va="bottom", fontsize=7)
+        del bars
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sizes))])
+    ax.set_xticklabels([f"{n}×512 chunks\n(~{int(n) * CHUNK + SYSTEM + QUESTION} tokens)" for n in sizes])
+    ax.set_ylabel("median TTFT (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def driver(args: argparse.Namespace) -> None:
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = write_model(Path(args.model_dir), tiny=args.tiny)
+    if "file" in args.engines:
+        import shutil
+
+        shutil.rmtree(args.file_dir, ignore_errors=True)
+    common = ["--model-dir", model_dir, "--out-dir", str(out_dir), "--chunks", *map(str, args.chunks),
+              "--reps", str(args.reps), "--ratios", *map(str, args.ratios), "--file-ratios",
+              *map(str, args.file_ratios), "--concurrency", str(args.concurrency), "--max-model-len",
+              str(args.max_model_len), "--max-batched-tokens", str(args.max_batched_tokens), "--gpu-mem",
+              str(args.gpu_mem), "--block-tokens", str(args.block_tokens), "--check-layer", str(args.check_layer),
+              "--file-dir", args.file_dir, "--dram-gib", str(args.dram_gib), "--tp", str(args.tp),
+              "--cold-reps", str(args.cold_reps), "--seed", str(args.seed), "--io-threads", str(args.io_threads),
+              "--load-group", str(args.load_group), "--dtype", args.dtype]
+    common += ["--engines", *args.engines, "--dram-ratios", *map(str, args.dram_ratios),
+               "--profile-engine", args.profile_engine]
+    if args.profile:
+        common.append("--profile")
+    if args.trace:
+        common.append("--trace")
+    if args.file_cold:
+        common.append("--file-cold")
+    if args.pool is not None:
+        common += ["--pool", str(args.pool)]
+    results = [run_engine_process(args, kind, out_dir, common) for kind in args.engines]
+    finish(results, args, out_dir)
+
+
+def finish(results: list[dict], args: argparse.Namespace, out_dir: Path) -> None:
+    import datetime
+
+    merged = merge(results)
+    meta = {"date": datetime.date.today().isoformat(), "concurrency": args.concurrency,
+            "argv": " ".join(sys.argv), "engines": {r.get("kind"): {k: r.get(k) for k in
+                                                                 ("engine_start_s", "precompute_s", "error")}
+                                                    for r in results}}
+    try:
+        import torch
+        import vllm
+
+        meta.update(gpu=torch.cuda.get_device_name(0), vllm=vllm.__version__, torch=torch.__version__)
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        meta["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                        text=True).stdout.strip()
+    except OSError:
+        pass
+    full = {"meta": meta, "results": results, **merged}
+    (out_dir / "ttft_gpu.json").write_text(json.dumps(full, indent=1))
+    text = render(merged, meta)
+    (out_dir / "ttft_gpu.md").write_text(text + "\n")
+    print(json.dumps(meta, indent=1))
+    print(text)
+    try:
+        plot(merged, out_dir / "ttft_gpu.png", f"Blend TTFT, Llama-3-8B shape (dummy bf16), {meta.get('gpu', '')}, "
+                                               f"vLLM {meta.get('vllm', '')}")
+    except Exception as exc:  # noqa: BLE001
+        print("plot failed:", exc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--engines", nargs="+", default=["plain", "dram_pinned", "dram", "file"],
+                    choices=["plain", "dram_pinned", "dram", "file"],
+                    help="dram_pinned: host-memory tier holding pinned blocks (proposed UcmDramStore default); "
+                         "dram: the tier as committed (pageable)")
+    ap.add_argument("--chunks", nargs="+", type=int, default=[6, 8, 16], help="chunks of 512 tokens per prompt")
+    ap.add_argument("--pool", type=int, default=None, help="chunks in the pool (default: max --chunks)")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--ratios", nargs="+", type=float, default=[0.0, 0.05, 0.15, 0.3, 1.0])
+    ap.add_argument("--file-ratios", nargs="+", type=float, default=[0.0, 0.15])
+    ap.add_argument("--dram-ratios", nargs="+", type=float, default=[0.0, 0.15],
+                    help="ratios for the pageable dram engine (--ratios is for dram_pinned)")
+    ap.add_argument("--profile-engine", default="dram_pinned")
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--cold-reps", type=int, default=3)
+    ap.add_argument("--max-model-len", type=int, default=10240)
+    ap.add_argument("--max-batched-tokens", type=int, default=32768)
+    ap.add_argument("--gpu-mem", type=float, default=0.85)
+    ap.add_argument("--block-tokens", type=int, default=16)
+    ap.add_argument("--check-layer", type=int, default=1)
+    ap.add_argument("--load-group", type=int, default=0, help="layers per chunk-load group (0: ucm default)")
+    ap.add_argument("--dram-gib", type=int, default=24)
+    ap.add_argument("--file-dir", default="/var/tmp/ucm_ttft_kv")
+    ap.add_argument("--file-cold", action="store_true")
+    ap.add_argument("--io-threads", type=int, default=8)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model-dir", default="/tmp/llama3-8b-shape")
+    ap.add_argument("--out-dir", default="ttft_out")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model of the same vocabulary (CPU smoke test)")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--plot-only", default=None, help="a saved ttft_gpu.json: redraw table and plot")
+    ap.add_argument("--engine", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.plot_only:
+        saved = json.loads(Path(args.plot_only).read_text())
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        merged = {"ttft": saved["ttft"], "throughput": saved["throughput"]}
+        print(render(merged, saved["meta"]))
+        m = saved["meta"]
+        plot(merged, out_dir / "ttft_gpu.png",
+             f"Blend TTFT, Llama-3-8B shape (dummy bf16), {m.get('gpu', '')}, vLLM {m.get('vllm', '')}")
+        return
+    if args.engine:
+        engine_main(args)
+    else:
+        driver(args)
+
+
+if __name__ == "__main__":
+    main()

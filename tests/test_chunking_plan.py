@@ -1,0 +1,120 @@
+"""Prompt splitting (both delimiter modes) and the scheduler-side reuse plan."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ucm.hashing import HashContext, block_keys
+from ucm.sparse.blend.chunking import Delimiter, Span, split_by_end_token, split_by_separator, split_prompt
+from ucm.sparse.blend.plan import build_plan
+
+END = 2
+SEED = HashContext("m", "f32").seed()
+
+
+def test_end_token_mode_spans():
+    tokens = [9, 9, END, 5, 5, 5, END, 6, END, 7, 7]
+    s = split_by_end_token(tokens, END)
+    assert s.prefix == Span(0, 3)
+    assert s.chunks == (Span(3, 7), Span(7, 9))
+    assert s.suffix == Span(9, 11)
+
+
+def test_no_delimiter_is_all_prefix():
+    s = split_by_end_token([1, 3, 4], END)
+    assert not s.has_chunks and s.prefix == Span(0, 3) and len(s.suffix) == 0
+
+
+def test_separator_mode_spans():
+    sep = [8, 8]
+    tokens = [1, 1, 8, 8, 3, 3, 3, 8, 8, 4, 8, 8, 5, 5]
+    s = split_by_separator(tokens, sep)
+    assert s.prefix == Span(0, 2)
+    assert s.chunks == (Span(4, 7), Span(9, 10))
+    assert s.suffix == Span(12, 14)
+    assert s.separators == (Span(2, 4), Span(7, 9), Span(10, 12))
+
+
+def test_delimiter_needs_exactly_one_mode():
+    with pytest.raises(ValueError):
+        Delimiter()
+    with pytest.raises(ValueError):
+        Delimiter(chunk_end_token_id=2, separator_token_ids=(3,))
+    with pytest.raises(ValueError):
+        Delimiter(separator_token_ids=())
+
+
+token_lists = st.lists(st.integers(min_value=0, max_value=6), max_size=80)
+
+
+@settings(max_examples=200, deadline=None)
+@given(token_lists)
+def test_end_token_split_covers_prompt_in_order(tokens):
+    s = split_prompt(tokens, Delimiter(chunk_end_token_id=END))
+    spans = [s.prefix, *s.chunks, s.suffix]
+    assert spans[0].start == 0 and spans[-1].end == len(tokens)
+    assert all(a.end == b.start for a, b in zip(spans, spans[1:]))
+    if END in tokens:
+        assert all(tokens[span.end - 1] == END for span in [s.prefix, *s.chunks])
+    else:
+        assert not s.chunks and s.prefix == Span(0, len(tokens))
+    assert END not in tokens[s.suffix.start:s.suffix.end]
+
+
+@settings(max_examples=200, deadline=None)
+@given(token_lists, st.lists(st.integers(min_value=0, max_value=6), min_size=1, max_size=3))
+def test_separator_split_rebuilds_prompt(tokens, sep):
+    s = split_prompt(tokens, Delimiter(separator_token_ids=tuple(sep)))
+    pieces = sorted([s.prefix, *s.chunks, s.suffix, *s.separators], key=lambda x: (x.start, x.end))
+    rebuilt = [t for p in pieces for t in tokens[p.start:p.end]]
+    assert rebuilt == list(tokens)
+    for span in s.separators:
+        assert list(tokens[span.start:span.end]) == sep
+
+
+def _store(*token_lists_to_cache):
+    keys = set()
+    for tokens in token_lists_to_cache:
+        keys.update(block_keys(SEED, tokens, 4))
+    return lambda ks: [k in keys for k in ks]
+
+
+def test_plan_reordered_chunks_hit_with_rope_deltas():
+    sys_, c1, c2 = [9] * 5 + [END], [3] * 7 + [END], [4] * 11 + [END]
+    prompt = sys_ + c2 + c1 + [7, 7]
+    plan = build_plan(prompt, split_by_end_token(prompt, END), SEED, 4, _store(c1, c2))
+    assert plan.prefix_hit_tokens == 0
+    starts = sorted((h.token_start, h.rope_delta) for h in plan.chunk_hits)
+    # c2 starts at 6 (3 full blocks), c1 at 18 (2 full blocks); delta = new start - stored start
+    assert starts == [(6, 6), (10, 6), (14, 6), (18, 18), (22, 18)]
+    assert plan.chunk_hit_tokens == 20
+
+
+def test_plan_prefix_hit_then_chunk_hits_and_missing_middle_chunk():
+    sys_, c1, c2, c3 = [9] * 7 + [END], [3] * 7 + [END], [4] * 7 + [END], [5] * 7 + [END]
+    prompt = sys_ + c1 + c2 + c3 + [1]
+    plan = build_plan(prompt, split_by_end_token(prompt, END), SEED, 4, _store(sys_ + c1, c3))
+    assert plan.prefix_hit_tokens == 16  # sys + c1 as a cached prefix
+    assert {h.token_start for h in plan.chunk_hits} == {24, 28}  # c3; c2 is missing
+    # Only exact blocks are saved under prefix keys: those before the first reused token.
+    assert all(s.token_start + 4 <= 24 for s in plan.prefix_saves)
+    assert {s.token_start for s in plan.chunk_saves} == {16, 20}  # c2's blocks, saved as a chunk
+    assert all(s.stored_pos_start == s.token_start - 16 for s in plan.chunk_saves)
+
+
+def test_plan_repeated_chunk_hits_twice_and_short_chunk_is_skipped():
+    c1 = [3] * 7 + [END]
+    short = [6, END]
+    prompt = [END] + c1 + short + c1 + [1]
+    plan = build_plan(prompt, split_by_end_token(prompt, END), SEED, 4, _store(c1, short))
+    assert sorted(h.token_start for h in plan.chunk_hits) == [1, 5, 11, 15]
+    assert plan.num_chunk_tokens == 18
+
+
+def test_plan_without_split_is_prefix_caching_only():
+    prompt = list(range(30))
+    plan = build_plan(prompt, None, SEED, 4, _store(list(range(12))))
+    assert plan.prefix_hit_tokens == 12 and not plan.chunk_hits
+    assert [s.token_start for s in plan.prefix_saves] == [12, 16, 20, 24]
