@@ -146,7 +146,8 @@ def micro() -> dict:
     shape = (32, 2, 16, 8, 128)
     n = 512
     gib = n * 2 * 32 * 2 * 16 * 8 * 128 / 2**30
-    pageable = [torch.randn(shape).to(torch.bfloat16) for _ in range(n)]
+    base = torch.randn(shape).to(torch.bfloat16)
+    pageable = [base.clone() for _ in range(n)]
     pinned = [t.pin_memory() for t in pageable]
     dst = torch.empty((n,) + shape, dtype=torch.bfloat16, device=dev)
     big_pinned = torch.empty((n,) + shape, dtype=torch.bfloat16, pin_memory=True)
@@ -301,7 +302,8 @@ def run_engine(spec: dict, workdir: Path, enable_sparse: bool) -> dict:
     (workdir / "stderr.txt").write_text(proc.stderr[-20000:])
     backend = [ln for ln in proc.stderr.splitlines() if "backend" in ln.lower() and "attention" in ln.lower()]
     result = json.loads(out_path.read_text())
-    result["_log"] = backend[:3]
+    result["_log"] = backend[:3] + [ln[-300:] for ln in proc.stderr.splitlines()
+                                    if "ucm" in ln and ("WARN" in ln or "ERROR" in ln)][:8]
     result["_seconds"] = round(time.time() - t0, 1)
     return result
 

@@ -216,7 +216,7 @@ class Bench:
         for n in a.chunks:  # warm-up (also saves the system-prompt blocks once)
             for r in (0.15, 0.0):
                 self.one(self.prompts.rag(n), ratio=r)
-        ratios = {"dram": a.dram_ratios, "dram_pinned": a.ratios}.get(self.kind, a.file_ratios)
+        ratios = {"dram+": a.ratios, "dram": a.dram_ratios}.get(self.kind, a.file_ratios)
         if self.kind == "file" and a.file_cold:
             os.sync()
         for n in a.chunks:
@@ -232,7 +232,7 @@ class Bench:
         if a.concurrency and self.kind.startswith("dram"):
             for n in a.chunks:
                 self.throughput("blend_0.15", n, 0.15, salted=False)
-        cold_engine = "dram_pinned" if "dram_pinned" in a.engines else "dram"
+        cold_engine = "dram+" if "dram+" in a.engines else "dram"
         if self.kind == cold_engine and a.cold_reps:
             for n in a.chunks:  # cold prompt through ucm: full prefill plus saving its KV
                 times = [self.one(self.prompts.rag(n), salt=f"cold-{n}-{i}-{random.random()}")[0]
@@ -246,7 +246,7 @@ class Bench:
 
         n = max(self.args.chunks)
         acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
-        out_dir = Path(self.args.out_dir)
+        out_dir = Path(self.args.work_dir)
         for label, ratio, salt in (("blend_0.15", 0.15, None), ("ucm_cold", None, f"prof{random.random()}")):
             ids = self.prompts.rag(n)
             self.one(self.prompts.rag(n), ratio=ratio, salt=salt)
@@ -255,20 +255,21 @@ class Bench:
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)
             cpu_table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70)
             text = f"{label} {n} chunks: wall {dt * 1e3:.1f} ms (under the profiler)\n{table}\n\n{cpu_table}\n"
-            (out_dir / f"profile_{self.kind}_{label}.txt").write_text(text)
+            (out_dir / f"profile_{safe(self.kind)}_{label}.txt").write_text(text)
             print(text[:7000], flush=True)
             if self.args.trace:
-                prof.export_chrome_trace(str(out_dir / f"trace_{self.kind}_{label}.json"))
+                prof.export_chrome_trace(str(out_dir / f"trace_{safe(self.kind)}_{label}.json"))
             del prof
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
 
 
 def engine_main(args: argparse.Namespace) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if args.engine != "plain":
         os.environ["ENABLE_SPARSE"] = "1"
-    if args.engine == "dram_pinned":
-        _pin_dram_store()
+    if args.engine.endswith("+"):
+        apply_proposed()
     if args.load_group:
         from ucm.integration.vllm import worker_side
 
@@ -279,24 +280,33 @@ def engine_main(args: argparse.Namespace) -> None:
         bench.run_plain()
     else:
         bench.run_ucm()
-    if args.profile and args.engine == args.profile_engine:
+    if args.profile and args.engine in args.profile_engines:
         bench.profile()
     Path(args.result).write_text(json.dumps(bench.results, indent=1))
 
 
-def _pin_dram_store() -> None:
-    """Keep the host-memory tier's blocks in pinned memory (proposed default of
-    UcmDramStore on CUDA hosts): H2D copies from it are DMA, asynchronous and ~2x
-    faster than from pageable memory."""
-    import torch
+def apply_proposed() -> None:
+    """The changes this benchmark proposes for ucm, applied in this process only.
 
+    1. UcmDramStore keeps its blocks in pinned host memory (on a CUDA host): copies
+       from it to the GPU are DMA, asynchronous, and about twice as fast as from
+       pageable memory.
+    2. Blend's exact-mask attention expands the KV heads (GQA) itself before SDPA:
+       with an ``attn_mask``, ``enable_gqa=True`` makes torch fall back to the math
+       kernel (fp32 scores of [heads, queries, keys] in memory); expanded heads run
+       the memory-efficient kernel.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from ucm.integration.vllm import blend_agent
     from ucm.store.dram_store import UcmDramStore
 
     original = UcmDramStore._put
 
     def _put(self, key, tensor, layout):
         written = original(self, key, tensor, layout)
-        if written:
+        if written and torch.cuda.is_available():
             with self._lock:
                 entry = self._blocks.get(key)
                 if entry is not None and not entry[0].is_pinned():
@@ -304,7 +314,22 @@ def _pin_dram_store() -> None:
         return written
 
     UcmDramStore._put = _put
-    print("ucm bench: UcmDramStore keeps pinned blocks", torch.cuda.is_available(), flush=True)
+    reference = blend_agent.causal_attention_by_position
+
+    def causal_attention_by_position(q, q_pos, k, v, k_pos, scale):
+        hq, hkv = q.shape[1], k.shape[1]
+        if not q.is_cuda or hq == hkv:
+            return reference(q, q_pos, k, v, k_pos, scale)
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+        mask = k_pos[None, :] <= q_pos.to(k_pos.device)[:, None]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                             v.transpose(0, 1)[None], attn_mask=mask, scale=scale)
+        return out[0].transpose(0, 1)
+
+    blend_agent.causal_attention_by_position = causal_attention_by_position
+    print("ucm bench: proposed changes applied (pinned DRAM tier, expanded-GQA SDPA)",
+          torch.cuda.is_available(), flush=True)
 
 
 # ---------------------------------------------------------------------------------- driver
@@ -318,8 +343,13 @@ def write_model(path: Path, tiny: bool = False) -> str:
     return str(path)
 
 
+def safe(kind: str) -> str:
+    """A file-name-safe engine name ("dram+" -> "dramP")."""
+    return kind.replace("+", "P")
+
+
 def run_engine_process(args: argparse.Namespace, kind: str, out_dir: Path, extra: list[str]) -> dict:
-    result = out_dir / f"result_{kind}.json"
+    result = out_dir / f"result_{safe(kind)}.json"
     cmd = [sys.executable, os.path.abspath(__file__), "--engine", kind, "--result", str(result)] + extra
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -327,7 +357,7 @@ def run_engine_process(args: argparse.Namespace, kind: str, out_dir: Path, extra
     env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     env["PYTHONUNBUFFERED"] = "1"
     t0 = time.time()
-    log = open(out_dir / f"log_{kind}.txt", "w")
+    log = open(out_dir / f"log_{safe(kind)}.txt", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -338,22 +368,25 @@ def run_engine_process(args: argparse.Namespace, kind: str, out_dir: Path, extra
     log.close()
     print(f"engine {kind}: exit {proc.returncode} after {time.time() - t0:.0f}s", flush=True)
     if proc.returncode != 0 or not result.exists():
-        tail = (out_dir / f"log_{kind}.txt").read_text()[-4000:]
+        tail = (out_dir / f"log_{safe(kind)}.txt").read_text()[-4000:]
         print(tail, flush=True)
         return {"kind": kind, "error": f"exit {proc.returncode}", "modes": {}, "throughput": {}}
     return json.loads(result.read_text())
 
 
+# Engine kind -> prefix of its modes in the merged table. "+": with the proposed changes
+# (see apply_proposed); without "+": the code as committed.
+PREFIX = {"plain": "", "dram+": "", "dram": "committed_", "file+": "file_", "file": "file_committed_"}
 MODE_ORDER = ["full_prefill", "prefix_hit", "blend_0", "blend_0.05", "blend_0.15", "blend_0.3", "blend_1",
-              "pageable_blend_0", "pageable_blend_0.15", "file_blend_0", "file_blend_0.15", "file_blend_0.3",
-              "ucm_cold", "pageable_ucm_cold"]
+              "committed_blend_0", "committed_blend_0.15", "file_blend_0", "file_blend_0.15",
+              "file_committed_blend_0", "file_committed_blend_0.15", "ucm_cold", "committed_ucm_cold"]
 
 
 def merge(results: list[dict]) -> dict:
     table: dict[str, dict[str, dict]] = {}
     tput: dict[str, dict[str, dict]] = {}
     for res in results:
-        prefix = {"file": "file_", "dram": "pageable_"}.get(res.get("kind"), "")
+        prefix = PREFIX.get(res.get("kind"), "")
         for n, modes in res.get("modes", {}).items():
             for mode, entry in modes.items():
                 table.setdefault(n, {})[prefix + mode] = entry
@@ -431,12 +464,14 @@ def plot(merged: dict, path: Path, title: str) -> None:
 def driver(args: argparse.Namespace) -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(args.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
     model_dir = write_model(Path(args.model_dir), tiny=args.tiny)
     if "file" in args.engines:
         import shutil
 
         shutil.rmtree(args.file_dir, ignore_errors=True)
-    common = ["--model-dir", model_dir, "--out-dir", str(out_dir), "--chunks", *map(str, args.chunks),
+    common = ["--model-dir", model_dir, "--out-dir", str(out_dir), "--work-dir", str(work_dir), "--chunks", *map(str, args.chunks),
               "--reps", str(args.reps), "--ratios", *map(str, args.ratios), "--file-ratios",
               *map(str, args.file_ratios), "--concurrency", str(args.concurrency), "--max-model-len",
               str(args.max_model_len), "--max-batched-tokens", str(args.max_batched_tokens), "--gpu-mem",
@@ -445,7 +480,7 @@ def driver(args: argparse.Namespace) -> None:
               "--cold-reps", str(args.cold_reps), "--seed", str(args.seed), "--io-threads", str(args.io_threads),
               "--load-group", str(args.load_group), "--dtype", args.dtype]
     common += ["--engines", *args.engines, "--dram-ratios", *map(str, args.dram_ratios),
-               "--profile-engine", args.profile_engine]
+               "--profile-engines", *args.profile_engines]
     if args.profile:
         common.append("--profile")
     if args.trace:
@@ -454,8 +489,14 @@ def driver(args: argparse.Namespace) -> None:
         common.append("--file-cold")
     if args.pool is not None:
         common += ["--pool", str(args.pool)]
-    results = [run_engine_process(args, kind, out_dir, common) for kind in args.engines]
-    finish(results, args, out_dir)
+    results = []
+    for kind in args.engines:
+        results.append(run_engine_process(args, kind, work_dir, common))
+        finish(results, args, out_dir)  # after every engine: a cut-off run still leaves its numbers
+    import tarfile
+
+    with tarfile.open(out_dir / "extras.tgz", "w:gz") as tar:  # logs and profiles, one file
+        tar.add(work_dir, arcname="ttft_work")
 
 
 def finish(results: list[dict], args: argparse.Namespace, out_dir: Path) -> None:
@@ -493,18 +534,18 @@ def finish(results: list[dict], args: argparse.Namespace, out_dir: Path) -> None
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--engines", nargs="+", default=["plain", "dram_pinned", "dram", "file"],
-                    choices=["plain", "dram_pinned", "dram", "file"],
-                    help="dram_pinned: host-memory tier holding pinned blocks (proposed UcmDramStore default); "
-                         "dram: the tier as committed (pageable)")
+    ap.add_argument("--engines", nargs="+", default=["plain", "dram+", "dram", "file+"],
+                    choices=sorted(PREFIX),
+                    help="plain: vLLM alone; dram/file: ucm with a host-memory / file store as committed; "
+                         "dram+/file+: the same with the proposed changes (apply_proposed)")
     ap.add_argument("--chunks", nargs="+", type=int, default=[6, 8, 16], help="chunks of 512 tokens per prompt")
     ap.add_argument("--pool", type=int, default=None, help="chunks in the pool (default: max --chunks)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.0, 0.05, 0.15, 0.3, 1.0])
     ap.add_argument("--file-ratios", nargs="+", type=float, default=[0.0, 0.15])
     ap.add_argument("--dram-ratios", nargs="+", type=float, default=[0.0, 0.15],
-                    help="ratios for the pageable dram engine (--ratios is for dram_pinned)")
-    ap.add_argument("--profile-engine", default="dram_pinned")
+                    help="ratios for the 'dram' engine (--ratios is for 'dram+')")
+    ap.add_argument("--profile-engines", nargs="*", default=["dram+", "dram"])
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--cold-reps", type=int, default=3)
     ap.add_argument("--max-model-len", type=int, default=10240)
@@ -520,7 +561,8 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model-dir", default="/tmp/llama3-8b-shape")
-    ap.add_argument("--out-dir", default="ttft_out")
+    ap.add_argument("--out-dir", default="ttft_out", help="results: ttft_gpu.json/.md/.png, extras.tgz")
+    ap.add_argument("--work-dir", default="/tmp/ttft_work", help="per-engine results, logs, profiles")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tiny", action="store_true", help="a tiny model of the same vocabulary (CPU smoke test)")
     ap.add_argument("--profile", action="store_true")

@@ -274,6 +274,7 @@ class PlotSeries:
     ratios: list[float] = field(default_factory=list)
     ttft_ms: list[float] = field(default_factory=list)
     f1: list[float] = field(default_factory=list)
+    rouge_l: list[Optional[float]] = field(default_factory=list)
     full_ttft_ms: Optional[float] = None
     full_f1: Optional[float] = None
 
@@ -281,12 +282,13 @@ class PlotSeries:
 def plot_series(modes: Mapping[str, Mapping[str, Any]]) -> PlotSeries:
     """Blend modes sorted by ratio, and the full-prefill level for reference lines."""
     series = PlotSeries()
-    blend = sorted((mode_ratio(n), s) for n, s in modes.items() if n.startswith(BLEND_PREFIX)
-                   and mode_ratio(n) is not None)
+    blend = sorted(((mode_ratio(n), s) for n, s in modes.items() if n.startswith(BLEND_PREFIX)
+                    and mode_ratio(n) is not None), key=lambda item: item[0])
     for ratio, summary in blend:
         series.ratios.append(float(ratio))
         series.ttft_ms.append(float(summary["ttft_ms"]))
         series.f1.append(float(summary["f1"]))
+        series.rouge_l.append(summary.get("rougeL_vs_full"))
     full = modes.get(FULL_PREFILL)
     if full is not None:
         series.full_ttft_ms, series.full_f1 = float(full["ttft_ms"]), float(full["f1"])
@@ -294,7 +296,8 @@ def plot_series(modes: Mapping[str, Mapping[str, Any]]) -> PlotSeries:
 
 
 def plot_modes(modes: Mapping[str, Mapping[str, Any]], path: "os.PathLike[str] | str", title: str = "") -> bool:
-    """TTFT and F1 against the Blend ratio (full prefill as dashed lines) into a PNG.
+    """Two panels against the Blend ratio: mean TTFT, and F1 vs gold with ROUGE-L vs
+    the full-prefill answer (full prefill as dashed lines). Written as a PNG.
 
     Returns False, with a warning, when matplotlib is not installed.
     """
@@ -307,18 +310,23 @@ def plot_modes(modes: Mapping[str, Mapping[str, Any]], path: "os.PathLike[str] |
         logger.warning("matplotlib is not installed (pip install matplotlib); no plot written to %s", path)
         return False
     series = plot_series(modes)
-    fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, values, full, label in ((ax_t, series.ttft_ms, series.full_ttft_ms, "mean TTFT (ms)"),
-                                    (ax_f, series.f1, series.full_f1, "F1 vs gold")):
-        if series.ratios:
-            ax.plot(series.ratios, values, marker="o", label="Blend")
-        if full is not None:
-            ax.axhline(full, linestyle="--", color="gray", label="full prefill")
+    fig, (ax_t, ax_q) = plt.subplots(1, 2, figsize=(9, 3.6))
+    if series.ratios:
+        ax_t.plot(series.ratios, series.ttft_ms, marker="o", label="Blend")
+        ax_q.plot(series.ratios, series.f1, marker="o", label="Blend F1 vs gold")
+        if all(v is not None for v in series.rouge_l):
+            ax_q.plot(series.ratios, series.rouge_l, marker="s", linestyle=":", label="Blend ROUGE-L vs full")
+    if series.full_ttft_ms is not None:
+        ax_t.axhline(series.full_ttft_ms, linestyle="--", color="gray", label="full prefill")
+        ax_q.axhline(series.full_f1, linestyle="--", color="gray", label="full prefill F1")
+    ax_t.set_ylabel("mean TTFT (ms)")
+    ax_t.set_ylim(bottom=0)
+    ax_q.set_ylabel("score")
+    ax_q.set_ylim(0, 1.05)
+    for ax in (ax_t, ax_q):
         ax.set_xlabel("recompute ratio")
-        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
-    ax_t.set_ylim(bottom=0)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -240,7 +240,7 @@ class WorkerSide:
                 cos, sin = _delta_cos_sin(dev["delta"], self.rope, dev["position"] - dev["delta"], device)
             full_rows = bool(len(loads) * self.block_tokens == dev["source"].numel())
             position_of = {info.name: p for p, info in enumerate(self.layers)}
-            for group in (self._layer_groups(layers) if cuda else [layers]):
+            for group in (self._layer_groups(layers) if stream is not None else [layers]):
                 p0 = position_of[group[0].name]
                 p1 = position_of[group[-1].name] + 1
                 assert p1 - p0 == len(group), "chunk layers must be consecutive"

@@ -1,0 +1,62 @@
+"""Loud refusals: unsupported vLLM versions, wrong connector configs, house rules."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_only_the_integration_imports_vllm():
+    offenders = []
+    for path in (ROOT / "ucm").rglob("*.py"):
+        if "integration" in path.relative_to(ROOT / "ucm").parts:
+            continue
+        if re.search(r"^\s*(import vllm|from vllm)", path.read_text(), re.MULTILINE):
+            offenders.append(str(path))
+    assert offenders == []
+
+
+def test_library_code_never_prints():
+    offenders = [str(p) for p in (ROOT / "ucm").rglob("*.py")
+                 if re.search(r"^\s*print\(", p.read_text(), re.MULTILINE)]
+    assert offenders == []
+
+
+def test_unsupported_vllm_version_is_refused():
+    from ucm.integration.vllm.patches import check_vllm_version
+
+    assert check_vllm_version("0.32.0").endswith("attention")
+    assert check_vllm_version("0.26.0")
+    with pytest.raises(RuntimeError, match="found vLLM 0.27.1"):
+        check_vllm_version("0.27.1")
+
+
+def test_plugin_does_nothing_without_enable_sparse():
+    code = ("import ucm.integration.vllm.plugin as p, ucm.integration.vllm.patches as q;"
+            "p.register(); print(q.patches_applied())")
+    env = {"PATH": "", "ENABLE_SPARSE": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip().endswith("False")
+
+
+def test_plugin_patches_with_enable_sparse():
+    code = ("import ucm.integration.vllm.plugin as p, ucm.integration.vllm.patches as q;"
+            "p.register(); print(q.patches_applied());"
+            "from vllm.model_executor.layers.attention.attention import Attention;"
+            "print(Attention.forward._ucm_patched)")
+    env = {"PATH": "", "ENABLE_SPARSE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split()[-2:] == ["True", "True"]
+
+
+def test_bad_enable_sparse_value_fails():
+    from ucm.config import UcmConfigError, sparse_enabled
+
+    with pytest.raises(UcmConfigError, match="ENABLE_SPARSE"):
+        sparse_enabled({"ENABLE_SPARSE": "maybe"})
