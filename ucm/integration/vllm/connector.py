@@ -91,6 +91,7 @@ class UCMConnector(KVConnectorBase_V1):
         self.scheduler_side: Optional[SchedulerSide] = None
         self.worker_side: Optional[WorkerSide] = None
         self.agent = None
+        self._reported: dict[str, int] = {}
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler_side = SchedulerSide(self.ucm_config, self.store, self.hash_context, self.block_tokens,
                                                 self.tp_size, self._delimiter() if self.blend_on else None)
@@ -172,6 +173,23 @@ class UCMConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker_side.take_load_errors() if self.worker_side else set()
+
+    def get_kv_connector_stats(self):
+        if self.worker_side is None:
+            return None
+        ws = self.worker_side.stats
+        counters = {"loaded_blocks": ws.loaded_blocks, "failed_blocks": ws.failed_blocks,
+                    "saved_blocks": ws.saved_blocks, "failed_saves": ws.failed_saves}
+        delta = {k: v - self._reported.get(k, 0) for k, v in counters.items()}
+        self._reported = counters
+        delta.update(stats_registry.take_interval())
+        if not any(delta.values()):
+            return None
+        return stats_registry.connector_stats(delta)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: Optional[dict[str, Any]] = None):
+        return stats_registry.connector_stats(data or {})
 
     def shutdown(self) -> None:
         if self.worker_side is not None:

@@ -27,6 +27,7 @@ def record_plan(req_id: str, plan: ReusePlan) -> None:
 
 def record_step(req_id: str, num_reusable: int, num_recomputed: int) -> None:
     """Add one forward's Blend outcome for a request (chunked prefills add several)."""
+    add_interval(reusable_tokens=num_reusable, recomputed_tokens=num_recomputed)
     with _LOCK:
         entry = _STATS.setdefault(req_id, {})
         reusable = entry.get("reusable_tokens", 0) + num_reusable
@@ -53,3 +54,28 @@ def request_stats(req_id: str) -> dict[str, Any]:
 def clear() -> None:
     with _LOCK:
         _STATS.clear()
+
+
+_INTERVAL: dict[str, int] = {}
+
+
+def add_interval(**counts: int) -> None:
+    """Add to the counters vLLM's periodic stats logging will collect next."""
+    with _LOCK:
+        for name, value in counts.items():
+            _INTERVAL[name] = _INTERVAL.get(name, 0) + value
+
+
+def take_interval() -> dict[str, int]:
+    """The counters since the last call (and reset them)."""
+    with _LOCK:
+        out = dict(_INTERVAL)
+        _INTERVAL.clear()
+        return out
+
+
+def connector_stats(data: dict[str, Any]):
+    """A vLLM ``KVConnectorStats`` over ucm's counters (built lazily: imports vllm)."""
+    from ucm.integration.vllm.connector_stats import UcmConnectorStats
+
+    return UcmConnectorStats(data=dict(data))
