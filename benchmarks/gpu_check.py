@@ -100,8 +100,14 @@ def inspect_vllm() -> dict:
 
     out["flash_attn_name"] = FlashAttentionBackend.get_name()
     out["flash_attn_shape(7,16,8,128)"] = FlashAttentionBackend.get_kv_cache_shape(7, 16, 8, 128)
-    out["flash_attn_stride_order"] = FlashAttentionBackend.get_kv_cache_stride_order()
-    out["kv_cache_layout"] = get_kv_cache_layout()
+    try:
+        from vllm.config import VllmConfig, set_current_vllm_config
+
+        with set_current_vllm_config(VllmConfig()):
+            out["flash_attn_stride_order"] = FlashAttentionBackend.get_kv_cache_stride_order()
+            out["kv_cache_layout"] = get_kv_cache_layout()
+    except Exception as exc:  # noqa: BLE001
+        out["flash_attn_stride_order"] = repr(exc)[:200]
     import vllm.envs as envs
 
     out["VLLM_USE_V2_MODEL_RUNNER"] = envs.VLLM_USE_V2_MODEL_RUNNER
@@ -235,6 +241,8 @@ def micro() -> dict:
                 with sdpa_kernel(getattr(SDPBackend, backend)):
                     out[f"attn_ucm_sdpa_only_{backend}_ms"] = round(
                         _time_cuda(lambda: causal_attention_by_position(q, q_pos, kk, vv, k_pos, scale), reps=5), 3)
+                    got = causal_attention_by_position(q, q_pos, kk, vv, k_pos, scale).float()
+                    out[f"attn_ucm_sdpa_only_{backend}_relerr"] = float((got - ref).norm() / ref.norm())
             except Exception as exc:  # noqa: BLE001
                 out[f"attn_ucm_sdpa_only_{backend}_ms"] = repr(exc)[:200]
     except Exception as exc:  # noqa: BLE001

@@ -291,10 +291,11 @@ def apply_proposed() -> None:
     1. UcmDramStore keeps its blocks in pinned host memory (on a CUDA host): copies
        from it to the GPU are DMA, asynchronous, and about twice as fast as from
        pageable memory.
-    2. Blend's exact-mask attention expands the KV heads (GQA) itself before SDPA:
-       with an ``attn_mask``, ``enable_gqa=True`` makes torch fall back to the math
-       kernel (fp32 scores of [heads, queries, keys] in memory); expanded heads run
-       the memory-efficient kernel.
+    2. Blend's exact-mask attention asks SDPA for the cuDNN kernel: with an
+       ``attn_mask``, ``enable_gqa=True`` otherwise makes torch fall back to the math
+       kernel (fp32 scores of [heads, queries, keys] in memory; 11 ms a layer at 8K on
+       an H100 against 0.7 ms for cuDNN). Without cuDNN: expand the KV heads and use the
+       memory-efficient kernel (1.8 ms).
     """
     import torch
     import torch.nn.functional as F
@@ -316,19 +317,34 @@ def apply_proposed() -> None:
     UcmDramStore._put = _put
     reference = blend_agent.causal_attention_by_position
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    state = {"cudnn": True}
+
     def causal_attention_by_position(q, q_pos, k, v, k_pos, scale):
         hq, hkv = q.shape[1], k.shape[1]
         if not q.is_cuda or hq == hkv:
             return reference(q, q_pos, k, v, k_pos, scale)
+        mask = k_pos[None, :] <= q_pos.to(k_pos.device)[:, None]
+        qt = q.transpose(0, 1)[None]
+        if state["cudnn"]:
+            try:  # cuDNN takes GQA and a bool mask together
+                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                    out = F.scaled_dot_product_attention(qt, k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                                         attn_mask=mask, scale=scale, enable_gqa=True)
+                return out[0].transpose(0, 1)
+            except RuntimeError as exc:
+                print("ucm bench: cuDNN attention unavailable, using expanded heads:", exc, flush=True)
+                state["cudnn"] = False
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
-        mask = k_pos[None, :] <= q_pos.to(k_pos.device)[:, None]
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                             v.transpose(0, 1)[None], attn_mask=mask, scale=scale)
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            out = F.scaled_dot_product_attention(qt, k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                                 attn_mask=mask, scale=scale)
         return out[0].transpose(0, 1)
 
     blend_agent.causal_attention_by_position = causal_attention_by_position
-    print("ucm bench: proposed changes applied (pinned DRAM tier, expanded-GQA SDPA)",
+    print("ucm bench: proposed changes applied (pinned DRAM tier, cuDNN SDPA for the exact mask)",
           torch.cuda.is_available(), flush=True)
 
 

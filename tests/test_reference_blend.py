@@ -8,6 +8,8 @@ have near-tied argmaxes).
 import math
 
 import pytest
+
+import ucm.sparse.blend.blend as blend_module
 import torch
 import torch.nn.functional as F
 
@@ -135,7 +137,7 @@ def test_hkvd_beats_random_selection(monkeypatch):
     """The point of HKVD: recomputing the most-deviating tokens beats recomputing random ones."""
     hkvd = _mean_last_logit_error("llama", (0.3,), trials=20)[0.3]
     gen = torch.Generator().manual_seed(0)
-    monkeypatch.setattr(reference, "token_deviation",
+    monkeypatch.setattr(blend_module, "token_deviation",
                         lambda fresh_k, *a, **k: torch.rand(fresh_k.shape[0], generator=gen))
     random = _mean_last_logit_error("llama", (0.3,), trials=20)[0.3]
     assert hkvd < random, (hkvd, random)

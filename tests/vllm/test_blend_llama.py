@@ -58,8 +58,9 @@ def shared_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def blend_full(llama, shared_dir, tmp_path_factory):
-    """Ratio 1.0 with a file store; requests one at a time so later ones see earlier saves."""
-    spec = {"model": llama, "ucm": blend_config(1.0, shared_dir), "actions": [
+    """Ratio 1.0 with a file store and vLLM prefix caching on; requests one at a time so later
+    ones see earlier saves."""
+    spec = {"model": llama, "engine": {"enable_prefix_caching": True}, "ucm": blend_config(1.0, shared_dir), "actions": [
         PRECOMPUTE, _gen("main", list(MAIN.values()), batch=False), _gen("batch8", BATCH8)]}
     return run_engine(spec, tmp_path_factory.mktemp("blend_full"))
 
@@ -151,7 +152,7 @@ def test_enable_sparse_unset_is_plain_vllm(llama, plain, tmp_path_factory):
 
 
 def test_second_engine_reuses_chunks_from_shared_store(llama, plain, blend_full, shared_dir, tmp_path_factory):
-    spec = {"model": llama, "ucm": blend_config(1.0, shared_dir), "actions": [_gen("main", [MAIN["reordered"]])]}
+    spec = {"model": llama, "engine": {"enable_prefix_caching": True}, "ucm": blend_config(1.0, shared_dir), "actions": [_gen("main", [MAIN["reordered"]])]}
     out = run_engine(spec, tmp_path_factory.mktemp("second_engine"))
     assert out["main"][0]["stats"]["chunk_hit_tokens"] > 0
     assert out["main"][0]["stats"]["prefix_hit_tokens"] > 0  # the first engine's exact prefix blocks

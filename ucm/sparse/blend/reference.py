@@ -30,7 +30,7 @@ from torch import nn
 
 from .attention import causal_attention_by_position
 from .rope import RopeSpec, delta_rotate, rotate
-from .selection import GradualFilter, token_deviation
+from .blend import BlendStep, RequestRows
 
 logger = logging.getLogger(__name__)
 
@@ -268,32 +268,31 @@ class TinyDecoder(nn.Module):
         n = len(token_ids)
         positions = torch.arange(n)
         reusable, cached_kv = self._cached_kv(n, segments, cached)
-        always = ~reusable
-        always[-1] = True  # logits come from the last prompt token
-        filt = GradualFilter(reusable, always)
-        first = min(check_layers)
-        rows = positions.clone()  # rows still computed
+        # The same per-forward state machine the vLLM integration drives.
+        step = BlendStep([RequestRows("reference", 0, n, reusable)], n, dict(check_layers), target, norm)
         h = self.embed_tokens(token_ids)
         masks: dict[int, torch.Tensor] = {}
         kv: KV = []
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.qkv(h, positions[rows])
-            if i < first:
-                k_all, v_all = k, v  # rows == every row here
+            q, k, v = layer.qkv(h, positions[step.rows])
+            if step.computes_all_rows(i):
+                k_all, v_all = k, v  # every row is computed here
             else:
                 ck, cv = cached_kv[i]
-                if i in check_layers:
-                    dev = torch.zeros(n)
-                    dev[rows] = token_deviation(k, ck[rows], v, cv[rows], target=target, norm=norm)
-                    masks[i] = filt.step(dev, check_layers[i])
-                    keep = masks[i][rows]
-                    rows, h, q, k, v = rows[keep], h[keep], q[keep], k[keep], v[keep]
-                    logger.debug("layer %d: recompute %d of %d rows", i, len(rows), n)
+                if step.is_check_layer(i):
+                    keep = step.select(i, k, ck[step.rows], v, cv[step.rows])
+                    step.take_shrink()
+                    h, q, k, v = h[keep], q[keep], k[keep], v[keep]
+                    masks[i] = torch.zeros(n, dtype=torch.bool)
+                    masks[i][step.rows] = True
+                    logger.debug("layer %d: recompute %d of %d rows", i, len(step.rows), n)
                 k_all, v_all = ck.clone(), cv.clone()
-                k_all[rows], v_all[rows] = k, v
-            attn = causal_attention_by_position(q, positions[rows], k_all, v_all, positions, self.scale)
+                k_all[step.rows], v_all[step.rows] = k, v
+            attn = causal_attention_by_position(q, positions[step.rows], k_all, v_all, positions, self.scale)
             h = layer.finish(h, attn)
             kv.append((k_all, v_all))
+        rows = step.rows
         num_reusable = int(reusable.sum())
-        fraction = float((filt.selected & reusable).sum()) / num_reusable if num_reusable else 0.0
+        recomputed = step.outcomes["reference"].num_recomputed_reusable if step.active else num_reusable
+        fraction = recomputed / num_reusable if num_reusable else 0.0
         return BlendResult(self.logits(h), rows, kv, masks, fraction)
