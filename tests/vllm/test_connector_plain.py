@@ -48,3 +48,22 @@ def test_bad_config_fails_at_engine_start(tiny_models, tmp_path, connector, modu
     with pytest.raises(AssertionError) as failure:
         run_engine(spec, tmp_path)
     assert needle in str(failure.value)
+
+
+def test_store_prefix_hit_beyond_vllm_local_prefix_hit(tiny_models, tmp_path):
+    """vLLM's own prefix cache holds the first 256 tokens (two 128-token CPU blocks), the
+    store holds more: only the tokens between the two are loaded, at the right place."""
+    x = [t for i in (0, 1, 2, 3, 4) for t in RAG.chunks[i]][:300]
+    second = x[:295] + RAG.questions[2]
+    spec = _plain_spec(str(tiny_models["llama"]), tmp_path / "store")
+    spec["engine"] = {"enable_prefix_caching": True}
+    # A salted request in between reuses the freed pages, so stale KV cannot pass for loaded KV.
+    scratch = [(7 * i) % 500 + 3 for i in range(1500)]
+    spec["actions"] = [{"op": "generate", "name": "gen", "batch": False,
+                        "prompts": [{"ids": x + RAG.questions[1]}, {"ids": scratch, "salt": "scratch"},
+                                    {"ids": second}, {"ids": second, "salt": "reference"}]}]
+    out = run_engine(spec, tmp_path / "engine", enable_sparse=False)
+    hit, reference = out["gen"][2], out["gen"][3]
+    assert hit["stats"]["prefix_hit_tokens"] == 288
+    assert reference["stats"]["prefix_hit_tokens"] == 0
+    assert_same([hit], [reference])

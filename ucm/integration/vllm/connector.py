@@ -207,7 +207,7 @@ class UCMConnector(KVConnectorBase_V1):
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
         assert self.scheduler_side is not None
-        self.scheduler_side.after_alloc(request.request_id, num_external_tokens, request.num_computed_tokens)
+        self.scheduler_side.after_alloc(request.request_id, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         assert self.scheduler_side is not None

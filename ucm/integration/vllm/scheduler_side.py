@@ -103,15 +103,17 @@ class SchedulerSide:
         """Prefix tokens we can load beyond what vLLM already has (never the whole prompt:
         vLLM must compute at least the last token to produce logits)."""
         tracked = self.plan_request(req_id, prompt, cache_salt, ratio)
+        # vLLM's own prefix cache already holds [0, num_computed); the last call before
+        # allocation is the one that counts, so remember it for the load range.
+        tracked.local_computed = num_computed
         hit = min(tracked.plan.prefix_hit_tokens, len(prompt) - 1)
         return max(0, hit - num_computed)
 
-    def after_alloc(self, req_id: str, num_external_tokens: int, num_local_computed: int) -> None:
+    def after_alloc(self, req_id: str, num_external_tokens: int) -> None:
         tracked = self.requests.get(req_id)
         if tracked is None:
             return
         tracked.external_tokens = num_external_tokens
-        tracked.local_computed = num_local_computed
         tracked.prefix_loaded = num_external_tokens == 0
 
     # ---- per step -------------------------------------------------------------------
