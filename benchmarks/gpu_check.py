@@ -360,11 +360,60 @@ def equality(workdir: Path) -> dict:
     return out
 
 
+def equality_tp(workdir: Path, tp: int) -> dict:
+    """Tensor parallel: Blend with ``tp`` ranks against one rank (fp16, tiny Llama).
+
+    The host-memory store is private to each process, so the TP engine uses the file
+    store (every rank saves and loads its own shard under its rank key). Ratio 1.0 must
+    match the plain TP=1 engine; ratio 0.15 must match Blend at 0.15 on one rank
+    (which only holds if every rank selected the same rows: the deviation is
+    all-reduced before the selection).
+    """
+    model = str(build_tiny_llama(workdir / "tiny_llama"))
+    rag = Rag(seed=0)
+    prompts = [rag.prompt([2, 0, 1], 0), rag.prompt([0, 3, 1], 2), rag.prompt([1, 1, 2], 3), rag.prompt([4, 2], 1)]
+    gen = lambda name, ps, **kw: {"op": "generate", "name": name, "prompts": ps, "max_tokens": 8, **kw}  # noqa: E731
+
+    def blend(store: Path) -> dict:
+        return {"ucm_connectors": [{"ucm_connector_name": "UcmNfsStore",
+                                    "ucm_connector_config": {"storage_backends": str(store)}}],
+                "ucm_sparse_config": {"Blend": {"chunk_end_token_id": END, "compute_meta": {
+                    "model.layers.1.self_attn.attn": {"ratio": 1.0}}}}}
+
+    actions = [gen("precompute", [{"ids": rag.chunks[i]} for i in range(5)], max_tokens=1),
+               gen("ratio1", [{"ids": p} for p in prompts], batch=False),
+               gen("ratio015", [{"ids": p, "ratio": 0.15} for p in prompts], batch=False)]
+    engine = {"dtype": "float16", "gpu_memory_utilization": 0.25, "max_model_len": 4096,
+              "enable_prefix_caching": False}
+    plain = run_engine({"model": model, "ucm": None, "engine": engine, "actions": [
+        gen("main", [{"ids": p} for p in prompts])]}, workdir / "tp_plain1", enable_sparse=False)
+    one = run_engine({"model": model, "ucm": blend(workdir / "store_tp1"), "engine": engine, "actions": actions},
+                     workdir / "tp_blend1", enable_sparse=True)
+    many = run_engine({"model": model, "ucm": blend(workdir / f"store_tp{tp}"),
+                       "engine": dict(engine, tensor_parallel_size=tp), "actions": actions},
+                      workdir / f"tp_blend{tp}", enable_sparse=True)
+    out: dict[str, Any] = {"log": many["_log"][:4], "engine_seconds": [plain["_seconds"], one["_seconds"],
+                                                                         many["_seconds"]]}
+    rows = []
+    for name, ref in (("ratio1", plain["main"]), ("ratio015", one["ratio015"])):
+        for a, b in zip(many[name], ref):
+            same, dlp = _diff(a, b)
+            rows.append({"case": name, "same_tokens": same, "max_dlogprob": round(dlp, 5),
+                         "chunk_hit": a["stats"].get("chunk_hit_tokens")})
+    one_vs_plain = [_diff(a, b) for a, b in zip(one["ratio015"], plain["main"])]
+    out["rows"] = rows
+    out["tp1_ratio015_vs_plain_max_dlogprob"] = round(max(d for _, d in one_vs_plain), 4)
+    out["PASS_tp"] = all(r["same_tokens"] and r["max_dlogprob"] < 0.05 for r in rows)
+    out["PASS_reuse"] = all((r["chunk_hit"] or 0) > 0 for r in rows)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="gpu_check.json")
     ap.add_argument("--only", nargs="*", default=["inspect", "micro", "equality"])
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--tp", type=int, default=2, help="ranks for the 'tp' section")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
@@ -376,6 +425,8 @@ def main() -> None:
         section("micro", micro, results)
     if "equality" in args.only:
         section("equality", lambda: equality(workdir), results)
+    if "tp" in args.only:
+        section("tp", lambda: equality_tp(workdir, args.tp), results)
     Path(args.out).write_text(json.dumps(results, indent=1, default=str))
     print("\nSUMMARY", json.dumps({k: {kk: vv for kk, vv in v.items() if kk.startswith(("PASS", "error"))}
                                    for k, v in results.items()}, default=str))

@@ -119,7 +119,8 @@ class Bench:
             else:
                 stores = [{"ucm_connector_name": "UcmNfsStore",
                            "ucm_connector_config": {"storage_backends": a.file_dir, "io_threads": a.io_threads}}]
-            extra = {"ucm_connectors": stores, "block_tokens": a.block_tokens,
+            block_tokens = 64 if self.kind.endswith("b64") else a.block_tokens
+            extra = {"ucm_connectors": stores, "block_tokens": block_tokens,
                      "ucm_sparse_config": {"Blend": {
                          "chunk_end_token_id": END,
                          "compute_meta": {f"model.layers.{a.check_layer}.self_attn.attn": {"ratio": 0.15}}}}}
@@ -213,23 +214,42 @@ class Bench:
         chunk_prompts = [{"prompt_token_ids": c} for c in self.prompts.chunks]
         self.llm.generate(chunk_prompts, [self.params()] * len(chunk_prompts), use_tqdm=False)
         self.results["precompute_s"] = round(time.perf_counter() - t0, 2)
+        # Sanity: ratio 1.0 must match the plain path (a salted request reuses nothing).
+        checks = []
+        for n in sorted(set(a.chunks)):
+            ids = self.prompts.rag(n)
+            sp = lambda r: self.SamplingParams(max_tokens=1, temperature=0.0, logprobs=5, ignore_eos=True,  # noqa: E731
+                                               extra_args={"ucm_blend_ratio": r} if r is not None else None)
+            ref = self.llm.generate([{"prompt_token_ids": ids, "cache_salt": f"check{random.random()}"}], [sp(None)],
+                                    use_tqdm=False)[0].outputs[0]
+            got = self.llm.generate([{"prompt_token_ids": ids}], [sp(1.0)], use_tqdm=False)[0]
+            st = self.stats(got)
+            got = got.outputs[0]
+            a_lp, b_lp = ref.logprobs[0], got.logprobs[0]
+            shared = set(a_lp) & set(b_lp)
+            checks.append({"chunks": n, "same_token": ref.token_ids == got.token_ids,
+                           "max_dlogprob_top5": round(max((abs(a_lp[t].logprob - b_lp[t].logprob) for t in shared),
+                                                          default=float("nan")), 4),
+                           "shared_top5": len(shared), "chunk_hit_tokens": st.get("chunk_hit_tokens")})
+        self.results["ratio1_check"] = checks
+        print(f"[{self.kind}] ratio 1.0 vs plain path: {checks}", flush=True)
         for n in a.chunks:  # warm-up (also saves the system-prompt blocks once)
             for r in (0.15, 0.0):
                 self.one(self.prompts.rag(n), ratio=r)
-        ratios = {"dram+": a.ratios, "dram": a.dram_ratios}.get(self.kind, a.file_ratios)
-        if self.kind == "file" and a.file_cold:
+        ratios = {"dram+": a.ratios, "dram": a.dram_ratios, "dram+b64": a.dram_ratios}.get(self.kind, a.file_ratios)
+        if self.kind.startswith("file") and a.file_cold:
             os.sync()
         for n in a.chunks:
             for r in ratios:
                 times, stats = [], []
                 for _ in _progress(range(a.reps), f"{self.kind} {n} r={r:g}"):
-                    if self.kind == "file" and a.file_cold:
+                    if self.kind.startswith("file") and a.file_cold:
                         self._drop_page_cache()
                     dt, out = self.one(self.prompts.rag(n), ratio=r)
                     times.append(dt)
                     stats.append(self.stats(out))
                 self.record(f"blend_{r:g}", n, times, stats)
-        if a.concurrency and self.kind.startswith("dram"):
+        if a.concurrency and self.kind in ("dram+", "dram"):
             for n in a.chunks:
                 self.throughput("blend_0.15", n, 0.15, salted=False)
         cold_engine = "dram+" if "dram+" in a.engines else "dram"
@@ -268,7 +288,7 @@ def engine_main(args: argparse.Namespace) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if args.engine != "plain":
         os.environ["ENABLE_SPARSE"] = "1"
-    if args.engine.endswith("+"):
+    if "+" in args.engine:
         apply_proposed()
     if args.load_group:
         from ucm.integration.vllm import worker_side
@@ -344,8 +364,74 @@ def apply_proposed() -> None:
         return out[0].transpose(0, 1)
 
     blend_agent.causal_attention_by_position = causal_attention_by_position
+    blend_agent.VllmBlendAgent.attention_forward = _sync_free_attention_forward(
+        blend_agent.VllmBlendAgent.attention_forward)
     print("ucm bench: proposed changes applied (pinned DRAM tier, cuDNN SDPA for the exact mask)",
           torch.cuda.is_available(), flush=True)
+
+
+def _sync_free_attention_forward(original):
+    """VllmBlendAgent.attention_forward without a host sync per layer (proposed).
+
+    The committed method moves index tensors host->device (pageable, so synchronous)
+    in every layer: the host waits for the GPU to drain, then the GPU waits for the
+    host's next launches. This version builds the kept rows' device indices once per
+    selection (pinned, non-blocking) and reuses them for every later layer.
+    Semantics are the committed method's.
+    """
+    import torch
+
+    from ucm.integration.vllm import blend_agent
+
+    def to_dev(t, device):
+        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+    def attention_forward(self, layer, query, key, value):
+        step = self.step
+        if step is None:
+            return original(self, layer, query, key, value)
+        idx = self._index(layer.layer_name)
+        if step.computes_all_rows(idx):
+            return None
+        heads, kv_heads, dim = layer.num_heads, layer.num_kv_heads, layer.head_size
+        q = query.view(-1, heads, dim)
+        k = key.view(-1, kv_heads, dim)
+        v = value.view(-1, kv_heads, dim)
+        view = self.worker.views[layer.layer_name]
+        check = step.is_check_layer(idx)
+        plan = getattr(self, "_ucm_plan", None)
+        if check or plan is None or plan[0] is not step.rows or plan[1] is not step:
+            rows = step.rows
+            slots = self.slots[self.rows_dev]
+            if check:
+                cached_k, cached_v = view.gather(slots)
+                keep = step.select(idx, k, cached_k, v, cached_v)
+                kept = keep.nonzero().flatten()
+            else:
+                kept = torch.arange(rows.shape[0])
+            kept_dev = to_dev(kept, q.device)
+            glob = rows[kept]
+            parts = []
+            for ctx in self.contexts.values():
+                mine = (glob >= ctx.row_start) & (glob < ctx.row_start + ctx.num_rows)
+                if not bool(mine.any()):
+                    continue
+                local = to_dev(kept[mine], q.device)
+                parts.append((local, ctx, self.positions[self.rows_dev[local]],
+                              torch.arange(ctx.seq_len, device=q.device)))
+            plan = (rows, step, kept_dev, slots[kept_dev], parts)
+            self._ucm_plan = None if check else plan
+        _, _, kept_dev, slots_kept, parts = plan
+        view.scatter(slots_kept, k[kept_dev], v[kept_dev])
+        out = q.new_zeros(q.shape)
+        scale = layer.impl.scale
+        for local, ctx, q_pos, k_pos in parts:
+            k_ctx, v_ctx = view.context(ctx.block_ids, ctx.seq_len)
+            out[local] = blend_agent.causal_attention_by_position(
+                q[local], q_pos, k_ctx.to(q.dtype), v_ctx.to(q.dtype), k_pos, scale)
+        return out.view(-1, heads * dim)
+
+    return attention_forward
 
 
 # ---------------------------------------------------------------------------------- driver
@@ -392,10 +478,12 @@ def run_engine_process(args: argparse.Namespace, kind: str, out_dir: Path, extra
 
 # Engine kind -> prefix of its modes in the merged table. "+": with the proposed changes
 # (see apply_proposed); without "+": the code as committed.
-PREFIX = {"plain": "", "dram+": "", "dram": "committed_", "file+": "file_", "file": "file_committed_"}
+PREFIX = {"plain": "", "dram+": "", "dram+b64": "b64_", "dram": "repo_", "file+": "file_",
+          "file": "file_repo_"}
 MODE_ORDER = ["full_prefill", "prefix_hit", "blend_0", "blend_0.05", "blend_0.15", "blend_0.3", "blend_1",
-              "committed_blend_0", "committed_blend_0.15", "file_blend_0", "file_blend_0.15",
-              "file_committed_blend_0", "file_committed_blend_0.15", "ucm_cold", "committed_ucm_cold"]
+              "b64_blend_0", "b64_blend_0.15",
+              "repo_blend_0", "repo_blend_0.15", "file_blend_0", "file_blend_0.15",
+              "file_repo_blend_0", "file_repo_blend_0.15", "ucm_cold", "repo_ucm_cold"]
 
 
 def merge(results: list[dict]) -> dict:
@@ -461,7 +549,7 @@ def plot(merged: dict, path: Path, title: str) -> None:
     for i, m in enumerate(modes):
         xs = [j + i * width for j in range(len(sizes))]
         ys = [table[n].get(m, {}).get("median_ms", 0) for n in sizes]
-        bars = ax.bar(xs, ys, width, label=m)
+        bars = ax.bar(xs, ys, width, label=m, color=plt.cm.tab20(i % 20))
         for x, y, n in zip(xs, ys, sizes):
             full = table[n].get("full_prefill", {}).get("median_ms")
             if y and full:

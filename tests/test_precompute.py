@@ -36,7 +36,7 @@ def test_report_throughput():
 
 
 class _FakeLLM:
-    """Records generate() calls; stands in for vllm.LLM (needs vllm importable for SamplingParams)."""
+    """Records generate() calls; stands in for vllm.LLM (precompute still builds real SamplingParams)."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[list[dict], Any]] = []
@@ -47,7 +47,6 @@ class _FakeLLM:
 
 
 def test_batches_salt_and_params():
-    pytest.importorskip("vllm")
     llm = _FakeLLM()
     report = precompute_chunks(llm, [[1, 2], [3, 4], [1, 2], [5], [6, 7]], cache_salt="tenant", batch_size=2)
     assert (report.num_chunks, report.num_submitted, report.num_duplicates, report.num_batches) == (5, 4, 1, 2)
@@ -105,7 +104,6 @@ def _engine_main(model: str, out_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def engine_result(tmp_path_factory) -> dict:
-    pytest.importorskip("vllm")
     from tests.tiny_models import build_tiny_model
 
     root = tmp_path_factory.mktemp("precompute")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 
 import pytest
@@ -127,11 +126,25 @@ def test_plot_series_sorts_blend_modes_by_ratio():
     assert series.full_ttft_ms == 200.0 and series.full_f1 == 1.0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")
 def test_plot_writes_png(tmp_path):
-    path = tmp_path / "plot.png"
+    path = tmp_path / "plot.png"  # matplotlib comes with the "bench" extra
     assert plot_modes(summarize(_modes(), GOLDS), path, title="test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_returns_false(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert plot_modes(summarize(_modes(), GOLDS), tmp_path / "plot.png") is False
+    assert not (tmp_path / "plot.png").exists()
 
 
 def test_report_module_does_not_import_vllm():
