@@ -94,6 +94,7 @@ class VllmBlendAgent(UcmSparseBase):
             # correct (loaded KV is simply overwritten by the full prefill).
             logger.warning("ucm Blend: batch has %d rows but %d scheduled tokens; running a full prefill",
                            batch.positions.shape[0], row)
+            self.worker.wait_loads()  # side-stream loads must land before the backend writes
             return
         step = self.method.begin_step(requests, row, self.all_reduce)
         if not step.active:

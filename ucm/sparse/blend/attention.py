@@ -54,12 +54,17 @@ def causal_attention_by_position(
     if q_pos.shape != (nq,) or k_pos.shape != (nk,):
         raise ValueError(f"q_pos must be [{nq}] and k_pos [{nk}]; got {tuple(q_pos.shape)}, {tuple(k_pos.shape)}")
     mask = position_mask(q_pos.to(k_pos.device), k_pos)
+    if hq != hkv:
+        # Expand the KV heads instead of enable_gqa: with a boolean mask, torch's GQA path
+        # falls back to the "math" kernel on CUDA, which materializes fp32 scores
+        # (8 GiB for 1.3K x 8K x 32 heads) and ran out of memory at 8K tokens.
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None],  # [1, Hq, nq, D]
         k.transpose(0, 1)[None],
         v.transpose(0, 1)[None],
         attn_mask=mask,
         scale=scale,
-        enable_gqa=hq != hkv,
     )
     return out[0].transpose(0, 1)
