@@ -27,6 +27,7 @@ GGUF's 4-bit weights, not float32, are what limit quality.) The folder is ~540 M
 from __future__ import annotations
 
 import fcntl
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -100,14 +101,14 @@ def find_smollm2_gguf() -> Path:
     )
 
 
-def _source_fingerprint(gguf_path: Path) -> dict:
+def _source_fingerprint(gguf_path: Path, dtype: str = "float32") -> dict:
     """What the converted folder was made from; a change means convert again."""
     stat = gguf_path.stat()
     return {
         "conversion_version": CONVERSION_VERSION,
         "gguf_name": gguf_path.name,
         "gguf_size": stat.st_size,
-        "dtype": "float32",
+        "dtype": dtype,
     }
 
 
@@ -126,23 +127,34 @@ def _require_conversion_deps() -> None:
     missing = [m for m in ("transformers", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
         raise ModelUnavailableError(
-            f"Converting the SmolLM2 GGUF needs {', '.join(missing)} "
+            f"Converting a GGUF file needs {', '.join(missing)} "
             f"(not installed). Install with: {_CONVERT_HINT}"
         )
 
 
-def convert_gguf_with_transformers(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantize ``gguf_path`` into a float32 safetensors folder at ``out_dir``.
+# dtypes a converted folder may be saved in (names as in config.json's torch_dtype).
+CONVERSION_DTYPES = ("float32", "bfloat16", "float16")
 
-    Also writes the tokenizer (with its chat template) and a generation config,
-    because vLLM reads all of them from the model folder.
+
+def convert_gguf_with_transformers(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> None:
+    """Dequantize ``gguf_path`` into a safetensors folder at ``out_dir``.
+
+    Any architecture transformers reads from GGUF works (SmolLM2/Llama here,
+    Qwen2 in ``benchmarks/qwen_model.py``). ``dtype`` is the saved weight dtype:
+    float32 (default, exact for 4-bit GGUF blocks) or bfloat16/float16 (one
+    rounding of the float32 dequantized values; half the size). Also writes the
+    tokenizer (with its chat template) and a generation config, because vLLM
+    reads all of them from the model folder.
     """
+    if dtype not in CONVERSION_DTYPES:
+        raise ValueError(f"dtype must be one of {CONVERSION_DTYPES}, got {dtype!r}")
     _require_conversion_deps()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch_dtype = getattr(torch, dtype)
     src_dir, name = str(gguf_path.parent), gguf_path.name
-    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch_dtype)
     # The GGUF quantizer stays attached after dequantizing; without removing it the
     # saved config would claim a GGUF-quantized checkpoint.
     if getattr(model, "hf_quantizer", None) is not None:
@@ -154,7 +166,7 @@ def convert_gguf_with_transformers(gguf_path: Path, out_dir: Path) -> None:
         model.is_quantized = False
     except AttributeError:  # a read-only property in some transformers versions
         pass
-    model = model.to(torch.float32)
+    model = model.to(torch_dtype)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
     tokenizer.save_pretrained(str(out_dir))
@@ -206,15 +218,23 @@ def ensure_converted(
     gguf_path: Path,
     target: Path,
     converter: Optional[Converter] = None,
+    dtype: str = "float32",
 ) -> Path:
     """Return ``target``, converting ``gguf_path`` into it first if needed.
 
-    ``converter(gguf_path, out_dir)`` does the work (tests pass a fake one); it
-    writes into a temp dir next to ``target``, the marker is written last, then
-    the temp dir is renamed onto ``target``.
+    ``converter(gguf_path, out_dir)`` does the work (tests pass a fake one;
+    default :func:`convert_gguf_with_transformers` saving ``dtype``); it writes
+    into a temp dir next to ``target``, the marker is written last, then the temp
+    dir is renamed onto ``target``. ``dtype`` is part of the marker, so a folder
+    converted to another dtype is redone.
     """
-    convert = converter or convert_gguf_with_transformers
-    fingerprint = _source_fingerprint(gguf_path)
+    if converter is not None:
+        convert = converter
+    elif dtype == "float32":
+        convert = convert_gguf_with_transformers
+    else:
+        convert = functools.partial(convert_gguf_with_transformers, dtype=dtype)
+    fingerprint = _source_fingerprint(gguf_path, dtype)
     if _is_converted(target, fingerprint):
         return target
     with _file_lock(target.parent / f".{target.name}.lock"):

@@ -126,11 +126,14 @@ class UcmDramStore(KVStoreBase):
                 self._stats.incr("blocks_skipped")
                 return 0
         # Clone outside the lock: it is the expensive part and touches no shared state.
-        copy = tensor.detach().clone(memory_format=torch.contiguous_format)
         if _PIN:
             # Pinned host memory makes the later host-to-GPU load asynchronous and ~7x faster
-            # (55 vs 7.4 GB/s measured on an H100); clone() of a pinned tensor is not pinned.
-            copy = copy.pin_memory()
+            # (55 vs 7.4 GB/s measured on an H100). One copy straight into pinned memory
+            # (clone() then pin_memory() would copy twice).
+            copy = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            copy.copy_(tensor.detach())
+        else:
+            copy = tensor.detach().clone(memory_format=torch.contiguous_format)
         with self._lock:
             if key in self._blocks:  # another thread won the race meanwhile
                 self._stats.incr("blocks_skipped")

@@ -28,9 +28,9 @@ import torch
 
 from ucm.integration.vllm import stats
 from ucm.integration.vllm.metadata import UcmConnectorMetadata
-from ucm.integration.vllm.worker_side import WorkerSide, layer_index, token_slots
+from ucm.integration.vllm.worker_side import WorkerSide, layer_index, to_device, token_slots
 from ucm.sparse.base import UcmSparseBase, UcmSparseRole
-from ucm.sparse.blend.attention import causal_attention_by_position
+from ucm.sparse.blend import attention
 from ucm.sparse.blend.blend import Blend, BlendStep, RequestRows
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,30 @@ class _ReqContext:
     seq_len: int
 
 
+@dataclass
+class _Part:
+    """One request's share of the rows computed in a layer."""
+
+    local: torch.Tensor  # device: indices into the current rows
+    ctx: _ReqContext
+    q_pos: torch.Tensor  # device: true positions of those rows
+    k_pos: torch.Tensor  # device: positions of the request's context keys
+
+
+@dataclass
+class _RowPlan:
+    """Device indices of the rows a layer computes, built once per selection.
+
+    Building them needs host-side bookkeeping and host->device copies; doing that in
+    every layer would make the host wait for the GPU once per layer. After a check
+    layer the same plan serves every later layer until the next check layer.
+    """
+
+    kept: torch.Tensor  # device: indices into the current rows that are computed
+    slots: torch.Tensor  # device: their paged-cache slots
+    parts: list[_Part]
+
+
 class VllmBlendAgent(UcmSparseBase):
     """Drives :class:`Blend` through one vLLM worker's forward passes."""
 
@@ -66,6 +90,8 @@ class VllmBlendAgent(UcmSparseBase):
         self.step: Optional[BlendStep] = None
         self._began = False  # the model-runner patch announced the current forward
         self._layer_index: dict[str, int] = {}
+        self._plan: Optional[_RowPlan] = None  # rows the current layer frame computes
+        self._next_plan: Optional[_RowPlan] = None  # the same after the pending shrink
 
     # ---- forward boundaries -------------------------------------------------------------
     def execute_begin(self, batch: BatchInfo) -> None:
@@ -84,10 +110,11 @@ class VllmBlendAgent(UcmSparseBase):
                                    "connector metadata")
             reusable = self.worker.reusable.get(req_id, torch.zeros(req.num_scheduled, dtype=torch.bool))
             requests.append(RequestRows(req_id, row, req.num_scheduled, reusable, ratio=req.ratio))
-            block_ids = torch.tensor(req.block_ids, dtype=torch.long, device=device)
-            tokens = torch.arange(req.num_computed, req.num_computed + req.num_scheduled, device=device)
+            block_ids = torch.tensor(req.block_ids, dtype=torch.long)
+            tokens = torch.arange(req.num_computed, req.num_computed + req.num_scheduled)
             slots.append(token_slots(block_ids, tokens, self.worker.vllm_block_size))
-            contexts[req_id] = _ReqContext(row, req.num_scheduled, block_ids, req.num_computed + req.num_scheduled)
+            contexts[req_id] = _ReqContext(row, req.num_scheduled, to_device(block_ids, device),
+                                           req.num_computed + req.num_scheduled)
             row += req.num_scheduled
         if row != batch.positions.shape[0]:
             # Padded batch: row bookkeeping would not line up. Running plain is always
@@ -103,8 +130,9 @@ class VllmBlendAgent(UcmSparseBase):
         self.step = step
         self.contexts = contexts
         self.positions = batch.positions
-        self.slots = torch.cat(slots)
+        self.slots = to_device(torch.cat(slots), device)
         self.rows_dev = torch.arange(row, device=device)
+        self._plan = self._next_plan = None
 
     def execute_finished(self, logits_indices: torch.Tensor) -> torch.Tensor:
         step = self.method.end_step()
@@ -123,10 +151,11 @@ class VllmBlendAgent(UcmSparseBase):
             return positions, hidden_states, residual
         local = step.take_shrink()
         if local is not None:
-            local = local.to(hidden_states.device)
+            local = to_device(local, hidden_states.device)
             hidden_states = hidden_states[local]
             residual = residual[local] if residual is not None else None
-            self.rows_dev = step.rows.to(hidden_states.device)
+            self.rows_dev = to_device(step.rows, hidden_states.device)
+            self._plan, self._next_plan = self._next_plan, None
         if hidden_states.shape[0] != step.num_rows:
             positions = self.positions[self.rows_dev]
         return positions, hidden_states, residual
@@ -167,28 +196,46 @@ class VllmBlendAgent(UcmSparseBase):
         k = key.view(-1, kv_heads, dim)
         v = value.view(-1, kv_heads, dim)
         view = self.worker.views[layer.layer_name]
-        slots = self.slots[self.rows_dev]
-        rows = step.rows
+        plan = self._plan
         if step.is_check_layer(idx):
-            cached_k, cached_v = view.gather(slots)
+            cached_k, cached_v = view.gather(self.slots[self.rows_dev])
             keep = step.select(idx, k, cached_k, v, cached_v)
-        else:
-            keep = torch.ones(rows.shape[0], dtype=torch.bool)
-        kept = keep.nonzero().flatten()
-        kept_dev = kept.to(q.device)
-        view.scatter(slots[kept_dev], k[kept_dev], v[kept_dev])
+            kept = keep.nonzero().flatten()
+            plan = self._row_plan(kept, step.rows[kept], q.device)
+            # The next layers compute exactly these rows, in this order.
+            self._next_plan = self._row_plan(torch.arange(kept.shape[0]), step.rows[kept], q.device, plan)
+        elif plan is None:
+            plan = self._plan = self._row_plan(torch.arange(step.rows.shape[0]), step.rows, q.device)
+        view.scatter(plan.slots, k[plan.kept], v[plan.kept])
         out = q.new_zeros(q.shape)
         scale = layer.impl.scale
+        for part in plan.parts:
+            k_ctx, v_ctx = view.context(part.ctx.block_ids, part.ctx.seq_len)
+            out[part.local] = attention.causal_attention_by_position(
+                q[part.local], part.q_pos, k_ctx.to(q.dtype), v_ctx.to(q.dtype), part.k_pos, scale)
+        return out.view(-1, heads * dim)
+
+    def _row_plan(self, local: torch.Tensor, rows: torch.Tensor, device: torch.device,
+                  like: Optional[_RowPlan] = None) -> _RowPlan:
+        """Plan computing the current rows ``local`` (host indices), which are the
+        batch rows ``rows``. ``like``: a plan over the same batch rows whose per-request
+        position tensors can be shared."""
+        rows_dev = to_device(rows, device)
+        shared = {id(p.ctx): p for p in like.parts} if like is not None else {}
+        parts = []
         for ctx in self.contexts.values():
-            mine = (rows[kept] >= ctx.row_start) & (rows[kept] < ctx.row_start + ctx.num_rows)
+            mine = (rows >= ctx.row_start) & (rows < ctx.row_start + ctx.num_rows)
             if not bool(mine.any()):
                 continue
-            local = kept_dev[mine.to(q.device)]
-            k_ctx, v_ctx = view.context(ctx.block_ids, ctx.seq_len)
-            k_pos = torch.arange(ctx.seq_len, device=q.device)
-            out[local] = causal_attention_by_position(
-                q[local], self.positions[self.rows_dev[local]], k_ctx.to(q.dtype), v_ctx.to(q.dtype), k_pos, scale)
-        return out.view(-1, heads * dim)
+            idx = mine.nonzero().flatten()
+            prev = shared.get(id(ctx))
+            if prev is not None:
+                q_pos, k_pos = prev.q_pos, prev.k_pos
+            else:
+                q_pos = self.positions[rows_dev[to_device(idx, device)]]
+                k_pos = torch.arange(ctx.seq_len, device=device)
+            parts.append(_Part(to_device(local[idx], device), ctx, q_pos, k_pos))
+        return _RowPlan(to_device(local, device), self.slots[rows_dev], parts)
 
 
 def _check_layer_supported(name: str, layer: Any) -> None:

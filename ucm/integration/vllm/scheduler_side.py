@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 
 from ucm.config import UcmConfig
 from ucm.hashing import HashContext, rank_key
+from ucm.integration.vllm.inflight import INFLIGHT
 from ucm.integration.vllm.metadata import BlockLoad, BlockSave, RequestStep, UcmConnectorMetadata
 from ucm.sparse.blend.chunking import Delimiter, split_prompt
 from ucm.sparse.blend.plan import ReusePlan, build_plan
@@ -76,7 +77,9 @@ class SchedulerSide:
             return []
         found = [True] * len(keys)
         for rank in range(self.tp_size):
-            hits = self.store.lookup([rank_key(k, rank) for k in keys])
+            shard_keys = [rank_key(k, rank) for k in keys]
+            INFLIGHT.wait(shard_keys)  # a save of these keys in this process lands first
+            hits = self.store.lookup(shard_keys)
             found = [a and b for a, b in zip(found, hits)]
         return found
 

@@ -4,7 +4,9 @@ Loads run at the start of a step (before the forward): prefix blocks fill every
 layer as they are; chunk blocks fill only the layers Blend does not recompute
 (from the first check layer on), with K re-rotated to the chunk's new position.
 Saves run after the forward: a block's tokens are gathered from the paged cache,
-K rotated back to the positions its key stands for, and dumped asynchronously.
+K rotated back to the positions its key stands for, and dumped asynchronously. On
+CUDA the device-to-host copy runs on a side stream and the store insert in a
+background thread, so the saving request's first token never waits for either.
 
 On CUDA nothing here waits for the host: blocks are copied straight from the
 store's tensors (no host-side concatenation; asynchronous when they are pinned)
@@ -21,6 +23,7 @@ not reusable, so Blend recomputes them.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import logging
 import re
 from dataclasses import dataclass, field
@@ -29,6 +32,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ucm.hashing import rank_key
+from ucm.integration.vllm.inflight import INFLIGHT
 from ucm.integration.vllm.kv_layout import PagedKV, ProbedPagedKV, paged_kv_view
 from ucm.integration.vllm.metadata import BlockLoad, RequestStep, UcmConnectorMetadata
 from ucm.sparse.blend.rope import RopeSpec, _apply, _delta_cos_sin, delta_rotate
@@ -77,7 +81,7 @@ def token_slots(block_ids: torch.Tensor, tokens: torch.Tensor, block_size: int) 
     return block_ids[tokens // block_size] * block_size + tokens % block_size
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host -> device without a host sync on CUDA (a pageable source would make the
     copy synchronous and stall the host until the GPU is idle)."""
     if device.type == "cuda":
@@ -111,6 +115,8 @@ class WorkerSide:
         self.pending_saves: list[Task] = []
         self.stats = WorkerStats()
         self._load_stream: Any = None
+        self._save_stream: Any = None
+        self._save_pool: Optional[cf.ThreadPoolExecutor] = None
         self._inflight: Optional[tuple] = None
 
     # ---- setup ---------------------------------------------------------------------
@@ -244,7 +250,7 @@ class WorkerSide:
             stream.wait_stream(torch.cuda.current_stream(device))
         sources = [block for _, _, block in loads]
         with torch.cuda.stream(stream) if stream is not None else _nullcontext():
-            dev = {k: _to_device(v, device) for k, v in idx.items()}
+            dev = {k: to_device(v, device) for k, v in idx.items()}
             cos = sin = None
             if rotate:
                 cos, sin = _delta_cos_sin(dev["delta"], self.rope, dev["position"] - dev["delta"], device)
@@ -329,11 +335,11 @@ class WorkerSide:
             if table is None:
                 table = tables[req.req_id] = torch.tensor(req.block_ids, dtype=torch.long)
             slots.append(token_slots(table, within + s.token_start, self.vllm_block_size))
-        slot = _to_device(torch.cat(slots), device)
+        slot = to_device(torch.cat(slots), device)
         delta = torch.tensor([-s.rope_delta for _, s in saves], dtype=torch.long).repeat_interleave(b)
         rotate = bool((delta != 0).any())
         if rotate:
-            delta, tokens = _to_device(delta, device), _to_device(tokens, device)
+            delta, tokens = to_device(delta, device), to_device(tokens, device)
         per_layer = []
         for info in self.layers:
             k, v = self.views[info.name].gather(slot)
@@ -345,16 +351,42 @@ class WorkerSide:
         stacked = torch.stack(per_layer)
         layers, _, _, heads, dim = stacked.shape
         per_block = stacked.view(layers, 2, len(saves), b, heads, dim).permute(2, 0, 1, 3, 4, 5).contiguous()
-        if per_block.is_cuda:
-            host = torch.empty(per_block.shape, dtype=per_block.dtype, pin_memory=True)
-            host.copy_(per_block, non_blocking=True)
-            torch.cuda.current_stream(device).synchronize()
-        else:
-            host = per_block.cpu()
-        blocks = list(host.unbind(0))
         keys = [rank_key(s.key, self.tp_rank) for _, s in saves]
-        self.pending_saves.append(self.store.dump(keys, blocks, BLOCK_LAYOUT))
-        self.stats.saved_blocks += len(blocks)
+        self.stats.saved_blocks += len(saves)
+        if per_block.is_cuda:
+            self.pending_saves.append(self._dump_when_copied(keys, per_block))
+            return
+        self.pending_saves.append(self.store.dump(keys, list(per_block.unbind(0)), BLOCK_LAYOUT))
+
+    def _dump_when_copied(self, keys: list[bytes], per_block: torch.Tensor) -> Task:
+        """Copy blocks to pinned host memory on a side stream and dump them from a
+        background thread once the copy has landed.
+
+        Nothing here waits for the GPU: the request that produced the KV gets its first
+        token without paying for the device-to-host copy or the store's insert. A block
+        becomes visible to lookups a little later (a request in between recomputes it,
+        which is always correct); :meth:`reap_saves` with ``wait=True`` flushes.
+        """
+        device = per_block.device
+        if self._save_stream is None:
+            self._save_stream = torch.cuda.Stream(device=device)
+            self._save_pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ucm-save")
+        stream = self._save_stream
+        stream.wait_stream(torch.cuda.current_stream(device))
+        host = torch.empty(per_block.shape, dtype=per_block.dtype, pin_memory=True)
+        with torch.cuda.stream(stream):
+            host.copy_(per_block, non_blocking=True)
+            per_block.record_stream(stream)  # keep the device buffer until the copy ran
+            copied = torch.cuda.Event()
+            copied.record(stream)
+
+        def dump() -> Any:
+            copied.synchronize()
+            return self.store.wait(self.store.dump(keys, list(host.unbind(0)), BLOCK_LAYOUT))
+
+        future = self._save_pool.submit(dump)
+        INFLIGHT.add(keys, future)
+        return Task([future], lambda results: results[0], f"dump of {len(keys)} blocks")
 
     def reap_saves(self, wait: bool = False) -> None:
         """Collect finished dumps; a failed dump is a future miss, logged, never fatal."""

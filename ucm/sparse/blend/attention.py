@@ -10,13 +10,63 @@ the middle of the prompt see keys after it, which changes its output.
 Layout-free on purpose: callers gather a request's K/V (from a paged cache or
 wherever) into ``[tokens, kv_heads, head_dim]`` tensors first.
 
+Two entry points:
+
+* :class:`ExactMaskAttention` -- ``plan = ExactMaskAttention.prepare(q_pos, k_pos, Hq,
+  Hkv, device)`` once per selection, then ``plan(q, k, v, scale)`` for every layer. The
+  mask work (FlexAttention block mask, dense masks) is done once and reused, since the
+  selection stays the same for all layers after the check layer.
+* :func:`causal_attention_by_position` -- the one-shot functional form.
+
+Backends (``UCM_BLEND_ATTENTION`` = ``auto`` | ``flex`` | ``cudnn`` | ``sdpa``, or the
+``backend`` argument):
+
+* ``flex``: ``torch.nn.attention.flex_attention``, compiled, with a block-sparse mask
+  built from per-block position ranges (blocks entirely before the query block skip
+  the mask, blocks entirely after it are skipped).
+* ``cudnn``: SDPA restricted to cuDNN attention with a dense additive mask and GQA.
+* ``sdpa``: the reference: SDPA with a boolean mask and repeated KV heads. It defines
+  what is correct; the others are checked against it on their first use in a process.
+
+``auto`` is flex, then cudnn, then sdpa on CUDA and sdpa elsewhere. A backend that
+raises or disagrees with the reference is logged once and the next one is used; the
+result is never silently wrong.
+
 Pure torch; never imports vLLM.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import warnings
+from typing import Any, Callable, Optional, Union
+
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "UCM_BLEND_ATTENTION"
+BACKENDS = ("flex", "cudnn", "sdpa")
+"""Fallback order: each backend falls back to the ones after it."""
+
+FLEX_BLOCK = 128
+"""FlexAttention's sparse block size; query rows are padded to a multiple of it so the
+compiled kernel sees few distinct shapes."""
+
+_POS_SENTINEL = torch.iinfo(torch.int32).max
+"""Position given to key padding: visible to no query (positions must stay below it)."""
+
+_BROKEN: dict[str, str] = {}
+"""Backend -> why it was given up in this process (so later plans skip it at once)."""
+_VERIFIED: set[str] = set()
+"""Backends whose first output in this process matched the reference."""
+_COMPILED_FLEX: dict[bool, Callable[..., torch.Tensor]] = {}
+
+
+class BackendMismatch(RuntimeError):
+    """A fast backend's output disagreed with the reference on its first use."""
 
 
 def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
@@ -24,40 +74,334 @@ def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
     return k_pos[None, :] <= q_pos[:, None]
 
 
-def causal_attention_by_position(
-    q: torch.Tensor,
-    q_pos: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_pos: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """Softmax attention of ``q [nq, Hq, D]`` over ``k, v [nk, Hkv, D]``; returns ``[nq, Hq, D]``.
+# ------------------------------------------------------------------------------ checks
+def _check_heads(num_q_heads: int, num_kv_heads: int) -> None:
+    if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
+        raise ValueError(f"query heads {num_q_heads} must be a multiple of kv heads {num_kv_heads}")
 
-    GQA: ``Hq`` must be a multiple of ``Hkv``; query head h reads KV head
-    ``h // (Hq // Hkv)`` (the grouping of HF ``repeat_kv`` and vLLM). Rows and keys
-    may come in any order; only the positions decide visibility.
 
-    Every query must see at least one key (normally its own, so ``k_pos`` should
-    contain each ``q_pos``); a query with no visible key would produce NaN.
-
-    The computation stays in the input dtype; torch's SDPA kernels accumulate the
-    softmax in float32 for bf16/fp16, which is what the serving backends do too.
-    """
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nq: int, nk: int,
+                  num_q_heads: int, num_kv_heads: int) -> None:
+    """Shape checks shared by the plan and the functional form (errors name the culprit)."""
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
         raise ValueError(f"expected q [nq, Hq, D], k and v [nk, Hkv, D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    nq, hq, d = q.shape
-    nk, hkv, _ = k.shape
-    if hq % hkv or k.shape[-1] != d:
-        raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv} with equal head_dim")
-    if q_pos.shape != (nq,) or k_pos.shape != (nk,):
-        raise ValueError(f"q_pos must be [{nq}] and k_pos [{nk}]; got {tuple(q_pos.shape)}, {tuple(k_pos.shape)}")
-    mask = position_mask(q_pos.to(k_pos.device), k_pos)
+    if q.shape[1] % k.shape[1] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"query heads {q.shape[1]} must be a multiple of kv heads {k.shape[1]} "
+                         "with equal head_dim")
+    if q.shape[:2] != (nq, num_q_heads) or k.shape[:2] != (nk, num_kv_heads):
+        raise ValueError(f"plan is for q_pos [{nq}] x {num_q_heads} heads and k_pos [{nk}] x "
+                         f"{num_kv_heads} heads; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+
+
+# ---------------------------------------------------------------------- backend choice
+def requested_backend(backend: Optional[str] = None) -> str:
+    """The backend asked for: the argument, else ``$UCM_BLEND_ATTENTION``, else auto."""
+    name = (backend or os.environ.get(ENV_VAR) or "auto").strip().lower()
+    if name != "auto" and name not in BACKENDS:
+        _warn_once(f"bad:{name}", "%s=%r is not one of auto|%s; using auto", ENV_VAR, name,
+                   "|".join(BACKENDS))
+        name = "auto"
+    return name
+
+
+def backend_chain(backend: Optional[str], device: torch.device) -> list[str]:
+    """Backends to try in order. ``auto`` means the fast ones only on CUDA; an explicit
+    choice is honoured on any device where it can run (flex runs eagerly on CPU, which
+    is how the tests compare it with the reference), then falls back down the list."""
+    name = requested_backend(backend)
+    cuda = device.type == "cuda"
+    if name == "auto":
+        name = "flex" if cuda else "sdpa"
+    chain = list(BACKENDS[BACKENDS.index(name):])
+    if not cuda and "cudnn" in chain:
+        if name == "cudnn":
+            _warn_once("cudnn-cpu", "cuDNN attention needs CUDA (device %s); using sdpa", device)
+        chain.remove("cudnn")
+    usable = [b for b in chain if b not in _BROKEN or b == "sdpa"]
+    return usable
+
+
+def _warn_once(key: str, msg: str, *args: Any) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        logger.warning(msg, *args)
+
+
+_WARNED: set[str] = set()
+
+
+# ------------------------------------------------------------------------- flex pieces
+def _flex_module() -> Any:
+    """Import FlexAttention lazily: module import must work on torch without it."""
+    from torch.nn.attention import flex_attention as fa  # torch >= 2.5
+
+    return fa
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _pad_positions(q_pos: torch.Tensor, k_pos: torch.Tensor, block: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 position tables padded to whole blocks, read by the mask function.
+
+    Padded query rows copy the largest real position of the last query block, so the
+    block's position range -- and with it the block sparsity -- does not change; their
+    outputs are dropped. Padded keys get a sentinel no query can see, so the mask
+    function never reads out of bounds and never admits a padding key.
+    """
+    nq, nk = q_pos.numel(), k_pos.numel()
+    q_pad = torch.zeros(_round_up(max(nq, 1), block), dtype=torch.int32, device=q_pos.device)
+    q_pad[:nq] = q_pos
+    if q_pad.numel() > nq > 0:
+        q_pad[nq:] = q_pos[(nq - 1) // block * block:].max()
+    k_pad = torch.full((_round_up(max(nk, 1), block),), _POS_SENTINEL, dtype=torch.int32,
+                       device=k_pos.device)
+    k_pad[:nk] = k_pos
+    return q_pad, k_pad
+
+
+def block_classes(q_pad: torch.Tensor, k_pad: torch.Tensor, block: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(full, partial)`` bool ``[q_blocks, kv_blocks]`` from per-block position ranges.
+
+    A block pair is *full* when its latest key is at or before its earliest query (every
+    pair visible, the kernel skips the mask), *empty* when its earliest key is after
+    its latest query (skipped), *partial* otherwise (the mask function decides per
+    element). Valid for any order of positions; tight when both are sorted, which is
+    the usual case (``k_pos = arange``, selected rows in prompt order).
+    """
+    qb, kb = q_pad.view(-1, block), k_pad.view(-1, block)
+    q_min, q_max = qb.amin(1), qb.amax(1)
+    k_min, k_max = kb.amin(1), kb.amax(1)
+    full = k_max[None, :] <= q_min[:, None]
+    partial = (k_min[None, :] <= q_max[:, None]) & ~full
+    return full, partial
+
+
+def _to_ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BlockMask's ``(num_blocks [1,1,Q], indices [1,1,Q,K])``: listed blocks first."""
+    num = blocks.sum(1, dtype=torch.int32)
+    idx = torch.argsort(blocks.to(torch.int8), dim=1, descending=True, stable=True)
+    return num[None, None].contiguous(), idx.to(torch.int32)[None, None].contiguous()
+
+
+def _make_mask_mod(q_pad: torch.Tensor, k_pad: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """``mask_mod(b, h, q_idx, kv_idx)``: the exact rule on the padded position tables.
+
+    A fresh closure per plan; torch.compile treats the captured tensors as inputs, so a
+    new plan of the same shapes does not recompile.
+    """
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
+                 kv_idx: torch.Tensor) -> torch.Tensor:
+        return k_pad[kv_idx] <= q_pad[q_idx]
+
+    return mask_mod
+
+
+def build_block_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, block: int = FLEX_BLOCK) -> Any:
+    """FlexAttention ``BlockMask`` for ``[round_up(nq), nk]`` built without a dense mask.
+
+    ``create_block_mask`` would evaluate the mask over all nq x nk pairs; the position
+    ranges per block give the same classification (exactly, for sorted positions) in
+    O(blocks) work.
+    """
+    fa = _flex_module()
+    q_pad, k_pad = _pad_positions(q_pos, k_pos, block)
+    full, partial = block_classes(q_pad, k_pad, block)
+    kv_num, kv_idx = _to_ordered(partial)
+    full_num, full_idx = _to_ordered(full)
+    return fa.BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block,
+        mask_mod=_make_mask_mod(q_pad, k_pad), seq_lengths=(q_pad.numel(), k_pos.numel()))
+
+
+def _flex_fn(compiled: bool) -> Callable[..., torch.Tensor]:
+    """flex_attention, compiled once per process (dynamic shapes: every request has its
+    own nq and context length, and a per-shape compile would cost seconds each)."""
+    fa = _flex_module()
+    if not compiled:
+        return fa.flex_attention
+    fn = _COMPILED_FLEX.get(True)
+    if fn is None:
+        fn = _COMPILED_FLEX[True] = torch.compile(fa.flex_attention, fullgraph=True, dynamic=True)
+    return fn
+
+
+# ------------------------------------------------------------------------------- plan
+class ExactMaskAttention:
+    """Exact-by-position attention for one selection, reusable across layers.
+
+    Prepare once per (q_pos, k_pos) with :meth:`prepare`, then call it per layer with
+    that layer's ``q [nq, Hq, D]``, ``k, v [nk, Hkv, D]`` and softmax scale; returns
+    ``[nq, Hq, D]`` in q's dtype. GQA: query head h reads KV head ``h // (Hq // Hkv)``.
+    Rows and keys may come in any order; only the positions decide visibility. Every
+    query must see at least one key (normally its own), else its row is NaN.
+    """
+
+    def __init__(self, q_pos: torch.Tensor, k_pos: torch.Tensor, num_q_heads: int,
+                 num_kv_heads: int, device: torch.device, chain: list[str],
+                 compile_flex: Optional[bool]) -> None:
+        self.q_pos = q_pos
+        self.k_pos = k_pos
+        self.num_q_heads = num_q_heads
+        self.num_kv_heads = num_kv_heads
+        self.device = device
+        self.compile_flex = (device.type == "cuda") if compile_flex is None else compile_flex
+        self._chain = chain
+        self._state: Any = None
+        self._masks: dict[torch.dtype, torch.Tensor] = {}
+        self._setup()
+
+    @classmethod
+    def prepare(cls, q_pos: torch.Tensor, k_pos: torch.Tensor, num_q_heads: int,
+                num_kv_heads: int, device: Union[torch.device, str, None] = None,
+                backend: Optional[str] = None, compile_flex: Optional[bool] = None
+                ) -> "ExactMaskAttention":
+        """Plan for queries at ``q_pos [nq]`` over keys at ``k_pos [nk]`` (int positions).
+
+        ``device``: where q/k/v will live (default: q_pos's device). ``backend``: auto |
+        flex | cudnn | sdpa, default ``$UCM_BLEND_ATTENTION`` or auto. ``compile_flex``: compile
+        flex_attention (default: on CUDA only; eager flex on CPU is for tests).
+        """
+        _check_heads(num_q_heads, num_kv_heads)
+        if q_pos.dim() != 1 or k_pos.dim() != 1:
+            raise ValueError(f"q_pos and k_pos must be 1-D; got {tuple(q_pos.shape)}, {tuple(k_pos.shape)}")
+        dev = torch.device(device) if device is not None else q_pos.device
+        q_pos = q_pos.to(dev, torch.long)
+        k_pos = k_pos.to(dev, torch.long)
+        return cls(q_pos, k_pos, num_q_heads, num_kv_heads, dev, backend_chain(backend, dev), compile_flex)
+
+    @property
+    def backend(self) -> str:
+        """The backend this plan uses now (it may move down the chain on failure)."""
+        return self._chain[0]
+
+    # -- setup per backend (once per selection) -----------------------------------
+    def _setup(self) -> None:
+        while True:
+            try:
+                self._state = getattr(self, f"_setup_{self.backend}")()
+                return
+            except Exception as exc:  # noqa: BLE001 - any failure means "use the next one"
+                self._give_up(exc)
+
+    def _setup_flex(self) -> Any:
+        top = max(int(self.q_pos.max()) if self.q_pos.numel() else 0,
+                  int(self.k_pos.max()) if self.k_pos.numel() else 0)
+        if top >= _POS_SENTINEL:
+            raise ValueError(f"positions must be below {_POS_SENTINEL} for flex")
+        return build_block_mask(self.q_pos, self.k_pos)
+
+    def _setup_cudnn(self) -> Any:
+        return position_mask(self.q_pos, self.k_pos)
+
+    def _setup_sdpa(self) -> Any:
+        return position_mask(self.q_pos, self.k_pos)
+
+    def _give_up(self, exc: BaseException) -> None:
+        """Log once, remember the backend as broken, move to the next one."""
+        name = self.backend
+        if name == "sdpa":
+            raise exc
+        _BROKEN[name] = f"{type(exc).__name__}: {exc}"
+        fallback = self._chain[1]
+        _warn_once(f"broken:{name}", "ucm Blend attention: backend %r failed (%s); falling back to %r",
+                   name, _BROKEN[name][:500], fallback)
+        self._chain = self._chain[1:]
+        self._masks.clear()
+
+    # -- per layer ---------------------------------------------------------------
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        _check_inputs(q, k, v, self.q_pos.numel(), self.k_pos.numel(), self.num_q_heads,
+                      self.num_kv_heads)
+        if q.shape[0] == 0:
+            return q.new_empty(q.shape)
+        while True:
+            name = self.backend
+            try:
+                out = getattr(self, f"_run_{name}")(q, k, v, scale)
+                if name != "sdpa" and name not in _VERIFIED:
+                    self._verify(out, q, k, v, scale)
+                    _VERIFIED.add(name)
+                return out
+            except Exception as exc:  # noqa: BLE001
+                if name == "sdpa":
+                    raise
+                self._give_up(exc)
+                self._setup()
+
+    def _run_flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        block_mask = self._state
+        nq, nq_pad = q.shape[0], block_mask.seq_lengths[0]
+        if nq_pad != nq:
+            padded = q.new_zeros((nq_pad,) + tuple(q.shape[1:]))
+            padded[:nq] = q
+            q = padded
+        fn = _flex_fn(self.compile_flex)
+        with warnings.catch_warnings():
+            # eager flex (CPU tests) warns that it is unfused; that is the point there
+            warnings.simplefilter("ignore", UserWarning)
+            out = fn(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                     block_mask=block_mask, scale=scale,
+                     enable_gqa=self.num_q_heads != self.num_kv_heads)
+        return out[0, :, :nq].transpose(0, 1)
+
+    def _additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """0 / -inf mask in the compute dtype, made once per dtype: SDPA would otherwise
+        convert the boolean mask on every call."""
+        mask = self._masks.get(dtype)
+        if mask is None:
+            allowed = self._state
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            mask.masked_fill_(~allowed, float("-inf"))
+            mask = self._masks[dtype] = mask[None, None]
+        return mask
+
+    def _run_cudnn(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                attn_mask=self._additive_mask(q.dtype), scale=scale,
+                enable_gqa=self.num_q_heads != self.num_kv_heads)
+        return out[0].transpose(0, 1)
+
+    def _run_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        return _sdpa_reference(q, k, v, self._state, scale)
+
+    def _verify(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                scale: float) -> None:
+        """First use of a fast backend in this process: compare up to 64 rows with the
+        reference, so a broken kernel or mask shows up as a fallback, not as bad text."""
+        nq = q.shape[0]
+        rows = torch.linspace(0, nq - 1, min(nq, 64), device=q.device).round().long().unique()
+        mask = position_mask(self.q_pos[rows], self.k_pos)
+        ref = _sdpa_reference(q[rows].float(), k.float(), v.float(), mask, scale)
+        got = out[rows].float()
+        err = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+        tol = 1e-4 if q.dtype == torch.float32 else 2e-2
+        if not err <= tol:  # also catches NaN
+            raise BackendMismatch(f"{self.backend} differs from the reference: relative error "
+                                  f"{err:.3g} > {tol:g} on {rows.numel()} rows")
+        logger.info("ucm Blend attention: backend %s verified against the reference "
+                    "(relative error %.2g)", self.backend, err)
+
+
+def _sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """The definition of correct: SDPA with the boolean mask, KV heads repeated.
+
+    Expands the KV heads instead of enable_gqa: with a boolean mask, torch's GQA path
+    falls back to the "math" kernel on CUDA, which materializes fp32 scores (8 GiB for
+    1.3K x 8K x 32 heads) and ran out of memory at 8K tokens.
+    """
+    hq, hkv = q.shape[1], k.shape[1]
     if hq != hkv:
-        # Expand the KV heads instead of enable_gqa: with a boolean mask, torch's GQA path
-        # falls back to the "math" kernel on CUDA, which materializes fp32 scores
-        # (8 GiB for 1.3K x 8K x 32 heads) and ran out of memory at 8K tokens.
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
     out = F.scaled_dot_product_attention(
@@ -68,3 +412,40 @@ def causal_attention_by_position(
         scale=scale,
     )
     return out[0].transpose(0, 1)
+
+
+def causal_attention_by_position(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pos: torch.Tensor,
+    scale: float,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Softmax attention of ``q [nq, Hq, D]`` over ``k, v [nk, Hkv, D]``; returns ``[nq, Hq, D]``.
+
+    GQA: ``Hq`` must be a multiple of ``Hkv``; query head h reads KV head
+    ``h // (Hq // Hkv)`` (the grouping of HF ``repeat_kv`` and vLLM). Rows and keys
+    may come in any order; only the positions decide visibility.
+
+    Every query must see at least one key (normally its own, so ``k_pos`` should
+    contain each ``q_pos``); a query with no visible key would produce NaN.
+
+    The computation stays in the input dtype; the kernels accumulate the softmax in
+    float32 for bf16/fp16, which is what the serving backends do too.
+
+    One-shot form of :class:`ExactMaskAttention` (``backend`` as there): a caller with
+    many layers over one selection should prepare the plan once instead.
+    """
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"expected q [nq, Hq, D], k and v [nk, Hkv, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    nq, hq, d = q.shape
+    nk, hkv, _ = k.shape
+    if hq % hkv or k.shape[-1] != d:
+        raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv} with equal head_dim")
+    if q_pos.shape != (nq,) or k_pos.shape != (nk,):
+        raise ValueError(f"q_pos must be [{nq}] and k_pos [{nk}]; got {tuple(q_pos.shape)}, {tuple(k_pos.shape)}")
+    plan = ExactMaskAttention.prepare(q_pos, k_pos, hq, hkv, q.device, backend=backend)
+    return plan(q, k, v, scale)

@@ -13,7 +13,9 @@ Scaling types whose frequencies depend on the sequence length ("dynamic" NTK,
 "longrope" with its short/long switch) are refused: a cached key rotated under one
 length cannot be re-rotated exactly for another.
 
-Pure torch; never imports vLLM.
+Pure torch; never imports vLLM. On CUDA the rotation of cached keys dispatches to a
+Triton kernel (``rope_triton``, imported lazily so this module works without Triton):
+see :func:`apply_rotation` and the ``UCM_ROPE_KERNEL`` variable.
 """
 
 from __future__ import annotations
@@ -21,12 +23,16 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+KERNEL_ENV = "UCM_ROPE_KERNEL"
+_KERNEL_MODES = ("auto", "torch", "triton")
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # Keys each scaled type needs (besides what it can default); checked at construction so
@@ -253,6 +259,61 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec) -> torch.Te
     return _apply(x, angles.cos() * scale, angles.sin() * scale, spec)
 
 
+def _kernel_mode() -> str:
+    """``UCM_ROPE_KERNEL``: auto (Triton on CUDA when importable) | torch | triton. Read
+    per call (one dict lookup) so tests and benchmarks can switch it."""
+    mode = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
+    if mode not in _KERNEL_MODES:
+        raise ValueError(f"{KERNEL_ENV} must be one of {', '.join(_KERNEL_MODES)}, got {mode!r}")
+    return mode
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_module() -> Any:
+    """The kernel module, or None when Triton is missing/broken (logged once)."""
+    try:
+        from . import rope_triton
+    except Exception as exc:  # ImportError, or a Triton that fails to initialise
+        logger.info("Triton RoPE kernel unavailable (%s: %s); using the torch path", type(exc).__name__, exc)
+        return None
+    return rope_triton
+
+
+def _kernels_for(x: torch.Tensor) -> tuple[Any, bool]:
+    """(kernel module or None for the torch path, whether the kernel is forced).
+
+    ``auto`` uses the kernel for CUDA keys it supports; ``triton`` insists and raises a
+    clear error where it cannot (no Triton, or a CPU tensor without TRITON_INTERPRET=1).
+    """
+    mode = _kernel_mode()
+    if mode == "torch" or (mode == "auto" and not x.is_cuda):
+        return None, False
+    mod = _triton_module()
+    if mode == "auto":
+        return mod, False
+    if mod is None:
+        raise RuntimeError(f"{KERNEL_ENV}=triton but Triton cannot be imported; install triton or use auto/torch")
+    if not x.is_cuda and not mod.interpreting():
+        raise RuntimeError(
+            f"{KERNEL_ENV}=triton needs CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 to "
+            "interpret the kernel on CPU, or use auto/torch")
+    return mod, True
+
+
+def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
+    """:func:`_apply` with kernel dispatch: rotate the first ``rotary_dim`` dims of
+    ``x[..., tokens, heads, head_dim]`` by per-token ``cos``/``sin`` (float32
+    ``[tokens, rotary_dim // 2]``, as :func:`_delta_cos_sin` builds them); new tensor.
+
+    On CUDA (``UCM_ROPE_KERNEL=auto``) one Triton pass; the torch path is ``_apply``
+    itself. Other cos/sin broadcasts ``_apply`` accepts fall back to torch under auto.
+    """
+    mod, forced = _kernels_for(x)
+    if mod is not None and (forced or mod.supports_tables(x, cos, sin, spec)):
+        return mod.apply_rotation_triton(x, cos, sin, spec)
+    return _apply(x, cos, sin, spec)
+
+
 def _delta_cos_sin(
     delta: torch.Tensor, spec: RopeSpec, from_positions: Optional[torch.Tensor], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,6 +354,10 @@ def delta_rotate(
     """
     delta = _as_delta(delta, x)
     _check(x, delta, spec)
+    mod, forced = _kernels_for(x)
+    if mod is not None and (forced or mod.supports(x, spec)):
+        # Angles formed in-kernel, in the same precision steps as _delta_cos_sin.
+        return mod.delta_rotate_triton(x, delta, spec, from_positions)
     cos, sin = _delta_cos_sin(delta, spec, from_positions, x.device)
     return _apply(x, cos, sin, spec)
 
@@ -306,6 +371,9 @@ def delta_rotate_(
     """
     delta = _as_delta(delta, x)
     _check(x, delta, spec)
+    mod, forced = _kernels_for(x)
+    if mod is not None and (forced or mod.supports(x, spec)):
+        return mod.delta_rotate_triton(x, delta, spec, from_positions, out=x)
     cos, sin = _delta_cos_sin(delta, spec, from_positions, x.device)
     r = spec.rotary_dim
     x[..., :r].copy_(_rotate_pairs(x[..., :r], cos, sin, spec.is_neox_style))
