@@ -119,7 +119,7 @@ class Bench:
             else:
                 stores = [{"ucm_connector_name": "UcmNfsStore",
                            "ucm_connector_config": {"storage_backends": a.file_dir, "io_threads": a.io_threads}}]
-            block_tokens = 64 if self.kind.endswith("b64") else a.block_tokens
+            block_tokens = 64 if self.kind == "dram_b64" else a.block_tokens
             extra = {"ucm_connectors": stores, "block_tokens": block_tokens,
                      "ucm_sparse_config": {"Blend": {
                          "chunk_end_token_id": END,
@@ -236,7 +236,7 @@ class Bench:
         for n in a.chunks:  # warm-up (also saves the system-prompt blocks once)
             for r in (0.15, 0.0):
                 self.one(self.prompts.rag(n), ratio=r)
-        ratios = {"dram+": a.ratios, "dram": a.dram_ratios, "dram+b64": a.dram_ratios}.get(self.kind, a.file_ratios)
+        ratios = {"dram": a.ratios, "dram_b64": a.b64_ratios}.get(self.kind, a.file_ratios)
         if self.kind.startswith("file") and a.file_cold:
             os.sync()
         for n in a.chunks:
@@ -249,11 +249,10 @@ class Bench:
                     times.append(dt)
                     stats.append(self.stats(out))
                 self.record(f"blend_{r:g}", n, times, stats)
-        if a.concurrency and self.kind in ("dram+", "dram"):
+        if a.concurrency and self.kind == "dram":
             for n in a.chunks:
                 self.throughput("blend_0.15", n, 0.15, salted=False)
-        cold_engine = "dram+" if "dram+" in a.engines else "dram"
-        if self.kind == cold_engine and a.cold_reps:
+        if self.kind == "dram" and a.cold_reps:
             for n in a.chunks:  # cold prompt through ucm: full prefill plus saving its KV
                 times = [self.one(self.prompts.rag(n), salt=f"cold-{n}-{i}-{random.random()}")[0]
                          for i in range(a.cold_reps)]
@@ -288,8 +287,6 @@ def engine_main(args: argparse.Namespace) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if args.engine != "plain":
         os.environ["ENABLE_SPARSE"] = "1"
-    if "+" in args.engine:
-        apply_proposed()
     if args.load_group:
         from ucm.integration.vllm import worker_side
 
@@ -305,135 +302,6 @@ def engine_main(args: argparse.Namespace) -> None:
     Path(args.result).write_text(json.dumps(bench.results, indent=1))
 
 
-def apply_proposed() -> None:
-    """The changes this benchmark proposes for ucm, applied in this process only.
-
-    1. UcmDramStore keeps its blocks in pinned host memory (on a CUDA host): copies
-       from it to the GPU are DMA, asynchronous, and about twice as fast as from
-       pageable memory.
-    2. Blend's exact-mask attention asks SDPA for the cuDNN kernel: with an
-       ``attn_mask``, ``enable_gqa=True`` otherwise makes torch fall back to the math
-       kernel (fp32 scores of [heads, queries, keys] in memory; 11 ms a layer at 8K on
-       an H100 against 0.7 ms for cuDNN). Without cuDNN: expand the KV heads and use the
-       memory-efficient kernel (1.8 ms).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    from ucm.integration.vllm import blend_agent
-    from ucm.store.dram_store import UcmDramStore
-
-    original = UcmDramStore._put
-
-    def _put(self, key, tensor, layout):
-        written = original(self, key, tensor, layout)
-        if written and torch.cuda.is_available():
-            with self._lock:
-                entry = self._blocks.get(key)
-                if entry is not None and not entry[0].is_pinned():
-                    self._blocks[key] = (entry[0].pin_memory(),) + tuple(entry[1:])
-        return written
-
-    UcmDramStore._put = _put
-    reference = blend_agent.causal_attention_by_position
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    state = {"cudnn": True}
-
-    def causal_attention_by_position(q, q_pos, k, v, k_pos, scale):
-        hq, hkv = q.shape[1], k.shape[1]
-        if not q.is_cuda or hq == hkv:
-            return reference(q, q_pos, k, v, k_pos, scale)
-        mask = k_pos[None, :] <= q_pos.to(k_pos.device)[:, None]
-        qt = q.transpose(0, 1)[None]
-        if state["cudnn"]:
-            try:  # cuDNN takes GQA and a bool mask together
-                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                    out = F.scaled_dot_product_attention(qt, k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                                         attn_mask=mask, scale=scale, enable_gqa=True)
-                return out[0].transpose(0, 1)
-            except RuntimeError as exc:
-                print("ucm bench: cuDNN attention unavailable, using expanded heads:", exc, flush=True)
-                state["cudnn"] = False
-        k = k.repeat_interleave(hq // hkv, dim=1)
-        v = v.repeat_interleave(hq // hkv, dim=1)
-        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-            out = F.scaled_dot_product_attention(qt, k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                                 attn_mask=mask, scale=scale)
-        return out[0].transpose(0, 1)
-
-    blend_agent.causal_attention_by_position = causal_attention_by_position
-    blend_agent.VllmBlendAgent.attention_forward = _sync_free_attention_forward(
-        blend_agent.VllmBlendAgent.attention_forward)
-    print("ucm bench: proposed changes applied (pinned DRAM tier, cuDNN SDPA for the exact mask)",
-          torch.cuda.is_available(), flush=True)
-
-
-def _sync_free_attention_forward(original):
-    """VllmBlendAgent.attention_forward without a host sync per layer (proposed).
-
-    The committed method moves index tensors host->device (pageable, so synchronous)
-    in every layer: the host waits for the GPU to drain, then the GPU waits for the
-    host's next launches. This version builds the kept rows' device indices once per
-    selection (pinned, non-blocking) and reuses them for every later layer.
-    Semantics are the committed method's.
-    """
-    import torch
-
-    from ucm.integration.vllm import blend_agent
-
-    def to_dev(t, device):
-        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
-    def attention_forward(self, layer, query, key, value):
-        step = self.step
-        if step is None:
-            return original(self, layer, query, key, value)
-        idx = self._index(layer.layer_name)
-        if step.computes_all_rows(idx):
-            return None
-        heads, kv_heads, dim = layer.num_heads, layer.num_kv_heads, layer.head_size
-        q = query.view(-1, heads, dim)
-        k = key.view(-1, kv_heads, dim)
-        v = value.view(-1, kv_heads, dim)
-        view = self.worker.views[layer.layer_name]
-        check = step.is_check_layer(idx)
-        plan = getattr(self, "_ucm_plan", None)
-        if check or plan is None or plan[0] is not step.rows or plan[1] is not step:
-            rows = step.rows
-            slots = self.slots[self.rows_dev]
-            if check:
-                cached_k, cached_v = view.gather(slots)
-                keep = step.select(idx, k, cached_k, v, cached_v)
-                kept = keep.nonzero().flatten()
-            else:
-                kept = torch.arange(rows.shape[0])
-            kept_dev = to_dev(kept, q.device)
-            glob = rows[kept]
-            parts = []
-            for ctx in self.contexts.values():
-                mine = (glob >= ctx.row_start) & (glob < ctx.row_start + ctx.num_rows)
-                if not bool(mine.any()):
-                    continue
-                local = to_dev(kept[mine], q.device)
-                parts.append((local, ctx, self.positions[self.rows_dev[local]],
-                              torch.arange(ctx.seq_len, device=q.device)))
-            plan = (rows, step, kept_dev, slots[kept_dev], parts)
-            self._ucm_plan = None if check else plan
-        _, _, kept_dev, slots_kept, parts = plan
-        view.scatter(slots_kept, k[kept_dev], v[kept_dev])
-        out = q.new_zeros(q.shape)
-        scale = layer.impl.scale
-        for local, ctx, q_pos, k_pos in parts:
-            k_ctx, v_ctx = view.context(ctx.block_ids, ctx.seq_len)
-            out[local] = blend_agent.causal_attention_by_position(
-                q[local], q_pos, k_ctx.to(q.dtype), v_ctx.to(q.dtype), k_pos, scale)
-        return out.view(-1, heads * dim)
-
-    return attention_forward
-
-
 # ---------------------------------------------------------------------------------- driver
 TINY = dict(LLAMA3_8B, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, head_dim=64, torch_dtype="float32")
@@ -446,7 +314,7 @@ def write_model(path: Path, tiny: bool = False) -> str:
 
 
 def safe(kind: str) -> str:
-    """A file-name-safe engine name ("dram+" -> "dramP")."""
+    """A file-name-safe engine name (engine names are already safe; kept for old result files)."""
     return kind.replace("+", "P")
 
 
@@ -476,14 +344,10 @@ def run_engine_process(args: argparse.Namespace, kind: str, out_dir: Path, extra
     return json.loads(result.read_text())
 
 
-# Engine kind -> prefix of its modes in the merged table. "+": with the proposed changes
-# (see apply_proposed); without "+": the code as committed.
-PREFIX = {"plain": "", "dram+": "", "dram+b64": "b64_", "dram": "repo_", "file+": "file_",
-          "file": "file_repo_"}
+# Engine kind -> prefix of its modes in the merged table.
+PREFIX = {"plain": "", "dram": "", "dram_b64": "b64_", "file": "file_"}
 MODE_ORDER = ["full_prefill", "prefix_hit", "blend_0", "blend_0.05", "blend_0.15", "blend_0.3", "blend_1",
-              "b64_blend_0", "b64_blend_0.15",
-              "repo_blend_0", "repo_blend_0.15", "file_blend_0", "file_blend_0.15",
-              "file_repo_blend_0", "file_repo_blend_0.15", "ucm_cold", "repo_ucm_cold"]
+              "b64_blend_0", "b64_blend_0.15", "file_blend_0", "file_blend_0.15", "ucm_cold"]
 
 
 def merge(results: list[dict]) -> dict:
@@ -583,7 +447,7 @@ def driver(args: argparse.Namespace) -> None:
               "--file-dir", args.file_dir, "--dram-gib", str(args.dram_gib), "--tp", str(args.tp),
               "--cold-reps", str(args.cold_reps), "--seed", str(args.seed), "--io-threads", str(args.io_threads),
               "--load-group", str(args.load_group), "--dtype", args.dtype]
-    common += ["--engines", *args.engines, "--dram-ratios", *map(str, args.dram_ratios),
+    common += ["--engines", *args.engines, "--b64-ratios", *map(str, args.b64_ratios),
                "--profile-engines", *args.profile_engines]
     if args.profile:
         common.append("--profile")
@@ -638,18 +502,18 @@ def finish(results: list[dict], args: argparse.Namespace, out_dir: Path) -> None
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--engines", nargs="+", default=["plain", "dram+", "dram", "file+"],
+    ap.add_argument("--engines", nargs="+", default=["plain", "dram", "dram_b64", "file"],
                     choices=sorted(PREFIX),
-                    help="plain: vLLM alone; dram/file: ucm with a host-memory / file store as committed; "
-                         "dram+/file+: the same with the proposed changes (apply_proposed)")
+                    help="plain: vLLM alone; dram/file: ucm with a host-memory / file store; "
+                         "dram_b64: host-memory store with 64-token ucm blocks")
     ap.add_argument("--chunks", nargs="+", type=int, default=[6, 8, 16], help="chunks of 512 tokens per prompt")
     ap.add_argument("--pool", type=int, default=None, help="chunks in the pool (default: max --chunks)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.0, 0.05, 0.15, 0.3, 1.0])
     ap.add_argument("--file-ratios", nargs="+", type=float, default=[0.0, 0.15])
-    ap.add_argument("--dram-ratios", nargs="+", type=float, default=[0.0, 0.15],
-                    help="ratios for the 'dram' engine (--ratios is for 'dram+')")
-    ap.add_argument("--profile-engines", nargs="*", default=["dram+", "dram"])
+    ap.add_argument("--b64-ratios", nargs="+", type=float, default=[0.0, 0.15],
+                    help="ratios for the 'dram_b64' engine (--ratios is for 'dram')")
+    ap.add_argument("--profile-engines", nargs="*", default=["dram"])
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--cold-reps", type=int, default=3)
     ap.add_argument("--max-model-len", type=int, default=10240)
