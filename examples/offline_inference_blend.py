@@ -321,7 +321,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from vllm.config import KVTransferConfig
 
     engine: dict[str, Any] = dict(
-        skip_tokenizer_init=True, enforce_eager=True, dtype=args.dtype, max_model_len=args.max_model_len,
+        # async_scheduling: vLLM 0.26 turns it on by default on CUDA; off, full-prefill TTFT
+        # on an H200 measured 35 ms instead of 76 ms (20 questions, identical answers).
+        skip_tokenizer_init=True, enforce_eager=True, async_scheduling=False, dtype=args.dtype,
+        max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_model_len, enable_prefix_caching=False, disable_log_stats=False,
         seed=args.seed)
     if not args.no_blend:

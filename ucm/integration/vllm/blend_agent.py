@@ -58,8 +58,7 @@ class _Part:
 
     local: torch.Tensor  # device: indices into the current rows
     ctx: _ReqContext
-    q_pos: torch.Tensor  # device: true positions of those rows
-    k_pos: torch.Tensor  # device: positions of the request's context keys
+    attend: attention.ExactMaskAttention  # exact-mask attention of these rows, prepared once
 
 
 @dataclass
@@ -201,25 +200,26 @@ class VllmBlendAgent(UcmSparseBase):
             cached_k, cached_v = view.gather(self.slots[self.rows_dev])
             keep = step.select(idx, k, cached_k, v, cached_v)
             kept = keep.nonzero().flatten()
-            plan = self._row_plan(kept, step.rows[kept], q.device)
+            plan = self._row_plan(kept, step.rows[kept], q.device, (heads, kv_heads))
             # The next layers compute exactly these rows, in this order.
-            self._next_plan = self._row_plan(torch.arange(kept.shape[0]), step.rows[kept], q.device, plan)
+            self._next_plan = self._row_plan(torch.arange(kept.shape[0]), step.rows[kept], q.device,
+                                              (heads, kv_heads), plan)
         elif plan is None:
-            plan = self._plan = self._row_plan(torch.arange(step.rows.shape[0]), step.rows, q.device)
+            plan = self._plan = self._row_plan(torch.arange(step.rows.shape[0]), step.rows, q.device,
+                                               (heads, kv_heads))
         view.scatter(plan.slots, k[plan.kept], v[plan.kept])
         out = q.new_zeros(q.shape)
         scale = layer.impl.scale
         for part in plan.parts:
             k_ctx, v_ctx = view.context(part.ctx.block_ids, part.ctx.seq_len)
-            out[part.local] = attention.causal_attention_by_position(
-                q[part.local], part.q_pos, k_ctx.to(q.dtype), v_ctx.to(q.dtype), part.k_pos, scale)
+            out[part.local] = part.attend(q[part.local], k_ctx.to(q.dtype), v_ctx.to(q.dtype), scale)
         return out.view(-1, heads * dim)
 
-    def _row_plan(self, local: torch.Tensor, rows: torch.Tensor, device: torch.device,
+    def _row_plan(self, local: torch.Tensor, rows: torch.Tensor, device: torch.device, heads: tuple[int, int],
                   like: Optional[_RowPlan] = None) -> _RowPlan:
         """Plan computing the current rows ``local`` (host indices), which are the
         batch rows ``rows``. ``like``: a plan over the same batch rows whose per-request
-        position tensors can be shared."""
+        attention plans (block masks) can be shared."""
         rows_dev = to_device(rows, device)
         shared = {id(p.ctx): p for p in like.parts} if like is not None else {}
         parts = []
@@ -230,11 +230,12 @@ class VllmBlendAgent(UcmSparseBase):
             idx = mine.nonzero().flatten()
             prev = shared.get(id(ctx))
             if prev is not None:
-                q_pos, k_pos = prev.q_pos, prev.k_pos
+                attend = prev.attend
             else:
                 q_pos = self.positions[rows_dev[to_device(idx, device)]]
                 k_pos = torch.arange(ctx.seq_len, device=device)
-            parts.append(_Part(to_device(local[idx], device), ctx, q_pos, k_pos))
+                attend = attention.ExactMaskAttention.prepare(q_pos, k_pos, heads[0], heads[1], device)
+            parts.append(_Part(to_device(local[idx], device), ctx, attend))
         return _RowPlan(to_device(local, device), self.slots[rows_dev], parts)
 
 

@@ -35,7 +35,7 @@ from ucm.hashing import rank_key
 from ucm.integration.vllm.inflight import INFLIGHT
 from ucm.integration.vllm.kv_layout import PagedKV, ProbedPagedKV, paged_kv_view
 from ucm.integration.vllm.metadata import BlockLoad, RequestStep, UcmConnectorMetadata
-from ucm.sparse.blend.rope import RopeSpec, _apply, _delta_cos_sin, delta_rotate
+from ucm.sparse.blend.rope import RopeSpec, _delta_cos_sin, apply_rotation, delta_rotate
 from ucm.store.base import KVStoreBase, StoreError, Task
 
 logger = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ class WorkerSide:
                     if not full_rows:
                         k, v = k[dev["source"]], v[dev["source"]]
                     if rotate:
-                        k = _apply(k, cos, sin, self.rope)
+                        k = apply_rotation(k, cos, sin, self.rope)
                     view = self.views[info.name]
                     view.ready = None  # this write is ordered on `stream` itself
                     view.scatter(dev["slot"], k, v)

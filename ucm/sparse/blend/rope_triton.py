@@ -159,7 +159,8 @@ def interpreting() -> bool:
 def _jit(interpret: bool) -> Any:
     """Decorate once per mode; ``triton.jit`` reads TRITON_INTERPRET when it decorates."""
     del interpret  # cache key only
-    return triton.jit(_rope_kernel)
+    # Row counts vary per call: do not compile a variant per divisibility of N.
+    return triton.jit(_rope_kernel, do_not_specialize=["n_rows", "n_table"])
 
 
 @functools.lru_cache(maxsize=32)
@@ -187,23 +188,36 @@ def supports_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec:
             and cos.device == x.device and sin.device == x.device)
 
 
-def _check_device(x: torch.Tensor) -> None:
-    if not x.is_cuda and not interpreting():
+def _check_device(x: torch.Tensor) -> bool:
+    """Raise unless the kernel can take x; returns whether we interpret (CPU tensors)."""
+    interpret = interpreting()
+    if not x.is_cuda and not interpret:
         raise RuntimeError(
             f"the Triton RoPE kernel needs a CUDA tensor, got one on {x.device}; set "
             "UCM_ROPE_KERNEL=torch (or auto), or TRITON_INTERPRET=1 to run it on CPU")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the Triton RoPE kernel handles float16/bfloat16/float32 keys, got {x.dtype}")
+    return interpret
 
 
-def _launch(x: torch.Tensor, spec: RopeSpec, angles: int, tables: tuple[torch.Tensor, ...],
+@functools.lru_cache(maxsize=256)
+def _geometry(head_dim: int, rotary_dim: int, heads: int, cfg: LaunchConfig) -> tuple[int, ...]:
+    """(HALF, HALF_P, TAIL, TAIL_P, BLOCK_H, BLOCK_N) for a head layout; cached because
+    the launch path runs once per layer per step and Python time there is host latency."""
+    half, tail = rotary_dim // 2, head_dim - rotary_dim
+    half_p = _next_pow2(half)
+    block_h = min(_next_pow2(heads), _next_pow2(cfg.max_block_h))
+    block_n = _next_pow2(max(1, cfg.target_pairs // (block_h * half_p)))
+    return half, half_p, tail, _next_pow2(max(tail, 1)), block_h, block_n
+
+
+def _launch(x: torch.Tensor, spec: RopeSpec, angles: int, tables: tuple[Optional[torch.Tensor], ...],
             out: Optional[torch.Tensor], config: Optional[LaunchConfig]) -> torch.Tensor:
     """Shared launcher. ``out is x`` rotates in place (rotary dims only); ``out is None``
     returns a new contiguous tensor with the pass-through dims copied."""
-    _check_device(x)
+    interpret = _check_device(x)
     if x.dim() < 3 or x.shape[-1] != spec.head_dim:
         raise ValueError(f"x must be [..., tokens, heads, head_dim={spec.head_dim}], got {tuple(x.shape)}")
-    cfg = config or DEFAULT_CONFIG
     T, H, D = x.shape[-3], x.shape[-2], x.shape[-1]
     in_place = out is x
     if in_place:
@@ -216,22 +230,19 @@ def _launch(x: torch.Tensor, spec: RopeSpec, angles: int, tables: tuple[torch.Te
             res = _launch(x.contiguous(), spec, angles, tables, None, config)
             x[..., : spec.rotary_dim].copy_(res[..., : spec.rotary_dim])
             return x
-        rows_o = rows_x
+        rows_o = result = x
     else:
-        src = x if x.stride(-1) == 1 else x.contiguous()
-        rows_x = src.reshape(-1, H, D)
+        rows_x = x if x.dim() == 3 else x.reshape(-1, H, D)
         if rows_x.stride(-1) != 1:
             rows_x = rows_x.contiguous()
         result = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        rows_o = result.view(-1, H, D)
+        rows_o = result if x.dim() == 3 else result.view(-1, H, D)
     R = rows_x.shape[0]
     if R == 0 or H == 0:
-        return x if in_place else result
-    half = spec.rotary_dim // 2
-    tail = D - spec.rotary_dim
-    half_p = _next_pow2(half)
-    block_h = min(_next_pow2(H), _next_pow2(cfg.max_block_h))
-    block_n = max(1, min(_next_pow2(max(1, cfg.target_pairs // (block_h * half_p))), _next_pow2(R)))
+        return result
+    half, half_p, tail, tail_p, block_h, block_n = _geometry(D, spec.rotary_dim, H, config or DEFAULT_CONFIG)
+    if block_n > R:  # tiny inputs: do not spread a handful of rows over idle lanes
+        block_n = _next_pow2(R)
     if angles == 0:
         cos, sin = tables
         c_stride = cos.stride(0)
@@ -241,18 +252,29 @@ def _launch(x: torch.Tensor, spec: RopeSpec, angles: int, tables: tuple[torch.Te
         cos = sin = inv
         c_stride = 0
         frm = delta if frm is None else frm
-    grid = (triton.cdiv(R, block_n), triton.cdiv(H, block_h))
-    _jit(interpreting())[grid](
+    grid = ((R + block_n - 1) // block_n, (H + block_h - 1) // block_h)
+    sxn, sxh = rows_x.stride(0), rows_x.stride(1)
+    son, soh = (sxn, sxh) if rows_o is rows_x else (rows_o.stride(0), rows_o.stride(1))
+    _jit(interpret)[grid](
         rows_x, rows_o, cos, sin, delta, frm, inv,
         R, H, T,
-        rows_x.stride(0), rows_x.stride(1), rows_o.stride(0), rows_o.stride(1), c_stride,
-        HALF=half, HALF_P=half_p, TAIL=tail, TAIL_P=_next_pow2(max(tail, 1)),
+        sxn, sxh, son, soh, c_stride,
+        HALF=half, HALF_P=half_p, TAIL=tail, TAIL_P=tail_p,
         BLOCK_N=block_n, BLOCK_H=block_h,
-        NEOX=bool(spec.is_neox_style), ANGLES=angles, COPY_TAIL=bool(tail > 0 and not in_place),
-        REPEAT=bool(R != T),
-        num_warps=cfg.num_warps,
+        NEOX=spec.is_neox_style, ANGLES=angles, COPY_TAIL=tail > 0 and not in_place,
+        REPEAT=R != T,
+        num_warps=(config or DEFAULT_CONFIG).num_warps,
     )
-    return x if in_place else result
+    return result
+
+
+def _index_vector(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """int64, contiguous, 1-D on ``device``; no copies when it already is."""
+    if t.dtype != torch.int64 or t.device != device:
+        t = t.to(device=device, dtype=torch.int64)
+    if t.dim() != 1:
+        t = t.reshape(-1)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def apply_rotation_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: RopeSpec,
@@ -265,8 +287,11 @@ def apply_rotation_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     want = (x.shape[-3] if x.dim() >= 3 else -1, spec.rotary_dim // 2)
     if tuple(cos.shape) != want or tuple(sin.shape) != want:
         raise ValueError(f"cos/sin must be [tokens, rotary_dim/2] = {want}, got {tuple(cos.shape)}, {tuple(sin.shape)}")
-    cos = cos.to(device=x.device, dtype=torch.float32).contiguous()
-    sin = sin.to(device=x.device, dtype=torch.float32).contiguous()
+    if cos.dtype != torch.float32 or cos.device != x.device or cos.stride(-1) != 1:
+        cos = cos.to(device=x.device, dtype=torch.float32).contiguous()
+    if sin.dtype != torch.float32 or sin.device != x.device or sin.stride() != cos.stride():
+        sin = sin.to(device=x.device, dtype=torch.float32).contiguous()
+        cos = cos.contiguous()
     return _launch(x, spec, 0, (cos, sin), out, config)
 
 
@@ -280,12 +305,12 @@ def delta_rotate_triton(x: torch.Tensor, delta: torch.Tensor, spec: RopeSpec,
     float32 rounding. ``out=x`` rotates in place.
     """
     T = x.shape[-3] if x.dim() >= 3 else -1
-    delta = delta.to(device=x.device, dtype=torch.int64).reshape(-1).contiguous()
+    delta = _index_vector(delta, x.device)
     if delta.shape[0] != T:
         raise ValueError(f"delta must have one entry per token ({T}), got {tuple(delta.shape)}")
     frm = None
     if from_positions is not None:
-        frm = from_positions.to(device=x.device, dtype=torch.int64).reshape(-1).contiguous()
+        frm = _index_vector(from_positions, x.device)
         if frm.shape[0] != T:
             raise ValueError(f"from_positions must have one entry per token ({T}), got {tuple(frm.shape)}")
     angles = 1 if frm is None else 2
