@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ucm.sparse.blend import attention as attn  # noqa: E402
+from ucm.sparse.blend import flex_mask  # noqa: E402
 
 EXACT = ("auto", "flex", "cudnn", "sdpa")
 TOL = 2e-2  # relative error (norm) vs the reference, bf16
@@ -248,7 +249,7 @@ def run_flex_variant(name: str, case: dict, timer: Timer, ref: Optional[torch.Te
     if fn is None:
         fn = _VARIANT_FNS[name] = torch.compile(flex_attention, fullgraph=True, **compile_kw)
     q, k, v, nq = case["q"], case["k"], case["v"], case["nq"]
-    bm = attn.build_block_mask(case["q_pos"], case["k_pos"])
+    bm = flex_mask.build_block_mask(case["q_pos"], case["k_pos"])
     qp = q.new_zeros((bm.seq_lengths[0],) + tuple(q.shape[1:]))
     qp[:nq] = q
     extra = {"kernel_options": kernel_options} if kernel_options else {}

@@ -90,12 +90,9 @@ def test_shape_errors():
 import logging  # noqa: E402
 
 from ucm.sparse.blend import attention as attn_mod  # noqa: E402
-from ucm.sparse.blend.attention import (  # noqa: E402
-    ExactMaskAttention,
-    block_classes,
-    build_block_mask,
-    position_mask,
-)
+from ucm.sparse.blend import flex_mask  # noqa: E402
+from ucm.sparse.blend.attention import ExactMaskAttention, position_mask  # noqa: E402
+from ucm.sparse.blend.flex_mask import block_classes, build_block_mask  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -203,7 +200,7 @@ def test_block_classes_are_sound(sorted_pos):
     k_pos = torch.arange(nk) if sorted_pos else torch.randperm(nk, generator=g)
     if sorted_pos:
         q_pos = q_pos.sort().values
-    q_pad, k_pad = attn_mod._pad_positions(q_pos, k_pos, blk)
+    q_pad, k_pad = flex_mask._pad_positions(q_pos, k_pos, blk)
     assert q_pad.numel() == 384 and k_pad.numel() == 1024
     assert torch.equal(q_pad[:nq], q_pos.int()) and torch.equal(k_pad[:nk], k_pos.int())
     full, partial = block_classes(q_pad, k_pad, blk)
@@ -223,11 +220,11 @@ def test_block_mask_layout_matches_create_block_mask():
     q_pos = torch.tensor(sorted(torch.randperm(900, generator=torch.Generator().manual_seed(2))[:200].tolist()))
     k_pos = torch.arange(900)
     ours = build_block_mask(q_pos, k_pos)
-    q_pad, k_pad = attn_mod._pad_positions(q_pos, k_pos, 128)
-    theirs = create_block_mask(attn_mod._make_mask_mod(q_pad, k_pad), 1, 1, q_pad.numel(), 900, device="cpu")
+    q_pad, k_pad = flex_mask._pad_positions(q_pos, k_pos, 128)
+    theirs = create_block_mask(flex_mask._make_mask_mod(q_pad, k_pad), 1, 1, q_pad.numel(), 900, device="cpu")
     assert ours.seq_lengths == (256, 900)
     assert torch.equal(ours.to_dense(), theirs.to_dense())
-    full = lambda bm: attn_mod._flex_module().BlockMask.from_kv_blocks(  # noqa: E731
+    full = lambda bm: flex_mask._flex_module().BlockMask.from_kv_blocks(  # noqa: E731
         bm.full_kv_num_blocks, bm.full_kv_indices, BLOCK_SIZE=128).to_dense()
     assert torch.equal(full(ours), full(theirs))
 

@@ -15,17 +15,9 @@ from ucm.sparse.blend import rope as rope_mod
 from ucm.sparse.blend import rope_triton  # needs triton (no GPU): a test dependency, never skipped
 from ucm.sparse.blend.rope import (RopeSpec, _apply, _delta_cos_sin, apply_rotation, delta_rotate,
                                    delta_rotate_)
+from tests.test_rope import SCALINGS  # the same scaling configs as the torch-path tests
 
 HEAD_DIM = 64
-SCALINGS = {
-    "default": None,
-    "linear": {"rope_type": "linear", "factor": 4.0},
-    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 256},
-    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256},
-    "yarn_mscale": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 512,
-                    "mscale": 1.0, "mscale_all_dim": 0.5, "beta_fast": 16, "beta_slow": 2},
-}
 # 1 bf16 ulp relative (8 significant bits) plus a hair for values that cancel to ~0.
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2 ** -7, atol=1e-5)}
 
