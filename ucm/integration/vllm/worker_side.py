@@ -340,17 +340,19 @@ class WorkerSide:
         rotate = bool((delta != 0).any())
         if rotate:
             delta, tokens = to_device(delta, device), to_device(tokens, device)
-        per_layer = []
-        for info in self.layers:
+        # [blocks, L, 2, b, H, D], written layer by layer: each block one contiguous piece,
+        # so the host copy is one transfer (into pinned memory on CUDA) and blocks are views.
+        per_block: Optional[torch.Tensor] = None
+        for i, info in enumerate(self.layers):
             k, v = self.views[info.name].gather(slot)
             if rotate:
-                k = delta_rotate(k, delta, self.rope, from_positions=tokens).to(v.dtype)
-            per_layer.append(torch.stack([k, v]))
-        # [L, 2, N, H, D] -> [blocks, L, 2, b, H, D]: each block one contiguous piece, so
-        # the host copy is one transfer (into pinned memory on CUDA) and blocks are views.
-        stacked = torch.stack(per_layer)
-        layers, _, _, heads, dim = stacked.shape
-        per_block = stacked.view(layers, 2, len(saves), b, heads, dim).permute(2, 0, 1, 3, 4, 5).contiguous()
+                k = delta_rotate(k, delta, self.rope, from_positions=tokens)
+            if per_block is None:
+                per_block = torch.empty((len(saves), len(self.layers), 2, b) + tuple(v.shape[1:]),
+                                        dtype=v.dtype, device=v.device)
+            per_block[:, i, 0] = k.view(len(saves), b, *k.shape[1:])
+            per_block[:, i, 1] = v.view(len(saves), b, *v.shape[1:])
+        assert per_block is not None
         keys = [rank_key(s.key, self.tp_rank) for _, s in saves]
         self.stats.saved_blocks += len(saves)
         if per_block.is_cuda:
