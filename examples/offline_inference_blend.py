@@ -73,6 +73,7 @@ DEFAULT_RATIOS = (0.0, 0.15, 1.0)
 DEFAULT_NUM_SAMPLES = 8
 DEFAULT_MAX_TOKENS = 16
 DEFAULT_CHECK_LAYERS = (1,)
+DEFAULT_CHUNK_CONTEXT = "alone"
 BLEND_CONNECTOR = "UCMBlendConnector"
 BLEND_MODULE = "ucm.integration.vllm.blend_connector"
 _WARMUP_TEXT = "Warm-up passage {i}. It only exists to run every code path once before the clock starts. "
@@ -101,6 +102,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="Layer indices where Blend measures KV deviation and selects tokens; layers before the "
                              "first one are computed for every token. The request's ratio applies at every check "
                              "layer (later checks re-rank within the earlier selection).")
+    parser.add_argument("--chunk-context", choices=("prefix", "alone"), default=DEFAULT_CHUNK_CONTEXT,
+                        help="How passages are precomputed: 'prefix' behind the prompt's system prompt "
+                             "(BlendPromptBuilder.precompute_prompt; the prefix, not the passage's first token, is "
+                             "the attention sink), 'alone' as a prompt of their own at positions 0..L-1.")
     parser.add_argument("--no-blend", action="store_true",
                         help="Plain vLLM without the ucm connector; runs only full_prefill (the baseline that "
                              "--ratios 1.0 reproduces).")
@@ -267,7 +272,14 @@ class Runner:
                                   latency_ms=wall_ms)
 
 
-def _warm_up(runner: Runner, builder: Any, ratios: Sequence[float]) -> None:
+def precompute_token_ids(builder: Any, texts: Sequence[str], context: str) -> list[list[int]]:
+    """The precompute requests for ``texts`` (see ``--chunk-context``)."""
+    if context == "prefix":
+        return [builder.precompute_prompt(t).token_ids for t in texts]
+    return [builder.chunk_token_ids(t) for t in texts]
+
+
+def _warm_up(runner: Runner, builder: Any, ratios: Sequence[float], chunk_context: str) -> None:
     """Run each code path once (first-call allocations, lazy imports) before timing."""
     from ucm.integration.vllm.precompute import precompute_chunks
 
@@ -275,7 +287,7 @@ def _warm_up(runner: Runner, builder: Any, ratios: Sequence[float]) -> None:
     prompt = builder.build(texts, "What is this?").token_ids
     runner.ask(prompt, None, salted=True)
     if runner.blend:
-        precompute_chunks(runner.llm, [builder.chunk_token_ids(t) for t in texts])
+        precompute_chunks(runner.llm, precompute_token_ids(builder, texts, chunk_context))
         for r in ratios[:1]:
             runner.ask(prompt, r, salted=False)
 
@@ -335,7 +347,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     llm = LLM(model, **engine)
     engine_seconds = time.perf_counter() - t0
     runner = Runner(llm, tokenizer, _stop_token_ids(tokenizer, model), args.max_tokens, blend=not args.no_blend)
-    _warm_up(runner, builder, args.ratios)
+    _warm_up(runner, builder, args.ratios, args.chunk_context)
 
     modes: list[tuple[str, Optional[float]]] = [(FULL_PREFILL, None)]
     if not args.no_blend:
@@ -356,7 +368,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             skipped.append({"id": sample.id, "prompt_tokens": len(built.token_ids)})
             continue
         if not args.no_blend:
-            report = precompute_chunks(llm, [builder.chunk_token_ids(t) for t in texts])
+            report = precompute_chunks(llm, precompute_token_ids(builder, texts, args.chunk_context))
             precompute["chunks"] += report.num_submitted
             precompute["duplicates"] += report.num_duplicates
             precompute["tokens"] += report.num_tokens

@@ -118,3 +118,23 @@ def test_plan_without_split_is_prefix_caching_only():
     plan = build_plan(prompt, None, SEED, 4, _store(list(range(12))))
     assert plan.prefix_hit_tokens == 12 and not plan.chunk_hits
     assert [s.token_start for s in plan.prefix_saves] == [12, 16, 20, 24]
+
+
+def test_plan_chunk_precompute_stores_the_chunk_once():
+    """A precompute request (prefix + one chunk) keeps the chunk under chunk keys only."""
+    sys_, c1 = [9] * 7 + [END], [3] * 11 + [END]
+    prompt = sys_ + c1
+    split = split_by_end_token(prompt, END)
+    plain = build_plan(prompt, split, SEED, 4, _store())
+    pre = build_plan(prompt, split, SEED, 4, _store(), chunk_precompute=True)
+    assert [s.token_start for s in plain.prefix_saves] == [0, 4, 8, 12, 16]  # chunk stored twice
+    assert [s.token_start for s in pre.prefix_saves] == [0, 4]  # the prompt prefix only
+    assert pre.chunk_saves == plain.chunk_saves and [s.token_start for s in pre.chunk_saves] == [8, 12, 16]
+    # The chunk saved behind the prefix is found by a prompt that puts it anywhere.
+    stored = _store(sys_, c1)
+    later = [END] + [5] * 3 + [END] + c1 + [1]
+    hits = build_plan(later, split_by_end_token(later, END), SEED, 4, stored).chunk_hits
+    assert [h.token_start for h in hits] == [5, 9, 13]
+    # A chunk precomputed alone is all "prefix": the flag changes nothing there.
+    alone = build_plan(c1, split_by_end_token(c1, END), SEED, 4, _store(), chunk_precompute=True)
+    assert [s.token_start for s in alone.prefix_saves] == [0, 4, 8]

@@ -99,6 +99,25 @@ def _engine_main(model: str, out_path: str) -> None:
     result["salted_report"] = precompute_chunks(llm, [rag.chunks[4]], cache_salt="tenant-a").__dict__
     result["salted_4"] = ask(rag.prompt([4, 3], 3), salt="tenant-a")
     result["unsalted_4"] = ask(rag.prompt([1, 4], 2))
+
+    # Chunk context. Chunk 2 precomputed behind the system prompt (salt "ctx-prefix") is
+    # computed in exactly the context it has first in a RAG prompt, so reusing it all
+    # (ratio 0) must give the full prefill's output; computed alone (salt "ctx-alone") it
+    # must not. Salts keep the two stored versions and the full prefill apart.
+    def answer(ids: list[int], salt: str, ratio: float | None) -> dict:
+        params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=0,
+                                extra_args=None if ratio is None else {"ucm_blend_ratio": ratio})
+        out = llm.generate([{"prompt_token_ids": ids, "cache_salt": salt}], params, use_tqdm=False)[0]
+        done = out.outputs[0]
+        return {"tokens": list(done.token_ids), "stats": request_stats(out.request_id),
+                "logprobs": [lp[t].logprob for lp, t in zip(done.logprobs, done.token_ids)]}
+
+    prompt = rag.prompt([2], 3)
+    result["ctx_full"] = answer(prompt, "ctx-full", None)
+    result["ctx_prefix_report"] = precompute_chunks(llm, [rag.system + rag.chunks[2]], cache_salt="ctx-prefix").__dict__
+    result["ctx_prefix"] = answer(prompt, "ctx-prefix", 0.0)
+    precompute_chunks(llm, [rag.chunks[2]], cache_salt="ctx-alone")
+    result["ctx_alone"] = answer(prompt, "ctx-alone", 0.0)
     Path(out_path).write_text(json.dumps(result))
 
 
@@ -148,6 +167,25 @@ def test_cache_salt_isolates_precomputed_chunks(engine_result):
     assert engine_result["salted_4"]["chunk_hit_tokens"] == _full_blocks(len(rag.chunks[4]))
     # Unsalted: chunk 1 hits, chunk 4 (precomputed under the salt) does not.
     assert engine_result["unsalted_4"]["chunk_hit_tokens"] == _full_blocks(len(rag.chunks[1]))
+
+
+def test_chunk_precomputed_behind_the_prefix_is_exact_in_that_context(engine_result):
+    """precompute_prompt's form (prefix + chunk) stores the chunk under its chunk keys,
+    computed in the context it has right after the prefix: full reuse is then exact."""
+    from tests.vllm.conftest import Rag
+
+    rag = Rag(seed=0)
+    full, prefix, alone = (engine_result[k] for k in ("ctx_full", "ctx_prefix", "ctx_alone"))
+    assert full["stats"]["chunk_hit_tokens"] == 0
+    for run in (prefix, alone):
+        assert run["stats"]["chunk_hit_tokens"] == _full_blocks(len(rag.chunks[2]))
+        assert run["stats"]["recomputed_reused_tokens"] == 0  # ratio 0: every hit token reused
+    assert prefix["tokens"] == full["tokens"]
+    gap_prefix = max(abs(a - b) for a, b in zip(prefix["logprobs"], full["logprobs"]))
+    gap_alone = max(abs(a - b) for a, b in zip(alone["logprobs"], full["logprobs"]))
+    assert gap_prefix < 1e-3, (gap_prefix, gap_alone)
+    # Computed at positions 0..L-1 without the system prompt, the same chunk is not exact.
+    assert alone["tokens"] != full["tokens"] or gap_alone > 100 * max(gap_prefix, 1e-6), (gap_prefix, gap_alone)
 
 
 if __name__ == "__main__":

@@ -279,6 +279,22 @@ class BlendPromptBuilder:
         connector runs, so a prompt the connector would cut differently (e.g. a
         separator formed across a part boundary) is refused here, not mis-served.
         """
+        return self._assemble(chunks, self.suffix_token_ids(question))
+
+    def precompute_prompt(self, chunk_text: str) -> BuiltPrompt:
+        """A precompute request that computes one chunk *behind the prompt prefix*.
+
+        Prefix + the chunk (+ the closing separator in separator mode), no question.
+        The connector finds the chunk with the same splitter as in a RAG prompt and
+        stores its KV under the chunk keys (``save_chunks``), re-rotated to start at 0.
+        Why not the chunk alone at position 0: the first token of a sequence becomes an
+        attention sink (outsized keys, little value) in most models, and a chunk
+        computed from position 0 carries a sink wherever it is reused; behind the
+        prefix, the prefix holds the sink, as it does in every real prompt.
+        """
+        return self._assemble([chunk_text], [])
+
+    def _assemble(self, chunks: Sequence[str], suffix_ids: Sequence[int]) -> BuiltPrompt:
         end = self.delimiter.chunk_end_token_id
         sep = list(self.delimiter.separator_token_ids or ())
         ids: list[int] = list(self._prefix_ids)
@@ -298,7 +314,7 @@ class BlendPromptBuilder:
             separator_spans.append((len(ids), len(ids) + len(sep)))
             ids.extend(sep)
         suffix_start = len(ids)
-        ids.extend(self.suffix_token_ids(question))
+        ids.extend(suffix_ids)
         built = BuiltPrompt(
             token_ids=ids,
             prefix_len=prefix_len,

@@ -26,7 +26,7 @@ from ucm.config import UcmConfig, UcmConfigError, sparse_enabled
 from ucm.hashing import HashContext
 from ucm.integration.vllm import stats as stats_registry
 from ucm.integration.vllm.metadata import UcmConnectorMetadata
-from ucm.integration.vllm.scheduler_side import SchedulerSide, request_ratio
+from ucm.integration.vllm.scheduler_side import SchedulerSide, request_is_precompute, request_ratio
 from ucm.integration.vllm.worker_side import LayerInfo, WorkerSide, layer_index
 from ucm.sparse.blend.chunking import Delimiter
 from ucm.sparse.blend.rope import RopeSpec
@@ -200,9 +200,11 @@ class UCMConnector(KVConnectorBase_V1):
         assert self.scheduler_side is not None
         prompt = list(request.prompt_token_ids or [])
         params = getattr(request, "sampling_params", None)
-        ratio = request_ratio(getattr(params, "extra_args", None)) if self.blend_on else None
+        extra_args = getattr(params, "extra_args", None)
+        ratio = request_ratio(extra_args) if self.blend_on else None
         hit = self.scheduler_side.num_new_matched_tokens(
-            request.request_id, prompt, getattr(request, "cache_salt", None), num_computed_tokens, ratio)
+            request.request_id, prompt, getattr(request, "cache_salt", None), num_computed_tokens, ratio,
+            request_is_precompute(extra_args))
         return hit, False
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from ucm.integration.vllm.scheduler_side import PRECOMPUTE_ARG
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 16
@@ -113,7 +115,7 @@ def precompute_chunks(
         logger.warning("precompute_chunks: this LLM has no ucm KV connector; chunks are computed but not stored")
     distinct, duplicates, empty = unique_chunks(chunk_token_ids)
     # Greedy, one token, no text: the output is thrown away, only the saved KV matters.
-    params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+    params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, extra_args={PRECOMPUTE_ARG: True})
     start = time.perf_counter()
     batches = 0
     for lo in range(0, len(distinct), batch_size):

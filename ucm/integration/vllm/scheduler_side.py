@@ -39,6 +39,7 @@ class _Tracked:
 
 
 RATIO_ARG = "ucm_blend_ratio"
+PRECOMPUTE_ARG = "ucm_chunk_precompute"  # set by precompute_chunks: store chunks under chunk keys only
 
 
 def request_ratio(extra_args: Optional[dict]) -> Optional[float]:
@@ -55,6 +56,11 @@ def request_ratio(extra_args: Optional[dict]) -> Optional[float]:
                      RATIO_ARG, value)
         return None
     return float(value)
+
+
+def request_is_precompute(extra_args: Optional[dict]) -> bool:
+    """Whether the request is a chunk precompute (``extra_args[PRECOMPUTE_ARG]`` true)."""
+    return bool(extra_args and extra_args.get(PRECOMPUTE_ARG))
 
 
 class SchedulerSide:
@@ -84,7 +90,7 @@ class SchedulerSide:
         return found
 
     def plan_request(self, req_id: str, prompt: Sequence[int], cache_salt: Optional[str],
-                     ratio: Optional[float] = None) -> _Tracked:
+                     ratio: Optional[float] = None, precompute: bool = False) -> _Tracked:
         tracked = self.requests.get(req_id)
         if tracked is not None:
             return tracked
@@ -93,7 +99,7 @@ class SchedulerSide:
         plan = build_plan(
             prompt, split, self.hash_context.seed(cache_salt), self.block_tokens, self._exists,
             min_chunk_tokens=blend.min_chunk_tokens if blend else 1,
-            save_chunks=bool(blend and blend.save_chunks),
+            save_chunks=bool(blend and blend.save_chunks), chunk_precompute=precompute,
         )
         tracked = _Tracked(plan=plan, prompt_len=len(prompt), ratio=ratio)
         self.requests[req_id] = tracked
@@ -102,10 +108,10 @@ class SchedulerSide:
         return tracked
 
     def num_new_matched_tokens(self, req_id: str, prompt: Sequence[int], cache_salt: Optional[str],
-                               num_computed: int, ratio: Optional[float] = None) -> int:
+                               num_computed: int, ratio: Optional[float] = None, precompute: bool = False) -> int:
         """Prefix tokens we can load beyond what vLLM already has (never the whole prompt:
         vLLM must compute at least the last token to produce logits)."""
-        tracked = self.plan_request(req_id, prompt, cache_salt, ratio)
+        tracked = self.plan_request(req_id, prompt, cache_salt, ratio, precompute)
         # vLLM's own prefix cache already holds [0, num_computed); the last call before
         # allocation is the one that counts, so remember it for the load range.
         tracked.local_computed = num_computed

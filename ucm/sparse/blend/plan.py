@@ -80,8 +80,15 @@ def build_plan(
     exists: ExistsFn,
     min_chunk_tokens: int = 1,
     save_chunks: bool = True,
+    chunk_precompute: bool = False,
 ) -> ReusePlan:
-    """Look up prefix then chunk blocks and decide loads and saves."""
+    """Look up prefix then chunk blocks and decide loads and saves.
+
+    ``chunk_precompute``: the request only exists to store its chunks (prompt prefix +
+    chunk, ``BlendPromptBuilder.precompute_prompt``). Prefix keys then cover the prompt
+    prefix alone; the chunk goes under its chunk keys only, so it is stored once, not a
+    second time under prefix keys that only a prompt with exactly this chunk first would hit.
+    """
     n = len(token_ids)
     prefix_keys = block_keys(seed, token_ids, block_size)
     found = list(exists(prefix_keys)) if prefix_keys else []
@@ -110,6 +117,8 @@ def build_plan(
     # Only exact KV goes under prefix keys: blocks that end before the first reused
     # chunk token. Everything after it was computed against approximate context.
     exact_end = min((h.token_start for h in chunk_hits), default=n)
+    if chunk_precompute and split is not None:
+        exact_end = min(exact_end, split.prefix.end)
     prefix_saves = tuple(
         BlockRef(k, i * block_size, i * block_size)
         for i, k in enumerate(prefix_keys)

@@ -253,13 +253,15 @@ class TinyDecoder(nn.Module):
         check_layers: dict[int, float],
         target: str = "k",
         norm: str = "l2",
+        always: Optional[torch.Tensor] = None,
     ) -> BlendResult:
         """Prefill ``token_ids`` reusing cached segment KV, recomputing only HKVD rows.
 
         ``segments``: ``(start, end, reusable)`` tiling the prompt in order. ``cached[i]``
         is, for a reusable segment, ``prefill(token_ids[start:end])[1]`` (KV at local
         positions 0..L-1), else None. ``check_layers`` maps layer index -> ratio of the
-        request's reusable tokens to keep recomputing from that layer on.
+        request's reusable tokens to keep recomputing from that layer on. ``always``
+        (bool ``[n]``) marks rows recomputed whatever their deviation.
         """
         if not check_layers:
             raise ValueError("blend_prefill needs at least one check layer")
@@ -269,7 +271,7 @@ class TinyDecoder(nn.Module):
         positions = torch.arange(n)
         reusable, cached_kv = self._cached_kv(n, segments, cached)
         # The same per-forward state machine the vLLM integration drives.
-        step = BlendStep([RequestRows("reference", 0, n, reusable)], n, dict(check_layers), target, norm)
+        step = BlendStep([RequestRows("reference", 0, n, reusable, always)], n, dict(check_layers), target, norm)
         h = self.embed_tokens(token_ids)
         masks: dict[int, torch.Tensor] = {}
         kv: KV = []
