@@ -522,7 +522,7 @@ def main() -> None:
     ap.add_argument("--block-tokens", type=int, default=16)
     ap.add_argument("--check-layer", type=int, default=1)
     ap.add_argument("--load-group", type=int, default=0, help="layers per chunk-load group (0: ucm default)")
-    ap.add_argument("--dram-gib", type=int, default=24)
+    ap.add_argument("--dram-gib", type=int, default=8, help="host-memory tier capacity (pinned at engine start)")
     ap.add_argument("--file-dir", default="/var/tmp/ucm_ttft_kv")
     ap.add_argument("--file-cold", action="store_true")
     ap.add_argument("--io-threads", type=int, default=8)

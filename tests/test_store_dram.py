@@ -117,3 +117,36 @@ def test_closed_store_fails_tasks_and_bad_config_is_rejected():
         s.wait(s.load(make_keys(1), LAYOUT))
     with pytest.raises(ValueError):
         UcmDramStore(capacity_bytes=0)
+
+
+def test_reserve_pins_the_capacity_once_per_block_size(monkeypatch):
+    """On CUDA hosts, reserve() pins capacity // block_nbytes blocks up front (once per
+    size); inserts then take their memory from the same pinned path."""
+    from ucm.store import dram_store
+    from ucm.store.pipeline_store import UcmPipelineStore
+
+    pinned: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    def fake_pinned(shape, dtype):
+        pinned.append((tuple(shape), dtype))
+        return torch.empty(tuple(shape), dtype=dtype)
+
+    monkeypatch.setattr(dram_store, "_pinned_empty", fake_pinned)
+    monkeypatch.setattr(dram_store, "_PIN", True)
+    store = dram_store.UcmDramStore(capacity_bytes=10_000)
+    UcmPipelineStore([store]).reserve(1024)  # a pipeline forwards the hint to its tiers
+    assert pinned == [((1024,), torch.uint8)] * 9
+    store.reserve(1024)
+    assert len(pinned) == 9  # the same size again: nothing more
+    block = torch.arange(256, dtype=torch.float32)
+    store.wait(store.dump([b"k" * 16], [block], "x"))
+    assert pinned[-1] == ((256,), torch.float32)
+    assert torch.equal(store.wait(store.load([b"k" * 16], "x"))[0], block)
+
+
+def test_reserve_is_a_no_op_without_cuda(monkeypatch):
+    from ucm.store import dram_store
+
+    monkeypatch.setattr(dram_store, "_PIN", False)
+    monkeypatch.setattr(dram_store, "_pinned_empty", lambda *a: pytest.fail("pinned without CUDA"))
+    dram_store.UcmDramStore(capacity_bytes=10_000).reserve(1024)

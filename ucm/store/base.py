@@ -194,6 +194,13 @@ class KVStoreBase(ABC):
         """Block until ``task`` finishes; return its result or raise :class:`StoreError`."""
         return task.result(timeout)
 
+    def reserve(self, block_nbytes: int) -> None:
+        """Hint that blocks of ``block_nbytes`` bytes will be dumped; a no-op here.
+
+        A tier may prepare memory for them up front (the DRAM tier pins its capacity on
+        CUDA hosts, so no save ever waits for the driver to page-lock memory).
+        """
+
     def commit(self, keys: Sequence[bytes], success: bool = True) -> None:
         """Hook for stores that publish dumps in a second step; a no-op here.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -30,6 +31,15 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_DRAM_CAPACITY = 4 * 1024**3
 _PIN = torch.cuda.is_available()
+
+
+def _pinned_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """Page-locked host memory, through torch's caching host allocator.
+
+    The allocator keeps freed pinned blocks for reuse (and only reuses one once the
+    copies that read it have finished), so memory pinned once is never pinned again.
+    """
+    return torch.empty(tuple(shape), dtype=dtype, pin_memory=True)
 
 
 class UcmDramStore(KVStoreBase):
@@ -55,6 +65,27 @@ class UcmDramStore(KVStoreBase):
         self._used = 0
         self._closed = False
         self._stats = StoreStats(BASE_COUNTERS + ("rejected_layout",))
+        self._reserved: set[int] = set()
+
+    def reserve(self, block_nbytes: int) -> None:
+        """On CUDA hosts, pin the whole capacity now, as blocks of ``block_nbytes``.
+
+        Why: page-locking costs ~1 ms per MiB on an H100 host (measured: 3,617
+        ``cudaHostAlloc`` calls of 2 MiB took 7.2 s while 8K-token prompts were saved),
+        and it takes the CUDA driver lock, so pinning during saves stalled the requests
+        running meanwhile (a cold 8K prompt 1-2 s instead of ~0.2 s). Pinned once here
+        and freed, the blocks stay in torch's host cache and every later insert of this
+        size reuses them. Costs ~1 s per GiB of capacity, once, at engine start.
+        """
+        if not _PIN or block_nbytes <= 0 or block_nbytes in self._reserved:
+            return
+        self._reserved.add(block_nbytes)
+        count = self.capacity_bytes // block_nbytes
+        start = time.perf_counter()
+        blocks = [_pinned_empty((block_nbytes,), torch.uint8) for _ in range(count)]
+        del blocks  # back to torch's host cache, still pinned
+        logger.info("ucm dram store: pinned %d blocks of %d bytes (%.1f GiB) in %.1f s", count, block_nbytes,
+                    count * block_nbytes / 1024**3, time.perf_counter() - start)
 
     def lookup(self, keys: Sequence[bytes]) -> List[bool]:
         """Presence only; deliberately does not refresh LRU order (a load does)."""
@@ -130,7 +161,7 @@ class UcmDramStore(KVStoreBase):
             # Pinned host memory makes the later host-to-GPU load asynchronous and ~7x faster
             # (55 vs 7.4 GB/s measured on an H100). One copy straight into pinned memory
             # (clone() then pin_memory() would copy twice).
-            copy = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            copy = _pinned_empty(tensor.shape, tensor.dtype)
             copy.copy_(tensor.detach())
         else:
             copy = tensor.detach().clone(memory_format=torch.contiguous_format)

@@ -152,6 +152,10 @@ class UcmPipelineStore(KVStoreBase):
             raise StoreError("pipeline dump failed in " + "; ".join(errors))
         return written
 
+    def reserve(self, block_nbytes: int) -> None:
+        for tier in self.tiers:
+            tier.reserve(block_nbytes)
+
     def close(self) -> None:
         """Stop coordinating, then close every tier (each finishes its queued I/O)."""
         self._closed = True

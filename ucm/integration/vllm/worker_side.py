@@ -134,6 +134,10 @@ class WorkerSide:
                                      k_index=first.k_index, v_index=first.v_index, size=first.size)
             self.views[info.name] = view
         self.vllm_block_size = self.views[self.layers[0].name].block_size
+        first = self.views[self.layers[0].name]
+        # One stored block: [L, 2, block_tokens, H, D] (BLOCK_LAYOUT) of this rank's heads.
+        per_layer = 2 * self.block_tokens * self.layers[0].num_kv_heads * self.layers[0].head_dim
+        self.store.reserve(len(self.layers) * per_layer * first.k.element_size())
 
     @property
     def device(self) -> torch.device:
