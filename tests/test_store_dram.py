@@ -123,6 +123,7 @@ def test_reserve_pins_the_capacity_once_per_block_size(monkeypatch):
     """On CUDA hosts, reserve() pins capacity // block_nbytes blocks up front (once per
     size); inserts then take their memory from the same pinned path."""
     from ucm.store import dram_store
+    from ucm.store import pinned as pinned_mod
     from ucm.store.pipeline_store import UcmPipelineStore
 
     pinned: list[tuple[tuple[int, ...], torch.dtype]] = []
@@ -131,13 +132,13 @@ def test_reserve_pins_the_capacity_once_per_block_size(monkeypatch):
         pinned.append((tuple(shape), dtype))
         return torch.empty(tuple(shape), dtype=dtype)
 
-    monkeypatch.setattr(dram_store, "_pinned_empty", fake_pinned)
-    monkeypatch.setattr(dram_store, "_PIN", True)
+    monkeypatch.setattr(pinned_mod, "empty", fake_pinned)
+    monkeypatch.setattr(pinned_mod, "AVAILABLE", True)
     store = dram_store.UcmDramStore(capacity_bytes=10_000)
-    UcmPipelineStore([store]).reserve(1024)  # a pipeline forwards the hint to its tiers
-    assert pinned == [((1024,), torch.uint8)] * 9
+    UcmPipelineStore([store]).reserve(1024, in_flight_blocks=2)  # a pipeline forwards the hint
+    assert pinned == [((1024,), torch.uint8)] * (9 + 2)
     store.reserve(1024)
-    assert len(pinned) == 9  # the same size again: nothing more
+    assert len(pinned) == 11  # the same size again: nothing more
     block = torch.arange(256, dtype=torch.float32)
     store.wait(store.dump([b"k" * 16], [block], "x"))
     assert pinned[-1] == ((256,), torch.float32)
@@ -146,7 +147,8 @@ def test_reserve_pins_the_capacity_once_per_block_size(monkeypatch):
 
 def test_reserve_is_a_no_op_without_cuda(monkeypatch):
     from ucm.store import dram_store
+    from ucm.store import pinned as pinned_mod
 
-    monkeypatch.setattr(dram_store, "_PIN", False)
-    monkeypatch.setattr(dram_store, "_pinned_empty", lambda *a: pytest.fail("pinned without CUDA"))
+    monkeypatch.setattr(pinned_mod, "AVAILABLE", False)
+    monkeypatch.setattr(pinned_mod, "empty", lambda *a: pytest.fail("pinned without CUDA"))
     dram_store.UcmDramStore(capacity_bytes=10_000).reserve(1024)

@@ -194,8 +194,9 @@ class KVStoreBase(ABC):
         """Block until ``task`` finishes; return its result or raise :class:`StoreError`."""
         return task.result(timeout)
 
-    def reserve(self, block_nbytes: int) -> None:
-        """Hint that blocks of ``block_nbytes`` bytes will be dumped; a no-op here.
+    def reserve(self, block_nbytes: int, in_flight_blocks: int = 0) -> None:
+        """Hint that blocks of ``block_nbytes`` bytes will be dumped, up to
+        ``in_flight_blocks`` of them staged at a time by the caller; a no-op here.
 
         A tier may prepare memory for them up front (the DRAM tier pins its capacity on
         CUDA hosts, so no save ever waits for the driver to page-lock memory).

@@ -102,7 +102,8 @@ class UCMConnector(KVConnectorBase_V1):
             self.worker_side = WorkerSide(
                 self.store, self.block_tokens, get_tensor_model_parallel_rank(),
                 RopeSpec.from_hf_config(model.hf_text_config),
-                blend.first_check_layer if blend else None)
+                blend.first_check_layer if blend else None,
+                max_step_tokens=vllm_config.scheduler_config.max_num_batched_tokens)
 
     def _recompute_failed_loads(self) -> None:
         """ucm is a cache: a block that fails to load is a miss, recomputed, never a failed

@@ -36,6 +36,7 @@ from ucm.integration.vllm.inflight import INFLIGHT
 from ucm.integration.vllm.kv_layout import PagedKV, ProbedPagedKV, paged_kv_view
 from ucm.integration.vllm.metadata import BlockLoad, RequestStep, UcmConnectorMetadata
 from ucm.sparse.blend.rope import RopeSpec, _delta_cos_sin, apply_rotation, delta_rotate
+from ucm.store import pinned
 from ucm.store.base import KVStoreBase, StoreError, Task
 
 logger = logging.getLogger(__name__)
@@ -101,8 +102,9 @@ class WorkerSide:
     """Store <-> paged KV transfers of one worker (one TP rank)."""
 
     def __init__(self, store: KVStoreBase, block_tokens: int, tp_rank: int, rope: Optional[RopeSpec],
-                 first_check_layer: Optional[int]) -> None:
+                 first_check_layer: Optional[int], max_step_tokens: int = 0) -> None:
         self.store = store
+        self.max_step_tokens = max_step_tokens  # tokens one forward may save (staging headroom)
         self.block_tokens = block_tokens
         self.tp_rank = tp_rank
         self.rope = rope
@@ -110,6 +112,7 @@ class WorkerSide:
         self.layers: list[LayerInfo] = []
         self.views: dict[str, PagedKV] = {}
         self.vllm_block_size = 0
+        self.block_nbytes = 0  # one stored block, set by register()
         self.reusable: dict[str, torch.Tensor] = {}  # req_id -> bool [num_scheduled] for this step
         self.load_errors: set[int] = set()
         self.pending_saves: list[Task] = []
@@ -137,7 +140,8 @@ class WorkerSide:
         first = self.views[self.layers[0].name]
         # One stored block: [L, 2, block_tokens, H, D] (BLOCK_LAYOUT) of this rank's heads.
         per_layer = 2 * self.block_tokens * self.layers[0].num_kv_heads * self.layers[0].head_dim
-        self.store.reserve(len(self.layers) * per_layer * first.k.element_size())
+        self.block_nbytes = len(self.layers) * per_layer * first.k.element_size()
+        self.store.reserve(self.block_nbytes, in_flight_blocks=self.max_step_tokens // self.block_tokens)
 
     @property
     def device(self) -> torch.device:
@@ -357,6 +361,9 @@ class WorkerSide:
             per_block[:, i, 0] = k.view(len(saves), b, *k.shape[1:])
             per_block[:, i, 1] = v.view(len(saves), b, *v.shape[1:])
         assert per_block is not None
+        if per_block[0].nbytes != self.block_nbytes:  # reserve() pinned blocks of the wrong size
+            raise RuntimeError(f"ucm: saved blocks have {per_block[0].nbytes} bytes, "
+                               f"{self.block_nbytes} were reserved")
         keys = [rank_key(s.key, self.tp_rank) for _, s in saves]
         self.stats.saved_blocks += len(saves)
         if per_block.is_cuda:
@@ -379,16 +386,19 @@ class WorkerSide:
             self._save_pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ucm-save")
         stream = self._save_stream
         stream.wait_stream(torch.cuda.current_stream(device))
-        host = torch.empty(per_block.shape, dtype=per_block.dtype, pin_memory=True)
+        # One pinned host block per saved block, from the pool the store reserved: a single
+        # staging tensor for the whole save (1 GiB at 8K tokens) would be a fresh page-lock
+        # of that size on the request path whenever the previous one is still being dumped.
+        host = [pinned.empty(per_block.shape[1:], per_block.dtype) for _ in range(per_block.shape[0])]
         with torch.cuda.stream(stream):
-            host.copy_(per_block, non_blocking=True)
+            torch._foreach_copy_(host, list(per_block.unbind(0)), non_blocking=True)
             per_block.record_stream(stream)  # keep the device buffer until the copy ran
             copied = torch.cuda.Event()
             copied.record(stream)
 
         def dump() -> Any:
             copied.synchronize()
-            return self.store.wait(self.store.dump(keys, list(host.unbind(0)), BLOCK_LAYOUT))
+            return self.store.wait(self.store.dump(keys, host, BLOCK_LAYOUT))
 
         future = self._save_pool.submit(dump)
         INFLIGHT.add(keys, future)
