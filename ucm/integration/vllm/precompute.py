@@ -5,7 +5,10 @@ gets there the first time vLLM computes it, either inside a RAG prompt (``save_c
 or, the way this module does it, as a prompt of its own. A precompute request sends
 exactly the chunk's tokens (``BlendPromptBuilder.chunk_token_ids``): the tokens sit
 at positions 0..L-1, so their prefix keys *are* the chunk keys a later RAG prompt
-looks up, wherever the chunk lands in it. ``max_tokens=1`` because vLLM must sample
+looks up, wherever the chunk lands in it. Or it sends prompt prefix + chunk
+(``BlendPromptBuilder.precompute_prompt``): the connector then finds the chunk with
+the same splitter as in a RAG prompt and stores it under its chunk keys only (the
+requests carry ``ucm_chunk_precompute``). ``max_tokens=1`` because vLLM must sample
 one token to finish a request; that one decode step is the whole overhead.
 
 Why a function of its own rather than "just generate": identical chunks are sent
@@ -98,8 +101,9 @@ def precompute_chunks(
     """Compute and store the KV of every distinct chunk, one ``max_tokens=1`` request each.
 
     ``llm`` is a ``vllm.LLM`` started with ``UCMBlendConnector``. ``chunk_token_ids``
-    are the chunks as precompute tokens (``BlendPromptBuilder.chunk_token_ids``: in
-    END mode they end with the END token). ``cache_salt`` must equal the salt of the
+    are the precompute prompts: each chunk alone (``BlendPromptBuilder.chunk_token_ids``:
+    in END mode they end with the END token) or behind the prompt prefix
+    (``BlendPromptBuilder.precompute_prompt(text).token_ids``). ``cache_salt`` must equal the salt of the
     RAG requests that should reuse them (None for none). ``batch_size`` requests go
     into one ``generate`` call; ucm saves a chunk's blocks once its prompt is done,
     so every chunk is in the store when this returns.
