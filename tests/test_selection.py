@@ -126,3 +126,28 @@ def test_gradual_filter_nests_and_counts_against_total():
     assert second[~reusable].all() and second[0]
     third = filt.step(torch.rand(n, generator=g), 0.5)  # cannot grow back
     assert torch.equal(third, second)
+
+
+def test_request_ratio_scales_a_gradual_schedule():
+    """A per-request ratio is the final share; earlier check layers keep the proportions."""
+    from ucm.sparse.blend.blend import BlendStep, RequestRows
+
+    n = 40
+    reusable = torch.ones(n, dtype=torch.bool)
+    reusable[-5:] = False  # the question
+    requests = [RequestRows("plain", 0, n, reusable), RequestRows("asked", n, n, reusable, ratio=0.05)]
+    step = BlendStep(requests, 2 * n, {1: 0.3, 4: 0.15})
+    assert step.ratio_at(1, None) == 0.3 and step.ratio_at(4, None) == 0.15
+    assert step.ratio_at(1, 0.05) == pytest.approx(0.1) and step.ratio_at(4, 0.05) == 0.05
+    assert step.ratio_at(1, 1.0) == 1.0 and step.ratio_at(4, 1.0) == 1.0  # capped at 1
+    g = torch.Generator().manual_seed(0)
+    counts = {}
+    for layer in (1, 4):
+        rows = len(step.rows)
+        step.select(layer, torch.randn(rows, 2, 4, generator=g), torch.zeros(rows, 2, 4))
+        step.take_shrink()
+        counts[layer] = {r.req_id: step.outcomes[r.req_id].num_recomputed_reusable for r in requests}
+    assert counts[1] == {"plain": math.ceil(0.3 * 35), "asked": math.ceil(0.1 * 35 - 1e-9)}
+    assert counts[4] == {"plain": math.ceil(0.15 * 35 - 1e-9), "asked": math.ceil(0.05 * 35)}
+    zero_end = BlendStep(requests, 2 * n, {1: 0.3, 4: 0.0})
+    assert zero_end.ratio_at(1, 0.2) == 0.2  # a schedule ending at 0 cannot be scaled

@@ -178,9 +178,9 @@ class UCMConnector(KVConnectorBase_V1):
     def get_kv_connector_stats(self):
         if self.worker_side is None:
             return None
-        ws = self.worker_side.stats
+        ws, saver = self.worker_side.stats, self.worker_side.saver
         counters = {"loaded_blocks": ws.loaded_blocks, "failed_blocks": ws.failed_blocks,
-                    "saved_blocks": ws.saved_blocks, "failed_saves": ws.failed_saves}
+                    "saved_blocks": saver.saved_blocks, "failed_saves": saver.failed_saves}
         delta = {k: v - self._reported.get(k, 0) for k, v in counters.items()}
         self._reported = counters
         delta.update(stats_registry.take_interval())

@@ -177,6 +177,20 @@ LAYOUTS = {
 }
 
 
+def token_slots(block_ids: torch.Tensor, tokens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Paged-cache slot of each prompt token index."""
+    return block_ids[tokens // block_size] * block_size + tokens % block_size
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without a host sync on CUDA (a pageable source would make the
+    copy synchronous and stall the host until the GPU is idle)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+
 def paged_kv_view(backend_name: str, kv_cache: torch.Tensor, num_kv_heads: int, head_dim: int,
                   write: Optional[Callable[..., None]] = None) -> PagedKV:
     """The view for ``backend_name``; an unknown backend is refused, never guessed.

@@ -3,10 +3,7 @@
 Loads run at the start of a step (before the forward): prefix blocks fill every
 layer as they are; chunk blocks fill only the layers Blend does not recompute
 (from the first check layer on), with K re-rotated to the chunk's new position.
-Saves run after the forward: a block's tokens are gathered from the paged cache,
-K rotated back to the positions its key stands for, and dumped asynchronously. On
-CUDA the device-to-host copy runs on a side stream and the store insert in a
-background thread, so the saving request's first token never waits for either.
+Saves run after the forward, in :mod:`ucm.integration.vllm.kv_saver`.
 
 On CUDA nothing here waits for the host: blocks are copied straight from the
 store's tensors (no host-side concatenation; asynchronous when they are pinned)
@@ -23,7 +20,6 @@ not reusable, so Blend recomputes them.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import logging
 import re
 from dataclasses import dataclass, field
@@ -32,16 +28,14 @@ from typing import Any, Callable, Optional
 import torch
 
 from ucm.hashing import rank_key
-from ucm.integration.vllm.inflight import INFLIGHT
-from ucm.integration.vllm.kv_layout import PagedKV, ProbedPagedKV, paged_kv_view
+from ucm.integration.vllm.kv_layout import PagedKV, ProbedPagedKV, paged_kv_view, to_device, token_slots
+from ucm.integration.vllm.kv_saver import BLOCK_LAYOUT, KVSaver
 from ucm.integration.vllm.metadata import BlockLoad, RequestStep, UcmConnectorMetadata
-from ucm.sparse.blend.rope import RopeSpec, _delta_cos_sin, apply_rotation, delta_rotate
-from ucm.store import pinned
-from ucm.store.base import KVStoreBase, StoreError, Task
+from ucm.sparse.blend.rope import RopeSpec, _delta_cos_sin, apply_rotation
+from ucm.store.base import KVStoreBase, StoreError
 
 logger = logging.getLogger(__name__)
 
-BLOCK_LAYOUT = "ucm-kv-v1:L,KV,T,H,D"
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 # Chunk loads on CUDA: layers per transfer group after the first check layer (which is
 # always a group of its own, so that selection can start early); 0: all of them in one
@@ -72,22 +66,7 @@ class LayerInfo:
 class WorkerStats:
     loaded_blocks: int = 0
     failed_blocks: int = 0
-    saved_blocks: int = 0
-    failed_saves: int = 0
     per_request: dict[str, dict[str, int]] = field(default_factory=dict)
-
-
-def token_slots(block_ids: torch.Tensor, tokens: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Paged-cache slot of each prompt token index."""
-    return block_ids[tokens // block_size] * block_size + tokens % block_size
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host -> device without a host sync on CUDA (a pageable source would make the
-    copy synchronous and stall the host until the GPU is idle)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 class _nullcontext:
@@ -105,6 +84,7 @@ class WorkerSide:
                  first_check_layer: Optional[int], max_step_tokens: int = 0) -> None:
         self.store = store
         self.max_step_tokens = max_step_tokens  # tokens one forward may save (staging headroom)
+        self.saver = KVSaver(store, block_tokens, tp_rank, rope)
         self.block_tokens = block_tokens
         self.tp_rank = tp_rank
         self.rope = rope
@@ -112,14 +92,10 @@ class WorkerSide:
         self.layers: list[LayerInfo] = []
         self.views: dict[str, PagedKV] = {}
         self.vllm_block_size = 0
-        self.block_nbytes = 0  # one stored block, set by register()
         self.reusable: dict[str, torch.Tensor] = {}  # req_id -> bool [num_scheduled] for this step
         self.load_errors: set[int] = set()
-        self.pending_saves: list[Task] = []
         self.stats = WorkerStats()
         self._load_stream: Any = None
-        self._save_stream: Any = None
-        self._save_pool: Optional[cf.ThreadPoolExecutor] = None
         self._inflight: Optional[tuple] = None
 
     # ---- setup ---------------------------------------------------------------------
@@ -137,11 +113,9 @@ class WorkerSide:
                                      k_index=first.k_index, v_index=first.v_index, size=first.size)
             self.views[info.name] = view
         self.vllm_block_size = self.views[self.layers[0].name].block_size
-        first = self.views[self.layers[0].name]
-        # One stored block: [L, 2, block_tokens, H, D] (BLOCK_LAYOUT) of this rank's heads.
-        per_layer = 2 * self.block_tokens * self.layers[0].num_kv_heads * self.layers[0].head_dim
-        self.block_nbytes = len(self.layers) * per_layer * first.k.element_size()
-        self.store.reserve(self.block_nbytes, in_flight_blocks=self.max_step_tokens // self.block_tokens)
+        first = self.layers[0]
+        self.saver.reserve(len(self.layers), first.num_kv_heads, first.head_dim,
+                           self.views[first.name].k.element_size(), self.max_step_tokens)
 
     @property
     def device(self) -> torch.device:
@@ -269,14 +243,19 @@ class WorkerSide:
                 p1 = position_of[group[-1].name] + 1
                 assert p1 - p0 == len(group), "chunk layers must be consecutive"
                 staged = self._stage([block[p0:p1] for block in sources], device)  # [n, G, 2, T, H, D]
+                heads, dim = staged.shape[-2], staged.shape[-1]
+                # The group's K as [G, rows, H, D], rotated in one kernel launch for all its
+                # layers (per-layer launches are bound by ~50 us of host time each on CUDA).
+                k_all = staged[:, :, 0].transpose(0, 1).reshape(len(group), -1, heads, dim)
+                if not full_rows:
+                    k_all = k_all[:, dev["source"]]
+                if rotate:
+                    k_all = apply_rotation(k_all, cos, sin, self.rope)
                 for q, info in enumerate(group):
-                    kv = staged[:, q]  # [n, 2, T, H, D]
-                    k = kv[:, 0].reshape(-1, kv.shape[-2], kv.shape[-1])
-                    v = kv[:, 1].reshape(-1, kv.shape[-2], kv.shape[-1])
+                    k = k_all[q]
+                    v = staged[:, q, 1].reshape(-1, heads, dim)
                     if not full_rows:
-                        k, v = k[dev["source"]], v[dev["source"]]
-                    if rotate:
-                        k = apply_rotation(k, cos, sin, self.rope)
+                        v = v[dev["source"]]
                     view = self.views[info.name]
                     view.ready = None  # this write is ordered on `stream` itself
                     view.scatter(dev["slot"], k, v)
@@ -328,92 +307,9 @@ class WorkerSide:
 
     # ---- save ------------------------------------------------------------------------
     def save(self, meta: UcmConnectorMetadata) -> None:
+        """Save the step's blocks (kv_saver.KVSaver), after every pending load landed."""
         self.wait_loads()
-        saves = [(req, s) for req in meta.requests.values() for s in req.saves]
-        if not saves:
-            return
-        device = self.device
-        b = self.block_tokens
-        within = torch.arange(b)
-        tokens = torch.cat([within + s.token_start for _, s in saves])
-        tables: dict[str, torch.Tensor] = {}
-        slots = []
-        for req, s in saves:
-            table = tables.get(req.req_id)
-            if table is None:
-                table = tables[req.req_id] = torch.tensor(req.block_ids, dtype=torch.long)
-            slots.append(token_slots(table, within + s.token_start, self.vllm_block_size))
-        slot = to_device(torch.cat(slots), device)
-        delta = torch.tensor([-s.rope_delta for _, s in saves], dtype=torch.long).repeat_interleave(b)
-        rotate = bool((delta != 0).any())
-        if rotate:
-            delta, tokens = to_device(delta, device), to_device(tokens, device)
-        # [blocks, L, 2, b, H, D], written layer by layer: each block one contiguous piece,
-        # so the host copy is one transfer (into pinned memory on CUDA) and blocks are views.
-        per_block: Optional[torch.Tensor] = None
-        for i, info in enumerate(self.layers):
-            k, v = self.views[info.name].gather(slot)
-            if rotate:
-                k = delta_rotate(k, delta, self.rope, from_positions=tokens)
-            if per_block is None:
-                per_block = torch.empty((len(saves), len(self.layers), 2, b) + tuple(v.shape[1:]),
-                                        dtype=v.dtype, device=v.device)
-            per_block[:, i, 0] = k.view(len(saves), b, *k.shape[1:])
-            per_block[:, i, 1] = v.view(len(saves), b, *v.shape[1:])
-        assert per_block is not None
-        if per_block[0].nbytes != self.block_nbytes:  # reserve() pinned blocks of the wrong size
-            raise RuntimeError(f"ucm: saved blocks have {per_block[0].nbytes} bytes, "
-                               f"{self.block_nbytes} were reserved")
-        keys = [rank_key(s.key, self.tp_rank) for _, s in saves]
-        self.stats.saved_blocks += len(saves)
-        if per_block.is_cuda:
-            self.pending_saves.append(self._dump_when_copied(keys, per_block))
-            return
-        self.pending_saves.append(self.store.dump(keys, list(per_block.unbind(0)), BLOCK_LAYOUT))
-
-    def _dump_when_copied(self, keys: list[bytes], per_block: torch.Tensor) -> Task:
-        """Copy blocks to pinned host memory on a side stream and dump them from a
-        background thread once the copy has landed.
-
-        Nothing here waits for the GPU: the request that produced the KV gets its first
-        token without paying for the device-to-host copy or the store's insert. A block
-        becomes visible to lookups a little later (a request in between recomputes it,
-        which is always correct); :meth:`reap_saves` with ``wait=True`` flushes.
-        """
-        device = per_block.device
-        if self._save_stream is None:
-            self._save_stream = torch.cuda.Stream(device=device)
-            self._save_pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ucm-save")
-        stream = self._save_stream
-        stream.wait_stream(torch.cuda.current_stream(device))
-        # One pinned host block per saved block, from the pool the store reserved: a single
-        # staging tensor for the whole save (1 GiB at 8K tokens) would be a fresh page-lock
-        # of that size on the request path whenever the previous one is still being dumped.
-        host = [pinned.empty(per_block.shape[1:], per_block.dtype) for _ in range(per_block.shape[0])]
-        with torch.cuda.stream(stream):
-            torch._foreach_copy_(host, list(per_block.unbind(0)), non_blocking=True)
-            per_block.record_stream(stream)  # keep the device buffer until the copy ran
-            copied = torch.cuda.Event()
-            copied.record(stream)
-
-        def dump() -> Any:
-            copied.synchronize()
-            return self.store.wait(self.store.dump(keys, host, BLOCK_LAYOUT))
-
-        future = self._save_pool.submit(dump)
-        INFLIGHT.add(keys, future)
-        return Task([future], lambda results: results[0], f"dump of {len(keys)} blocks")
+        self.saver.save(meta, self.views, [info.name for info in self.layers], self.vllm_block_size)
 
     def reap_saves(self, wait: bool = False) -> None:
-        """Collect finished dumps; a failed dump is a future miss, logged, never fatal."""
-        still = []
-        for task in self.pending_saves:
-            if wait or task.done():
-                try:
-                    self.store.wait(task)
-                except StoreError as err:
-                    self.stats.failed_saves += 1
-                    logger.warning("ucm: saving KV blocks failed: %s", err)
-            else:
-                still.append(task)
-        self.pending_saves = still
+        self.saver.reap(wait)

@@ -129,7 +129,7 @@ class BlendStep:
         keep_global = torch.zeros(self.num_rows, dtype=torch.bool)
         for req in self.requests:
             span = slice(req.row_start, req.row_start + req.num_rows)
-            ratio = self.check_ratios[layer] if req.ratio is None else req.ratio
+            ratio = self.ratio_at(layer, req.ratio)
             mask = self._filters[req.req_id].step(full[span], ratio)
             keep_global[span] = mask
             outcome = self.outcomes[req.req_id]
@@ -141,6 +141,23 @@ class BlendStep:
         self._pending_local = keep_local.nonzero().flatten()
         self._next_rows = self.rows[keep_local]
         return keep_local
+
+    def ratio_at(self, layer: int, request_ratio: Optional[float]) -> float:
+        """The ratio a request gets at check layer ``layer``.
+
+        Without a per-request ratio: the configured one. With one, it is the ratio after
+        the *last* check layer, and earlier check layers keep the schedule's proportions
+        (``{1: 0.3, 4: 0.15}`` asked at 0.05 runs ``{1: 0.1, 4: 0.05}``, capped at 1), so
+        a request can pick its quality/speed point without losing gradual filtering. A
+        schedule ending at 0 cannot be scaled: then every check layer uses the request's.
+        """
+        if request_ratio is None:
+            return self.check_ratios[layer]
+        last_layer = max(self.check_ratios)
+        last = self.check_ratios[last_layer]
+        if layer == last_layer or last <= 0.0:
+            return request_ratio
+        return min(1.0, self.check_ratios[layer] * request_ratio / last)
 
     def take_shrink(self) -> Optional[torch.Tensor]:
         """Local indices the next layer keeps, once, after a check layer (else None)."""

@@ -1,0 +1,146 @@
+"""Saves of one worker: KV blocks from the paged cache into the store.
+
+After a forward, each block to save is gathered from the paged cache (every layer),
+its K rotated back to the positions its key stands for (a chunk block computed at
+position p is stored as if at 0), and dumped. On CUDA the request that produced the
+KV does not wait for any of it: the device-to-host copy runs on a side stream into
+pinned host blocks of the pool the store reserved at start, and the store insert runs
+in a background thread; ``inflight.INFLIGHT`` makes a lookup in this process wait for
+exactly the keys still being saved. On CPU the dump is synchronous (the copy is the
+same work as the compute, on the same cores).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+from typing import Any, Optional
+
+import torch
+
+from ucm.hashing import rank_key
+from ucm.integration.vllm.inflight import INFLIGHT
+from ucm.integration.vllm.kv_layout import PagedKV, to_device, token_slots
+from ucm.integration.vllm.metadata import UcmConnectorMetadata
+from ucm.sparse.blend.rope import RopeSpec, delta_rotate
+from ucm.store import pinned
+from ucm.store.base import KVStoreBase, StoreError, Task
+
+logger = logging.getLogger(__name__)
+
+BLOCK_LAYOUT = "ucm-kv-v1:L,KV,T,H,D"
+"""One stored block: ``[layers, K/V, block_tokens, kv_heads, head_dim]`` of one TP rank."""
+
+
+class KVSaver:
+    """Gathers, rotates back and dumps a step's blocks; counts saves and failures."""
+
+    def __init__(self, store: KVStoreBase, block_tokens: int, tp_rank: int, rope: Optional[RopeSpec]) -> None:
+        self.store = store
+        self.block_tokens = block_tokens
+        self.tp_rank = tp_rank
+        self.rope = rope
+        self.block_nbytes = 0  # one stored block, set by reserve()
+        self.saved_blocks = 0
+        self.failed_saves = 0
+        self.pending: list[Task] = []
+        self._stream: Any = None
+        self._pool: Optional[cf.ThreadPoolExecutor] = None
+
+    def reserve(self, num_layers: int, num_kv_heads: int, head_dim: int, element_size: int,
+                max_step_tokens: int) -> None:
+        """Tell the store the size of our blocks and how many one step may stage."""
+        self.block_nbytes = num_layers * 2 * self.block_tokens * num_kv_heads * head_dim * element_size
+        self.store.reserve(self.block_nbytes, in_flight_blocks=max_step_tokens // self.block_tokens)
+
+    def save(self, meta: UcmConnectorMetadata, views: dict[str, PagedKV], layer_names: list[str],
+             vllm_block_size: int) -> None:
+        """Dump every block ``meta`` asks to save; ``layer_names`` in layer order."""
+        saves = [(req, s) for req in meta.requests.values() for s in req.saves]
+        if not saves:
+            return
+        b = self.block_tokens
+        device = views[layer_names[0]].k.device
+        within = torch.arange(b)
+        tokens = torch.cat([within + s.token_start for _, s in saves])
+        tables: dict[str, torch.Tensor] = {}
+        slots = []
+        for req, s in saves:
+            table = tables.get(req.req_id)
+            if table is None:
+                table = tables[req.req_id] = torch.tensor(req.block_ids, dtype=torch.long)
+            slots.append(token_slots(table, within + s.token_start, vllm_block_size))
+        slot = to_device(torch.cat(slots), device)
+        delta = torch.tensor([-s.rope_delta for _, s in saves], dtype=torch.long).repeat_interleave(b)
+        rotate = bool((delta != 0).any())
+        if rotate:
+            delta, tokens = to_device(delta, device), to_device(tokens, device)
+        # [blocks, L, 2, b, H, D], written layer by layer: each block one contiguous piece.
+        per_block: Optional[torch.Tensor] = None
+        for i, name in enumerate(layer_names):
+            k, v = views[name].gather(slot)
+            if rotate:
+                k = delta_rotate(k, delta, self.rope, from_positions=tokens)
+            if per_block is None:
+                per_block = torch.empty((len(saves), len(layer_names), 2, b) + tuple(v.shape[1:]),
+                                        dtype=v.dtype, device=v.device)
+            per_block[:, i, 0] = k.view(len(saves), b, *k.shape[1:])
+            per_block[:, i, 1] = v.view(len(saves), b, *v.shape[1:])
+        assert per_block is not None
+        if per_block[0].nbytes != self.block_nbytes:  # the store reserved blocks of another size
+            raise RuntimeError(f"ucm: saved blocks have {per_block[0].nbytes} bytes, "
+                               f"{self.block_nbytes} were reserved")
+        keys = [rank_key(s.key, self.tp_rank) for _, s in saves]
+        self.saved_blocks += len(saves)
+        if per_block.is_cuda:
+            self.pending.append(self._dump_when_copied(keys, per_block))
+        else:
+            self.pending.append(self.store.dump(keys, list(per_block.unbind(0)), BLOCK_LAYOUT))
+
+    def _dump_when_copied(self, keys: list[bytes], per_block: torch.Tensor) -> Task:
+        """Copy blocks to pinned host memory on a side stream and dump them from a
+        background thread once the copy has landed.
+
+        Nothing here waits for the GPU: the request that produced the KV gets its first
+        token without paying for the device-to-host copy or the store's insert. A block
+        becomes visible to lookups a little later (a request in between recomputes it,
+        which is always correct); :meth:`reap` with ``wait=True`` flushes.
+        """
+        device = per_block.device
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device)
+            self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ucm-save")
+        stream = self._stream
+        stream.wait_stream(torch.cuda.current_stream(device))
+        # One pinned host block per saved block, from the pool the store reserved: a single
+        # staging tensor for the whole save (1 GiB at 8K tokens) would be a fresh page-lock
+        # of that size on the request path whenever the previous one is still being dumped.
+        host = [pinned.empty(per_block.shape[1:], per_block.dtype) for _ in range(per_block.shape[0])]
+        with torch.cuda.stream(stream):
+            torch._foreach_copy_(host, list(per_block.unbind(0)), non_blocking=True)
+            per_block.record_stream(stream)  # keep the device buffer until the copy ran
+            copied = torch.cuda.Event()
+            copied.record(stream)
+
+        def dump() -> Any:
+            copied.synchronize()
+            return self.store.wait(self.store.dump(keys, host, BLOCK_LAYOUT))
+
+        assert self._pool is not None
+        future = self._pool.submit(dump)
+        INFLIGHT.add(keys, future)
+        return Task([future], lambda results: results[0], f"dump of {len(keys)} blocks")
+
+    def reap(self, wait: bool = False) -> None:
+        """Collect finished dumps; a failed dump is a future miss, logged, never fatal."""
+        still = []
+        for task in self.pending:
+            if wait or task.done():
+                try:
+                    self.store.wait(task)
+                except StoreError as err:
+                    self.failed_saves += 1
+                    logger.warning("ucm: saving KV blocks failed: %s", err)
+            else:
+                still.append(task)
+        self.pending = still
