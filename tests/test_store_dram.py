@@ -152,3 +152,24 @@ def test_reserve_is_a_no_op_without_cuda(monkeypatch):
     monkeypatch.setattr(pinned_mod, "AVAILABLE", False)
     monkeypatch.setattr(pinned_mod, "empty", lambda *a: pytest.fail("pinned without CUDA"))
     dram_store.UcmDramStore(capacity_bytes=10_000).reserve(1024)
+
+
+def test_reserve_survives_a_pinning_limit(monkeypatch, caplog):
+    """Running out of lockable memory while reserving is a warning, not a failed engine."""
+    from ucm.store import dram_store
+    from ucm.store import pinned as pinned_mod
+
+    calls = []
+
+    def limited(shape, dtype):
+        calls.append(shape)
+        if len(calls) > 3:
+            raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+        return torch.empty(tuple(shape), dtype=dtype)
+
+    monkeypatch.setattr(pinned_mod, "empty", limited)
+    monkeypatch.setattr(pinned_mod, "AVAILABLE", True)
+    store = dram_store.UcmDramStore(capacity_bytes=10_000)
+    with caplog.at_level("WARNING"):
+        store.reserve(1024)
+    assert len(calls) == 4 and "pinned only 3 of 9 blocks" in caplog.text

@@ -73,10 +73,17 @@ class UcmDramStore(KVStoreBase):
         self._reserved.add(block_nbytes)
         count = self.capacity_bytes // block_nbytes + max(0, in_flight_blocks)
         start = time.perf_counter()
-        blocks = [pinned.empty((block_nbytes,), torch.uint8) for _ in range(count)]
+        blocks = []
+        try:
+            for _ in range(count):
+                blocks.append(pinned.empty((block_nbytes,), torch.uint8))
+        except RuntimeError as exc:  # e.g. the locked-memory limit: pin what we can, go on
+            logger.warning("ucm dram store: pinned only %d of %d blocks (%s); later inserts pin on demand",
+                           len(blocks), count, exc)
+        pinned_count = len(blocks)
         del blocks  # back to torch's host cache, still pinned
-        logger.info("ucm dram store: pinned %d blocks of %d bytes (%.1f GiB) in %.1f s", count, block_nbytes,
-                    count * block_nbytes / 1024**3, time.perf_counter() - start)
+        logger.info("ucm dram store: pinned %d blocks of %d bytes (%.1f GiB) in %.1f s", pinned_count,
+                    block_nbytes, pinned_count * block_nbytes / 1024**3, time.perf_counter() - start)
 
     def lookup(self, keys: Sequence[bytes]) -> List[bool]:
         """Presence only; deliberately does not refresh LRU order (a load does)."""
