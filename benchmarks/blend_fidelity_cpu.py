@@ -18,6 +18,7 @@ Variants (``--variants``, all by default):
 * ``r0_pre`` / ``r15_pre``: chunks precomputed *behind the prompt prefix* (system
   prompt) and stored without it, so no chunk token was ever at position 0;
 * ``r15_grad``: gradual filtering, ratio 0.3 at the first check layer, 0.15 three layers on;
+* ``r15_v`` / ``r15_kv``: ratio 0.15 ranking tokens by V / K+V deviation (default: K);
 * ``r50``: ratio 0.5 (does recomputing more close the gap at all?).
 
 Usage (Qwen2.5-Coder-0.5B converted by ``benchmarks/qwen_model.py``)::
@@ -50,7 +51,7 @@ from ucm.sparse.blend.rope import delta_rotate  # noqa: E402
 
 logger = logging.getLogger("blend_fidelity_cpu")
 
-VARIANTS = ("r0", "r15", "r15_start", "r0_pre", "r15_pre", "r15_grad", "r50")
+VARIANTS = ("r0", "r15", "r15_start", "r0_pre", "r15_pre", "r15_grad", "r15_v", "r15_kv", "r50")
 
 
 def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
@@ -106,6 +107,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "r15_start": lambda: {layer: 0.15 for layer in args.check_layers},
         "r15_pre": lambda: {layer: 0.15 for layer in args.check_layers},
         "r15_grad": lambda: {first: 0.3, first + 3: 0.15},
+        "r15_v": lambda: {layer: 0.15 for layer in args.check_layers},
+        "r15_kv": lambda: {layer: 0.15 for layer in args.check_layers},
         "r50": lambda: {layer: 0.5 for layer in args.check_layers},
     }
     rows: list[dict[str, Any]] = []
@@ -139,7 +142,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cached: list[Optional[KV]] = [chunks.get(next(texts_left), behind) if reuse else None
                                           for _, _, reuse in segments]
             t0 = time.perf_counter()
-            res = model.blend_prefill(ids, segments, cached, checks[name](),
+            target = {"r15_v": "v", "r15_kv": "kv"}.get(name, "k")
+            res = model.blend_prefill(ids, segments, cached, checks[name](), target=target,
                                       always=starts if name == "r15_start" else None)
             mask = res.recompute_mask_per_check_layer[min(res.recompute_mask_per_check_layer)]
             row[name] = {"agree": int(res.last_logits.argmax()) == row["full_token"],
