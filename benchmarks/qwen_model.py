@@ -45,7 +45,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 
