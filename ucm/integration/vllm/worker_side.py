@@ -43,6 +43,9 @@ _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 # on an H100), so fewer groups start the forward sooner; more groups overlap the
 # transfer of later layers with the compute of earlier ones more finely.
 LOAD_LAYER_GROUP = 0
+# Chunk loads rotate K of as many layers at once as fit in this many bytes (one kernel
+# launch each); 64 MiB = 4 layers of an 8K-token Llama-3-8B load, 8 at 4K tokens.
+ROPE_SLICE_BYTES = 64 << 20
 
 
 def layer_index(layer_name: str) -> int:
@@ -244,15 +247,22 @@ class WorkerSide:
                 assert p1 - p0 == len(group), "chunk layers must be consecutive"
                 staged = self._stage([block[p0:p1] for block in sources], device)  # [n, G, 2, T, H, D]
                 heads, dim = staged.shape[-2], staged.shape[-1]
-                # The group's K as [G, rows, H, D], rotated in one kernel launch for all its
-                # layers (per-layer launches are bound by ~50 us of host time each on CUDA).
-                k_all = staged[:, :, 0].transpose(0, 1).reshape(len(group), -1, heads, dim)
-                if not full_rows:
-                    k_all = k_all[:, dev["source"]]
-                if rotate:
-                    k_all = apply_rotation(k_all, cos, sin, self.rope)
+                # K of several layers as [layers, rows, H, D], rotated in one kernel launch
+                # (per-layer launches are bound by ~50 us of host time each on CUDA); slices
+                # of at most ROPE_SLICE_BYTES keep the extra device memory small.
+                layer_bytes = staged[:, 0, 0].numel() * staged.element_size()
+                per_slice = max(1, ROPE_SLICE_BYTES // max(1, layer_bytes))
+                k_slice: Optional[torch.Tensor] = None
                 for q, info in enumerate(group):
-                    k = k_all[q]
+                    if q % per_slice == 0:
+                        q1 = min(len(group), q + per_slice)
+                        k_slice = staged[:, q:q1, 0].transpose(0, 1).reshape(q1 - q, -1, heads, dim)
+                        if not full_rows:
+                            k_slice = k_slice[:, dev["source"]]
+                        if rotate:
+                            k_slice = apply_rotation(k_slice, cos, sin, self.rope)
+                    assert k_slice is not None
+                    k = k_slice[q % per_slice]
                     v = staged[:, q, 1].reshape(-1, heads, dim)
                     if not full_rows:
                         v = v[dev["source"]]
