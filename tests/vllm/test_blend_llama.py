@@ -121,6 +121,19 @@ def test_mixed_batch_equals_one_at_a_time(blend_zero):
     assert sum(1 for n in reused if n) >= 5  # blend and plain requests really are mixed
 
 
+def test_rope_slices_of_one_layer_give_the_same_loads(llama, blend_zero, tmp_path_factory):
+    """Chunk loads rotate K of several layers per launch (worker_side.ROPE_SLICE_BYTES);
+    one layer per slice must load exactly the same KV (ratio 0: every reused row's
+    output depends on it)."""
+    spec = {"model": llama, "engine": {"enable_prefix_caching": False},
+            "ucm": blend_config(0.0, save_chunks=False),
+            "module_attrs": {"ucm.integration.vllm.worker_side:ROPE_SLICE_BYTES": 1},
+            "actions": [PRECOMPUTE, _gen("batch8", BATCH8)]}
+    sliced = run_engine(spec, tmp_path_factory.mktemp("rope_slices"))
+    assert any(r["stats"].get("reusable_tokens", 0) for r in sliced["batch8"])
+    assert_same(sliced["batch8"], blend_zero["batch8"], tol=1e-5)
+
+
 def test_ratio_zero_reuses_and_differs_from_full_prefill(plain, blend_zero):
     full, zero = blend_zero["override"]
     assert full["stats"]["recompute_ratio"] == 1.0
