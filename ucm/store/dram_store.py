@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_DRAM_CAPACITY = 4 * 1024**3
 
+
 class UcmDramStore(KVStoreBase):
     """Thread-safe in-memory LRU of KV blocks.
 

@@ -190,7 +190,6 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-
 def paged_kv_view(backend_name: str, kv_cache: torch.Tensor, num_kv_heads: int, head_dim: int,
                   write: Optional[Callable[..., None]] = None) -> PagedKV:
     """The view for ``backend_name``; an unknown backend is refused, never guessed.

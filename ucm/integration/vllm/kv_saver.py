@@ -35,9 +35,11 @@ BLOCK_LAYOUT = "ucm-kv-v1:L,KV,T,H,D"
 class KVSaver:
     """Gathers, rotates back and dumps a step's blocks; counts saves and failures."""
 
-    def __init__(self, store: KVStoreBase, block_tokens: int, tp_rank: int, rope: Optional[RopeSpec]) -> None:
+    def __init__(self, store: KVStoreBase, block_tokens: int, tp_rank: int, rope: Optional[RopeSpec],
+                 max_step_tokens: int = 0) -> None:
         self.store = store
         self.block_tokens = block_tokens
+        self.max_step_tokens = max_step_tokens  # tokens one forward may save: the staging headroom
         self.tp_rank = tp_rank
         self.rope = rope
         self.block_nbytes = 0  # one stored block, set by reserve()
@@ -47,11 +49,10 @@ class KVSaver:
         self._stream: Any = None
         self._pool: Optional[cf.ThreadPoolExecutor] = None
 
-    def reserve(self, num_layers: int, num_kv_heads: int, head_dim: int, element_size: int,
-                max_step_tokens: int) -> None:
+    def reserve(self, num_layers: int, num_kv_heads: int, head_dim: int, element_size: int) -> None:
         """Tell the store the size of our blocks and how many one step may stage."""
         self.block_nbytes = num_layers * 2 * self.block_tokens * num_kv_heads * head_dim * element_size
-        self.store.reserve(self.block_nbytes, in_flight_blocks=max_step_tokens // self.block_tokens)
+        self.store.reserve(self.block_nbytes, in_flight_blocks=self.max_step_tokens // self.block_tokens)
 
     def save(self, meta: UcmConnectorMetadata, views: dict[str, PagedKV], layer_names: list[str],
              vllm_block_size: int) -> None:
@@ -62,14 +63,15 @@ class KVSaver:
         b = self.block_tokens
         device = views[layer_names[0]].k.device
         within = torch.arange(b)
-        tokens = torch.cat([within + s.token_start for _, s in saves])
+        per_save = [within + s.token_start for _, s in saves]  # each block's token indices
+        tokens = torch.cat(per_save)
         tables: dict[str, torch.Tensor] = {}
         slots = []
-        for req, s in saves:
+        for (req, _), block_tokens in zip(saves, per_save):
             table = tables.get(req.req_id)
             if table is None:
                 table = tables[req.req_id] = torch.tensor(req.block_ids, dtype=torch.long)
-            slots.append(token_slots(table, within + s.token_start, vllm_block_size))
+            slots.append(token_slots(table, block_tokens, vllm_block_size))
         slot = to_device(torch.cat(slots), device)
         delta = torch.tensor([-s.rope_delta for _, s in saves], dtype=torch.long).repeat_interleave(b)
         rotate = bool((delta != 0).any())

@@ -86,8 +86,7 @@ class WorkerSide:
     def __init__(self, store: KVStoreBase, block_tokens: int, tp_rank: int, rope: Optional[RopeSpec],
                  first_check_layer: Optional[int], max_step_tokens: int = 0) -> None:
         self.store = store
-        self.max_step_tokens = max_step_tokens  # tokens one forward may save (staging headroom)
-        self.saver = KVSaver(store, block_tokens, tp_rank, rope)
+        self.saver = KVSaver(store, block_tokens, tp_rank, rope, max_step_tokens)
         self.block_tokens = block_tokens
         self.tp_rank = tp_rank
         self.rope = rope
@@ -118,7 +117,7 @@ class WorkerSide:
         self.vllm_block_size = self.views[self.layers[0].name].block_size
         first = self.layers[0]
         self.saver.reserve(len(self.layers), first.num_kv_heads, first.head_dim,
-                           self.views[first.name].k.element_size(), self.max_step_tokens)
+                           self.views[first.name].k.element_size())
 
     @property
     def device(self) -> torch.device:
