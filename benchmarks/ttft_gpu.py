@@ -258,6 +258,36 @@ class Bench:
                          for i in range(a.cold_reps)]
                 self.record("ucm_cold", n, times)
 
+    def host_profile(self) -> None:
+        """cProfile (host time, every Python function) over blend requests at the largest
+        size, ratio 0.15: where the wall time that no kernel accounts for goes."""
+        import cProfile
+        import io
+        import pstats
+
+        n = max(self.args.chunks)
+        reps = max(1, self.args.host_profile_reps)
+        self.one(self.prompts.rag(n), ratio=0.15)
+        prof = cProfile.Profile()
+        walls = []
+        for _ in range(reps):
+            ids = self.prompts.rag(n)
+            prof.enable()
+            dt, _ = self.one(ids, ratio=0.15)
+            prof.disable()
+            walls.append(dt)
+        text = io.StringIO()
+        text.write(f"host profile, {reps} blend_0.15 requests of {n} chunks; wall under cProfile per request: "
+                   f"{', '.join(f'{w * 1e3:.1f}' for w in walls)} ms (times below are totals over all)\n")
+        stats = pstats.Stats(prof, stream=text)
+        stats.sort_stats("cumulative").print_stats(60)
+        stats.sort_stats("tottime").print_stats(40)
+        stats.sort_stats("ncalls").print_stats(40)
+        prof.dump_stats(str(Path(self.args.work_dir) / f"hostprofile_{safe(self.kind)}.pstats"))
+        out = Path(self.args.work_dir) / f"hostprofile_{safe(self.kind)}.txt"
+        out.write_text(text.getvalue())
+        print(text.getvalue()[:12000], flush=True)
+
     def profile(self) -> None:
         """torch.profiler over one blend request (largest size, ratio 0.15) and one full prefill."""
         import torch
@@ -299,6 +329,8 @@ def engine_main(args: argparse.Namespace) -> None:
         bench.run_ucm()
     if args.profile and args.engine in args.profile_engines:
         bench.profile()
+    if args.host_profile and args.engine != "plain":
+        bench.host_profile()
     Path(args.result).write_text(json.dumps(bench.results, indent=1))
 
 
@@ -307,9 +339,10 @@ TINY = dict(LLAMA3_8B, hidden_size=256, intermediate_size=512, num_hidden_layers
             num_key_value_heads=2, head_dim=64, torch_dtype="float32")
 
 
-def write_model(path: Path, tiny: bool = False) -> str:
+def write_model(path: Path, tiny: bool = False, tiny_layers: int = 3) -> str:
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(TINY if tiny else LLAMA3_8B, indent=1))
+    config = dict(TINY, num_hidden_layers=tiny_layers) if tiny else LLAMA3_8B
+    (path / "config.json").write_text(json.dumps(config, indent=1))
     return str(path)
 
 
@@ -434,7 +467,7 @@ def driver(args: argparse.Namespace) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = write_model(Path(args.model_dir), tiny=args.tiny)
+    model_dir = write_model(Path(args.model_dir), tiny=args.tiny, tiny_layers=args.tiny_layers)
     if "file" in args.engines:
         import shutil
 
@@ -453,6 +486,8 @@ def driver(args: argparse.Namespace) -> None:
         common.append("--profile")
     if args.trace:
         common.append("--trace")
+    if args.host_profile:
+        common += ["--host-profile", "--host-profile-reps", str(args.host_profile_reps)]
     if args.file_cold:
         common.append("--file-cold")
     if args.pool is not None:
@@ -533,7 +568,11 @@ def main() -> None:
     ap.add_argument("--work-dir", default="/tmp/ttft_work", help="per-engine results, logs, profiles")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tiny", action="store_true", help="a tiny model of the same vocabulary (CPU smoke test)")
+    ap.add_argument("--tiny-layers", type=int, default=3, help="layers of the --tiny model (32: the 8B's depth)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="cProfile blend_0.15 requests at the largest size (ucm engines): host time per function")
+    ap.add_argument("--host-profile-reps", type=int, default=3)
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--plot-only", default=None, help="a saved ttft_gpu.json: redraw table and plot")
     ap.add_argument("--engine", default=None, help=argparse.SUPPRESS)
