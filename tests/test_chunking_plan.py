@@ -138,3 +138,47 @@ def test_plan_chunk_precompute_stores_the_chunk_once():
     # A chunk precomputed alone is all "prefix": the flag changes nothing there.
     alone = build_plan(c1, split_by_end_token(c1, END), SEED, 4, _store(), chunk_precompute=True)
     assert [s.token_start for s in alone.prefix_saves] == [0, 4, 8]
+
+
+def _eager_prefix(prompt, stored, block):
+    """The plan's prefix part computed the obvious way: hash every block, then look up."""
+    keys = block_keys(SEED, prompt, block)
+    hit = 0
+    while hit < len(keys) and keys[hit] in stored:
+        hit += 1
+    return hit * block, keys
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(min_value=3, max_value=6), min_size=0, max_size=300),
+       st.lists(st.booleans(), min_size=80, max_size=80))
+def test_lazy_prefix_lookup_equals_hashing_everything(prompt, stored_mask):
+    """Lookup in growing batches finds the same prefix hit and saves as hashing all blocks."""
+    block = 2
+    keys = block_keys(SEED, prompt, block)
+    stored = {k for k, keep in zip(keys, stored_mask) if keep}
+    plan = build_plan(prompt, None, SEED, block, lambda ks: [k in stored for k in ks])
+    hit_tokens, eager_keys = _eager_prefix(prompt, stored, block)
+    assert plan.prefix_hit_tokens == hit_tokens
+    assert [h.key for h in plan.prefix_hits] == eager_keys[:hit_tokens // block]
+    assert [s.key for s in plan.prefix_saves] == eager_keys[hit_tokens // block:]
+
+
+def test_prefix_lookup_stops_hashing_at_the_first_miss():
+    """A long prompt whose second block misses asks the store about one small batch only."""
+    sys_, chunk = [9] * 7 + [END], [3] * 39 + [END]
+    prompt = sys_ + chunk * 20 + [1]  # 201 blocks of 4
+    asked: list[bytes] = []
+    stored = set(block_keys(SEED, sys_, 4)[:1]) | set(block_keys(SEED, chunk, 4))
+
+    def exists(keys):
+        asked.extend(keys)
+        return [k in stored for k in keys]
+
+    plan = build_plan(prompt, split_by_end_token(prompt, END), SEED, 4, exists)
+    assert plan.prefix_hit_tokens == 4
+    assert len(plan.chunk_hits) == 200
+    prefix_asked = [k for k in asked if k not in set(block_keys(SEED, chunk, 4))]
+    assert len(prefix_asked) <= 8  # one first batch, not 201 keys
+    # Prefix saves stop before the first reused chunk token (block 1 only).
+    assert [s.token_start for s in plan.prefix_saves] == [4]

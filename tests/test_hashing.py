@@ -70,3 +70,33 @@ def test_stable_across_processes():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "12345", "PATH": ""}).stdout.strip()
     assert out == block_keys(CTX.seed("s"), list(range(40)), 16)[1].hex()
+
+
+def test_block_chain_hashes_on_demand_and_matches_block_keys():
+    from ucm.hashing import BlockChain
+
+    seed = CTX.seed()
+    tokens = list(range(103))
+    chain = BlockChain(seed, tokens, 8)
+    full = block_keys(seed, tokens, 8)
+    assert chain.num_blocks == 12
+    assert chain.keys(3) == full[:3]
+    assert chain.keys(100) == full  # clipped to the full blocks
+    assert chain.keys(5) == full[:5]
+
+
+def test_memoised_chunk_and_rank_keys_equal_fresh_hashes():
+    import struct
+
+    from ucm.hashing import _chunk_keys_cached, _digest
+
+    chunk = [7] * 33
+    first = chunk_block_keys(CTX.seed(), chunk, 4)
+    assert first == block_keys(CTX.seed(), chunk, 4)
+    hits = _chunk_keys_cached.cache_info().hits
+    again = chunk_block_keys(CTX.seed(), chunk, 4)
+    assert again == first and _chunk_keys_cached.cache_info().hits == hits + 1
+    again.append(b"x")  # callers get their own list: the cache cannot be mutated
+    assert chunk_block_keys(CTX.seed(), chunk, 4) == first
+    key = first[0]
+    assert rank_key(key, 1) == _digest(b"rank", key, struct.pack("<I", 1))

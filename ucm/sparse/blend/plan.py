@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from ucm.hashing import block_keys
+from ucm.hashing import BlockChain, chunk_block_keys
 from ucm.sparse.blend.chunking import PromptSplit
 
 ExistsFn = Callable[[Sequence[bytes]], Sequence[bool]]
@@ -72,6 +72,27 @@ class ReusePlan:
         return [h for h in self.chunk_hits if h.token_start < end and h.token_start + b > start]
 
 
+_FIRST_LOOKUP_BLOCKS = 8
+
+
+def _prefix_hit_blocks(chain: BlockChain, exists: ExistsFn) -> int:
+    """Length of the run of stored blocks from the prompt start.
+
+    Looked up in batches that grow 4x (8, 32, 128, ... blocks), hashing only the
+    batches asked: the run usually ends early (a shared system prompt, then chunks in
+    a new order), and then most of the prompt is never hashed under prefix keys.
+    """
+    hit, batch = 0, _FIRST_LOOKUP_BLOCKS
+    while hit < chain.num_blocks:
+        keys = chain.keys(hit + batch)[hit:]
+        for found in exists(keys):
+            if not found:
+                return hit
+            hit += 1
+        batch *= 4
+    return hit
+
+
 def build_plan(
     token_ids: Sequence[int],
     split: PromptSplit | None,
@@ -90,12 +111,9 @@ def build_plan(
     second time under prefix keys that only a prompt with exactly this chunk first would hit.
     """
     n = len(token_ids)
-    prefix_keys = block_keys(seed, token_ids, block_size)
-    found = list(exists(prefix_keys)) if prefix_keys else []
-    hit_blocks = 0
-    while hit_blocks < len(found) and found[hit_blocks]:
-        hit_blocks += 1
-    prefix_hits = tuple(BlockRef(k, i * block_size, i * block_size) for i, k in enumerate(prefix_keys[:hit_blocks]))
+    chain = BlockChain(seed, token_ids, block_size)
+    hit_blocks = _prefix_hit_blocks(chain, exists)
+    prefix_hits = tuple(BlockRef(k, i * block_size, i * block_size) for i, k in enumerate(chain.keys(hit_blocks)))
     prefix_hit_tokens = hit_blocks * block_size
 
     chunk_hits: list[BlockRef] = []
@@ -106,7 +124,7 @@ def build_plan(
             num_chunk_tokens += len(chunk)
             if len(chunk) < max(min_chunk_tokens, block_size):
                 continue
-            keys = block_keys(seed, token_ids[chunk.start:chunk.end], block_size)
+            keys = chunk_block_keys(seed, token_ids[chunk.start:chunk.end], block_size)
             usable = [(i, k) for i, k in enumerate(keys) if chunk.start + i * block_size >= prefix_hit_tokens]
             if not usable:
                 continue
@@ -121,8 +139,8 @@ def build_plan(
         exact_end = min(exact_end, split.prefix.end)
     prefix_saves = tuple(
         BlockRef(k, i * block_size, i * block_size)
-        for i, k in enumerate(prefix_keys)
-        if i >= hit_blocks and (i + 1) * block_size <= exact_end
+        for i, k in enumerate(chain.keys(exact_end // block_size))
+        if i >= hit_blocks
     )
     return ReusePlan(
         num_tokens=n,
