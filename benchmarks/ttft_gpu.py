@@ -317,10 +317,11 @@ def engine_main(args: argparse.Namespace) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if args.engine != "plain":
         os.environ["ENABLE_SPARSE"] = "1"
-    if args.load_group:
+    load_group = 0 if args.engine == "dram_g0" else args.load_group
+    if load_group is not None:
         from ucm.integration.vllm import worker_side
 
-        worker_side.LOAD_LAYER_GROUP = args.load_group
+        worker_side.LOAD_LAYER_GROUP = load_group
     bench = Bench(args, args.engine)
     bench.results["engine_start_s"] = bench.start_seconds
     if args.engine == "plain":
@@ -378,7 +379,7 @@ def run_engine_process(args: argparse.Namespace, kind: str, out_dir: Path, extra
 
 
 # Engine kind -> prefix of its modes in the merged table.
-PREFIX = {"plain": "", "dram": "", "dram_b64": "b64_", "file": "file_"}
+PREFIX = {"plain": "", "dram": "", "dram_b64": "b64_", "dram_g0": "g0_", "file": "file_"}
 MODE_ORDER = ["full_prefill", "prefix_hit", "blend_0", "blend_0.05", "blend_0.15", "blend_0.3", "blend_1",
               "b64_blend_0", "b64_blend_0.15", "file_blend_0", "file_blend_0.15", "ucm_cold"]
 
@@ -479,7 +480,9 @@ def driver(args: argparse.Namespace) -> None:
               str(args.gpu_mem), "--block-tokens", str(args.block_tokens), "--check-layer", str(args.check_layer),
               "--file-dir", args.file_dir, "--dram-gib", str(args.dram_gib), "--tp", str(args.tp),
               "--cold-reps", str(args.cold_reps), "--seed", str(args.seed), "--io-threads", str(args.io_threads),
-              "--load-group", str(args.load_group), "--dtype", args.dtype]
+              "--dtype", args.dtype]
+    if args.load_group is not None:
+        common += ["--load-group", str(args.load_group)]
     common += ["--engines", *args.engines, "--b64-ratios", *map(str, args.b64_ratios),
                "--profile-engines", *args.profile_engines]
     if args.profile:
@@ -540,7 +543,8 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", default=["plain", "dram", "dram_b64", "file"],
                     choices=sorted(PREFIX),
                     help="plain: vLLM alone; dram/file: ucm with a host-memory / file store; "
-                         "dram_b64: host-memory store with 64-token ucm blocks")
+                         "dram_b64: host-memory store with 64-token ucm blocks; dram_g0: host-memory "
+                         "store, chunk loads with the first check layer as a group of its own")
     ap.add_argument("--chunks", nargs="+", type=int, default=[6, 8, 16], help="chunks of 512 tokens per prompt")
     ap.add_argument("--pool", type=int, default=None, help="chunks in the pool (default: max --chunks)")
     ap.add_argument("--reps", type=int, default=10)
@@ -556,7 +560,8 @@ def main() -> None:
     ap.add_argument("--gpu-mem", type=float, default=0.85)
     ap.add_argument("--block-tokens", type=int, default=16)
     ap.add_argument("--check-layer", type=int, default=1)
-    ap.add_argument("--load-group", type=int, default=0, help="layers per chunk-load group (0: ucm default)")
+    ap.add_argument("--load-group", type=int, default=None,
+                    help="worker_side.LOAD_LAYER_GROUP for the ucm engines (default: ucm's own)")
     ap.add_argument("--dram-gib", type=int, default=8, help="host-memory tier capacity (pinned at engine start)")
     ap.add_argument("--file-dir", default="/var/tmp/ucm_ttft_kv")
     ap.add_argument("--file-cold", action="store_true")

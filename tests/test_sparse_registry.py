@@ -97,6 +97,23 @@ def test_gradual_filtering_narrows_rows():
     assert keep.sum() == 6
 
 
+def test_selection_never_reads_the_device():
+    """Selection on a GPU must not stall the host: run it on the meta device, where any
+    read of a value (nonzero, item, cpu, bool) raises, and check the counts and shapes
+    the host keeps. Two check layers, two requests."""
+    step = _step({1: 0.5, 2: 0.25})
+    fresh = torch.zeros(9, 2, 4, device="meta")
+    keep = step.select(1, fresh, torch.zeros(9, 2, 4, device="meta"))
+    assert keep.device.type == "meta" and keep.shape == (9,)
+    assert step.row_counts == {"a": 4, "b": 3}  # a: 2 non-reusable + 2 of 4 reusable
+    assert step.kept_local.shape == (7,) and step.take_shrink().shape == (7,)
+    assert step.rows.shape == (7,) and step.rows.device.type == "meta"
+    step.select(2, fresh[:7], torch.zeros(7, 2, 4, device="meta"))
+    step.take_shrink()
+    assert step.row_counts == {"a": 3, "b": 3} and step.rows.shape == (6,)
+    assert step.outcomes["a"].num_recomputed_reusable == 1
+
+
 def test_last_row_of_each_request_is_always_kept():
     cfg = BlendConfig(chunk_end_token_id=2, check_layers=(CheckLayer(0, "model.layers.0.self_attn.attn", 0.0),))
     blend = Blend(cfg, UcmSparseRole.WORKER)

@@ -119,9 +119,9 @@ def test_closed_store_fails_tasks_and_bad_config_is_rejected():
         UcmDramStore(capacity_bytes=0)
 
 
-def test_reserve_pins_the_capacity_once_per_block_size(monkeypatch):
-    """On CUDA hosts, reserve() pins capacity // block_nbytes blocks up front (once per
-    size); inserts then take their memory from the same pinned path."""
+def test_reserve_pins_one_arena_and_the_staging_blocks(monkeypatch):
+    """On CUDA hosts, reserve() pins the capacity as one arena of block slots (once per
+    store) plus the in-flight staging blocks; blocks of that size then live in the arena."""
     from ucm.store import dram_store
     from ucm.store import pinned as pinned_mod
     from ucm.store.pipeline_store import UcmPipelineStore
@@ -136,34 +136,41 @@ def test_reserve_pins_the_capacity_once_per_block_size(monkeypatch):
     monkeypatch.setattr(pinned_mod, "AVAILABLE", True)
     store = dram_store.UcmDramStore(capacity_bytes=10_000)
     UcmPipelineStore([store]).reserve(1024, in_flight_blocks=2)  # a pipeline forwards the hint
-    assert pinned == [((1024,), torch.uint8)] * (9 + 2)
+    assert pinned == [((9 * 1024,), torch.uint8)] + [((1024,), torch.uint8)] * 2
     store.reserve(1024)
-    assert len(pinned) == 11  # the same size again: nothing more
-    block = torch.arange(256, dtype=torch.float32)
+    assert len(pinned) == 3  # the same size again: nothing more
+    block = torch.arange(256, dtype=torch.float32)  # 1024 bytes: an arena block
     store.wait(store.dump([b"k" * 16], [block], "x"))
-    assert pinned[-1] == ((256,), torch.float32)
+    assert len(pinned) == 3 and store.stats()["arena_free_slots"] == 8
     assert torch.equal(store.wait(store.load([b"k" * 16], "x"))[0], block)
+    other = torch.arange(10, dtype=torch.float32)  # another size: its own pinned tensor
+    store.wait(store.dump([b"o" * 16], [other], "x"))
+    assert pinned[-1] == ((10,), torch.float32)
+    assert torch.equal(store.wait(store.load([b"o" * 16], "x"))[0], other)
 
 
-def test_reserve_is_a_no_op_without_cuda(monkeypatch):
+def test_reserve_without_cuda_builds_an_unpinned_arena(monkeypatch):
     from ucm.store import dram_store
     from ucm.store import pinned as pinned_mod
 
     monkeypatch.setattr(pinned_mod, "AVAILABLE", False)
     monkeypatch.setattr(pinned_mod, "empty", lambda *a: pytest.fail("pinned without CUDA"))
-    dram_store.UcmDramStore(capacity_bytes=10_000).reserve(1024)
+    store = dram_store.UcmDramStore(capacity_bytes=10_000)
+    store.reserve(1024, in_flight_blocks=4)
+    assert store.stats()["arena_slots"] == 9
 
 
 def test_reserve_survives_a_pinning_limit(monkeypatch, caplog):
-    """Running out of lockable memory while reserving is a warning, not a failed engine."""
+    """No lockable memory for the arena: blocks are pinned one by one, as far as the limit
+    allows, with a warning, and the store still works."""
     from ucm.store import dram_store
     from ucm.store import pinned as pinned_mod
 
     calls = []
 
     def limited(shape, dtype):
-        calls.append(shape)
-        if len(calls) > 3:
+        calls.append(tuple(shape))
+        if shape[0] > 1024 or len(calls) > 4:
             raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
         return torch.empty(tuple(shape), dtype=dtype)
 
@@ -172,4 +179,61 @@ def test_reserve_survives_a_pinning_limit(monkeypatch, caplog):
     store = dram_store.UcmDramStore(capacity_bytes=10_000)
     with caplog.at_level("WARNING"):
         store.reserve(1024)
-    assert len(calls) == 4 and "pinned only 3 of 9 blocks" in caplog.text
+    assert calls[0] == (9 * 1024,) and len(calls) == 5
+    assert "no arena" in caplog.text and "pinned only 3 of 9 blocks" in caplog.text
+    assert "arena_slots" not in store.stats()
+
+
+def _arena_store(slots: int = 4):
+    store = UcmDramStore(capacity_bytes=slots * 1024)
+    store.reserve(1024)
+    return store
+
+
+def _block(value: float) -> torch.Tensor:
+    return torch.full((256,), value, dtype=torch.float32)
+
+
+def test_blocks_saved_together_are_back_to_back_and_load_as_one_run():
+    from ucm.store.arena import coalesce_runs
+
+    store = _arena_store(8)
+    keys = make_keys(5)
+    store.wait(store.dump(keys, [_block(i) for i in range(5)], LAYOUT))
+    loaded = store.wait(store.load(keys, LAYOUT))
+    runs = coalesce_runs(loaded)
+    assert [(first, count) for first, count, _ in runs] == [(0, 5)]
+    assert torch.equal(runs[0][2], torch.stack(loaded))
+    # Out of order or with a gap: one run per back-to-back stretch.
+    runs = coalesce_runs([loaded[0], loaded[1], loaded[3], loaded[2]])
+    assert [(first, count) for first, count, _ in runs] == [(0, 2), (2, 1), (3, 1)]
+
+
+def test_an_evicted_block_still_held_by_a_reader_is_not_overwritten():
+    """A loader may still be copying from a block when it is evicted: its slot is parked
+    until the loader lets go, and only then reused."""
+    store = _arena_store(2)
+    a, b, c, d = make_keys(4)
+    store.wait(store.dump([a, b], [_block(1), _block(2)], LAYOUT))
+    held = store.wait(store.load([a], LAYOUT))[0]  # a is now most recently used
+    store.wait(store.dump([c], [_block(3)], LAYOUT))  # evicts b (slot free)
+    store.wait(store.dump([d], [_block(4)], LAYOUT))  # evicts a, whose slot is held
+    assert store.lookup([a, b, c, d]) == [False, False, True, True]
+    assert torch.equal(held, _block(1))  # not overwritten by c or d
+    assert torch.equal(store.wait(store.load([c, d], LAYOUT))[0], _block(3))
+    assert store.stats()["arena_free_slots"] == 0
+    del held
+    e = make_keys(5)[4]
+    store.wait(store.dump([e], [_block(5)], LAYOUT))  # a's slot is reusable now
+    assert torch.equal(store.wait(store.load([e], LAYOUT))[0], _block(5))
+    assert store.stats()["num_blocks"] == 2
+
+
+def test_every_slot_held_puts_a_new_block_in_its_own_tensor():
+    store = _arena_store(1)
+    a, b = make_keys(2)
+    store.wait(store.dump([a], [_block(1)], LAYOUT))
+    held = store.wait(store.load([a], LAYOUT))[0]
+    store.wait(store.dump([b], [_block(2)], LAYOUT))  # evicts a; its slot is still held
+    assert torch.equal(held, _block(1))
+    assert torch.equal(store.wait(store.load([b], LAYOUT))[0], _block(2))

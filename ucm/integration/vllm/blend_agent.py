@@ -199,15 +199,17 @@ class VllmBlendAgent(UcmSparseBase):
         plan = self._plan
         if step.is_check_layer(idx):
             cached_k, cached_v = view.gather(self.slots[self.rows_dev])
-            keep = step.select(idx, k, cached_k, v, cached_v)
-            kept = keep.nonzero().flatten()
-            plan = self._row_plan(kept, step.rows[kept], q.device, (heads, kv_heads))
+            step.select(idx, k, cached_k, v, cached_v)
+            kept = step.kept_local
+            assert kept is not None
+            rows = step.rows[kept]
+            plan = self._row_plan(kept, rows, q.device, (heads, kv_heads))
             # The next layers compute exactly these rows, in this order.
-            self._next_plan = self._row_plan(torch.arange(kept.shape[0]), step.rows[kept], q.device,
+            self._next_plan = self._row_plan(torch.arange(kept.shape[0], device=q.device), rows, q.device,
                                               (heads, kv_heads), plan)
         elif plan is None:
-            plan = self._plan = self._row_plan(torch.arange(step.rows.shape[0]), step.rows, q.device,
-                                               (heads, kv_heads))
+            plan = self._plan = self._row_plan(torch.arange(step.rows.shape[0], device=q.device), step.rows,
+                                               q.device, (heads, kv_heads))
         view.scatter(plan.slots, k[plan.kept], v[plan.kept])
         out = q.new_zeros(q.shape)
         scale = layer.impl.scale
@@ -218,26 +220,32 @@ class VllmBlendAgent(UcmSparseBase):
 
     def _row_plan(self, local: torch.Tensor, rows: torch.Tensor, device: torch.device, heads: tuple[int, int],
                   like: Optional[_RowPlan] = None) -> _RowPlan:
-        """Plan computing the current rows ``local`` (host indices), which are the
-        batch rows ``rows``. ``like``: a plan over the same batch rows whose per-request
-        attention plans (block masks) can be shared."""
-        rows_dev = to_device(rows, device)
+        """Plan computing the current rows ``local``, which are the batch rows ``rows``
+        (ascending, so each request's rows are one stretch of ``step.row_counts`` of
+        them). ``like``: a plan over the same batch rows whose per-request attention
+        plans (block masks) can be shared. Reads nothing back from the device."""
+        assert self.step is not None
+        local = to_device(local, device)
+        rows = to_device(rows, device)
         shared = {id(p.ctx): p for p in like.parts} if like is not None else {}
         parts = []
-        for ctx in self.contexts.values():
-            mine = (rows >= ctx.row_start) & (rows < ctx.row_start + ctx.num_rows)
-            if not bool(mine.any()):
+        start = 0
+        for req_id, ctx in self.contexts.items():
+            count = self.step.row_counts[req_id]
+            mine = slice(start, start + count)
+            start += count
+            if count == 0:
                 continue
-            idx = mine.nonzero().flatten()
             prev = shared.get(id(ctx))
             if prev is not None:
                 attend = prev.attend
             else:
-                q_pos = self.positions[rows_dev[to_device(idx, device)]]
+                q_pos = self.positions[rows[mine]]
                 k_pos = torch.arange(ctx.seq_len, device=device)
-                attend = attention.ExactMaskAttention.prepare(q_pos, k_pos, heads[0], heads[1], device)
-            parts.append(_Part(to_device(local[idx], device), ctx, attend))
-        return _RowPlan(to_device(local, device), self.slots[rows_dev], parts)
+                attend = attention.ExactMaskAttention.prepare(q_pos, k_pos, heads[0], heads[1], device,
+                                                              max_position=ctx.seq_len - 1)
+            parts.append(_Part(local[mine], ctx, attend))
+        return _RowPlan(local, self.slots[rows], parts)
 
 
 def _check_layer_supported(name: str, layer: Any) -> None:

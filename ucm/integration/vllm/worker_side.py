@@ -32,17 +32,20 @@ from ucm.integration.vllm.kv_layout import PagedKV, ProbedPagedKV, paged_kv_view
 from ucm.integration.vllm.kv_saver import BLOCK_LAYOUT, KVSaver
 from ucm.integration.vllm.metadata import BlockLoad, RequestStep, UcmConnectorMetadata
 from ucm.sparse.blend.rope import RopeSpec, _delta_cos_sin, apply_rotation
+from ucm.store.arena import coalesce_runs
 from ucm.store.base import KVStoreBase, StoreError
 
 logger = logging.getLogger(__name__)
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
-# Chunk loads on CUDA: layers per transfer group after the first check layer (which is
-# always a group of its own, so that selection can start early); 0: all of them in one
-# group. Each group costs one copy call per block (~10 us of host time each, measured
-# on an H100), so fewer groups start the forward sooner; more groups overlap the
-# transfer of later layers with the compute of earlier ones more finely.
-LOAD_LAYER_GROUP = 0
+# Chunk loads on CUDA. -1: whole stored blocks in one transfer, so that blocks lying
+# back to back in the store's arena move in one copy per run (a chunk saved at once is
+# one run) instead of one per block; the check layer then waits for the whole load.
+# 0: the first check layer alone first (selection can start early), then the other
+# layers; k > 0: the other layers in groups of k. Groups slice the layers of each block,
+# so they cost one copy call per block and group (~10 us of host time each, measured
+# on an H100): 1,024 calls for an 8K-token prompt with 0, ~32 with -1.
+LOAD_LAYER_GROUP = -1
 # Chunk loads rotate K of as many layers at once as fit in this many bytes (one kernel
 # launch each); 64 MiB = 4 layers of an 8K-token Llama-3-8B load, 8 at 4K tokens.
 ROPE_SLICE_BYTES = 64 << 20
@@ -98,7 +101,9 @@ class WorkerSide:
         self.load_errors: set[int] = set()
         self.stats = WorkerStats()
         self._load_stream: Any = None
-        self._inflight: Optional[tuple] = None
+        # (store tensors, event after their last copy) of this step's loads: the tensors
+        # must outlive their asynchronous copies (the store may reuse their memory).
+        self._inflight: list[tuple[list[torch.Tensor], Any]] = []
 
     # ---- setup ---------------------------------------------------------------------
     def register(self, kv_caches: dict[str, torch.Tensor], layers: list[LayerInfo]) -> None:
@@ -214,6 +219,8 @@ class WorkerSide:
     def _layer_groups(self, layers: list[LayerInfo]) -> list[list[LayerInfo]]:
         if not layers:
             return []
+        if int(LOAD_LAYER_GROUP) < 0:
+            return [layers]
         rest = layers[1:]
         size = int(LOAD_LAYER_GROUP) if int(LOAD_LAYER_GROUP) > 0 else max(1, len(rest))
         return [layers[:1]] + [rest[i:i + size] for i in range(0, len(rest), size)]
@@ -240,11 +247,16 @@ class WorkerSide:
                 cos, sin = _delta_cos_sin(dev["delta"], self.rope, dev["position"] - dev["delta"], device)
             full_rows = bool(len(loads) * self.block_tokens == dev["source"].numel())
             position_of = {info.name: p for p, info in enumerate(self.layers)}
+            whole = stream is None or int(LOAD_LAYER_GROUP) < 0
             for group in (self._layer_groups(layers) if stream is not None else [layers]):
                 p0 = position_of[group[0].name]
                 p1 = position_of[group[-1].name] + 1
                 assert p1 - p0 == len(group), "chunk layers must be consecutive"
-                staged = self._stage([block[p0:p1] for block in sources], device)  # [n, G, 2, T, H, D]
+                # Whole blocks keep each stored block contiguous, so runs coalesce; a
+                # slice of layers is strided across blocks (one copy per block).
+                s0, s1 = (0, len(self.layers)) if whole else (p0, p1)
+                staged = self._stage([block[s0:s1] for block in sources], device)  # [n, s1-s0, 2, T, H, D]
+                o = p0 - s0  # staged index of the group's first layer
                 heads, dim = staged.shape[-2], staged.shape[-1]
                 # K of several layers as [layers, rows, H, D], rotated in one kernel launch
                 # (per-layer launches are bound by ~50 us of host time each on CUDA); slices
@@ -255,14 +267,14 @@ class WorkerSide:
                 for q, info in enumerate(group):
                     if q % per_slice == 0:
                         q1 = min(len(group), q + per_slice)
-                        k_slice = staged[:, q:q1, 0].transpose(0, 1).reshape(q1 - q, -1, heads, dim)
+                        k_slice = staged[:, o + q:o + q1, 0].transpose(0, 1).reshape(q1 - q, -1, heads, dim)
                         if not full_rows:
                             k_slice = k_slice[:, dev["source"]]
                         if rotate:
                             k_slice = apply_rotation(k_slice, cos, sin, self.rope)
                     assert k_slice is not None
                     k = k_slice[q % per_slice]
-                    v = staged[:, q, 1].reshape(-1, heads, dim)
+                    v = staged[:, o + q, 1].reshape(-1, heads, dim)
                     if not full_rows:
                         v = v[dev["source"]]
                     view = self.views[info.name]
@@ -272,31 +284,33 @@ class WorkerSide:
                         event = torch.cuda.Event()
                         event.record(stream)
                         view.ready = event
-        if stream is not None:
-            # Host tensors must outlive their asynchronous copies.
-            self._inflight = (sources, view.ready)
+            if cuda:
+                done = torch.cuda.Event()
+                done.record()  # on the stream of these copies (the side or the compute stream)
+                self._inflight.append((sources, done))
 
     @staticmethod
     def _stage(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-        """Copy equally shaped host blocks into one device tensor, block by block (no
-        host-side concatenation; asynchronous when the blocks are pinned)."""
+        """Copy equally shaped host blocks into one device tensor: one copy per run of
+        blocks lying back to back in host memory (:func:`coalesce_runs`), no host-side
+        concatenation, asynchronous when the blocks are pinned."""
         if device.type != "cuda":
             return torch.stack(parts).to(device)
         staged = torch.empty((len(parts),) + tuple(parts[0].shape), dtype=parts[0].dtype, device=device)
-        targets = list(staged.unbind(0))
+        runs = coalesce_runs(parts)
+        targets = [staged[first:first + count] for first, count, _ in runs]
+        sources = [view for _, _, view in runs]
         try:
-            torch._foreach_copy_(targets, parts, non_blocking=True)
+            torch._foreach_copy_(targets, sources, non_blocking=True)
         except (RuntimeError, TypeError):  # no cross-device foreach copy in this torch
-            for target, part in zip(targets, parts):
-                target.copy_(part, non_blocking=True)
+            for target, source in zip(targets, sources):
+                target.copy_(source, non_blocking=True)
         return staged
 
     def _release_inflight(self) -> None:
-        if self._inflight is not None:
-            _, event = self._inflight
-            if event is not None:
-                event.synchronize()
-            self._inflight = None
+        for _, event in self._inflight:
+            event.synchronize()  # long done by the next step: its forward ran after it
+        self._inflight = []
 
     def wait_loads(self) -> None:
         """Order the compute stream after every pending chunk load (no host sync)."""

@@ -157,9 +157,10 @@ class ExactMaskAttention:
 
     def __init__(self, q_pos: torch.Tensor, k_pos: torch.Tensor, num_q_heads: int,
                  num_kv_heads: int, device: torch.device, chain: list[str],
-                 compile_flex: Optional[bool]) -> None:
+                 compile_flex: Optional[bool], max_position: Optional[int] = None) -> None:
         self.q_pos = q_pos
         self.k_pos = k_pos
+        self.max_position = max_position
         self.num_q_heads = num_q_heads
         self.num_kv_heads = num_kv_heads
         self.device = device
@@ -172,13 +173,15 @@ class ExactMaskAttention:
     @classmethod
     def prepare(cls, q_pos: torch.Tensor, k_pos: torch.Tensor, num_q_heads: int,
                 num_kv_heads: int, device: Union[torch.device, str, None] = None,
-                backend: Optional[str] = None, compile_flex: Optional[bool] = None
-                ) -> "ExactMaskAttention":
+                backend: Optional[str] = None, compile_flex: Optional[bool] = None,
+                max_position: Optional[int] = None) -> "ExactMaskAttention":
         """Plan for queries at ``q_pos [nq]`` over keys at ``k_pos [nk]`` (int positions).
 
         ``device``: where q/k/v will live (default: q_pos's device). ``backend``: auto |
         flex | cudnn | sdpa, default ``$UCM_BLEND_ATTENTION`` or auto. ``compile_flex``: compile
         flex_attention (default: on CUDA only; eager flex on CPU is for tests).
+        ``max_position``: an upper bound of every position, if the caller knows one; the
+        flex plan then need not read the largest position back from the device.
         """
         _check_heads(num_q_heads, num_kv_heads)
         if q_pos.dim() != 1 or k_pos.dim() != 1:
@@ -187,7 +190,7 @@ class ExactMaskAttention:
         q_pos = q_pos.to(dev, torch.long)
         k_pos = k_pos.to(dev, torch.long)
         chain = backend_chain(backend, dev, q_pos.numel() * k_pos.numel())
-        return cls(q_pos, k_pos, num_q_heads, num_kv_heads, dev, chain, compile_flex)
+        return cls(q_pos, k_pos, num_q_heads, num_kv_heads, dev, chain, compile_flex, max_position)
 
     @property
     def backend(self) -> str:
@@ -204,8 +207,10 @@ class ExactMaskAttention:
                 self._give_up(exc)
 
     def _setup_flex(self) -> Any:
-        top = max(int(self.q_pos.max()) if self.q_pos.numel() else 0,
-                  int(self.k_pos.max()) if self.k_pos.numel() else 0)
+        top = self.max_position
+        if top is None:
+            top = max(int(self.q_pos.max()) if self.q_pos.numel() else 0,
+                      int(self.k_pos.max()) if self.k_pos.numel() else 0)
         if top >= _POS_SENTINEL:
             raise ValueError(f"positions must be below {_POS_SENTINEL} for flex")
         return build_block_mask(self.q_pos, self.k_pos)

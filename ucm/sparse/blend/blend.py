@@ -67,9 +67,10 @@ class RequestOutcome:
 class BlendStep:
     """Row selection state of one forward pass.
 
-    ``rows`` is always the sorted global row indices currently computed; after a
-    check layer, :meth:`take_shrink` gives the local indices (into the previous
-    ``rows``) that the next layer keeps.
+    ``rows`` is always the sorted global row indices currently computed (on the
+    device of the K/V given to :meth:`select`); after a check layer,
+    :meth:`take_shrink` gives the local indices (into the previous ``rows``) that the
+    next layer keeps. Requests' rows stay in batch order, ``row_counts[req]`` of each.
     """
 
     requests: list[RequestRows]
@@ -79,6 +80,7 @@ class BlendStep:
     norm: str = "l2"
     all_reduce: Optional[AllReduce] = None
     rows: torch.Tensor = field(init=False)
+    row_counts: dict[str, int] = field(init=False)  # rows each request computes now (host)
     outcomes: dict[str, RequestOutcome] = field(init=False)
     _filters: dict[str, GradualFilter] = field(init=False)
     _pending_local: Optional[torch.Tensor] = field(init=False, default=None)
@@ -87,6 +89,7 @@ class BlendStep:
         self.rows = torch.arange(self.num_rows)
         self._filters = {}
         self.outcomes = {}
+        self.row_counts = {req.req_id: req.num_rows for req in self.requests}
         for req in self.requests:
             always = req.always if req.always is not None else torch.zeros(req.num_rows, dtype=torch.bool)
             if req.num_rows:
@@ -118,29 +121,44 @@ class BlendStep:
         Inputs are ``[len(rows), heads, head_dim]`` for the rows currently computed.
         Returns a bool mask over the current rows; the kept rows become ``rows``
         once :meth:`take_shrink` is called.
+
+        Nothing here reads a value back from the inputs' device: how many rows each
+        request keeps follows from its ratio and masks alone (:attr:`row_counts`), and
+        which rows they are stays on the device. On a GPU the host therefore goes on
+        queueing the next layers while this layer still runs.
         """
         deviation = token_deviation(fresh_k, cached_k, fresh_v, cached_v, self.target, self.norm)
         if self.all_reduce is not None:
             # One collective for the whole batch: every TP rank then ranks identical numbers.
             deviation = self.all_reduce(deviation)
-        deviation = deviation.float().cpu()
-        full = torch.zeros(self.num_rows, dtype=torch.float32)
-        full[self.rows] = deviation
-        keep_global = torch.zeros(self.num_rows, dtype=torch.bool)
+        device = deviation.device
+        rows = self.rows = self.rows.to(device)
+        full = torch.zeros(self.num_rows, dtype=torch.float32, device=device)
+        full[rows] = deviation.to(torch.float32)
+        # Forced rows are kept at every check and picks nest, so the kept rows are always
+        # a subset of the current ones.
+        keep_global = torch.zeros(self.num_rows, dtype=torch.bool, device=device)
+        total = 0
         for req in self.requests:
             span = slice(req.row_start, req.row_start + req.num_rows)
-            ratio = self.ratio_at(layer, req.ratio)
-            mask = self._filters[req.req_id].step(full[span], ratio)
-            keep_global[span] = mask
-            outcome = self.outcomes[req.req_id]
-            outcome.num_recomputed_reusable = int((mask & req.reusable).sum())
-        current = torch.zeros(self.num_rows, dtype=torch.bool)
-        current[self.rows] = True
-        keep_global &= current
-        keep_local = keep_global[self.rows]
-        self._pending_local = keep_local.nonzero().flatten()
-        self._next_rows = self.rows[keep_local]
+            flt = self._filters[req.req_id]
+            keep_global[span] = flt.step(full[span], self.ratio_at(layer, req.ratio))
+            self.outcomes[req.req_id].num_recomputed_reusable = flt.num_selected_reusable
+            self.row_counts[req.req_id] = flt.num_selected
+            total += flt.num_selected
+        keep_local = keep_global[rows]
+        # Indices of the kept rows in ascending order, with their count known up front
+        # (nonzero() would wait for the device to learn its output size).
+        local = torch.argsort((~keep_local).to(torch.uint8), stable=True)[:total]
+        self._pending_local = local
+        self._next_rows = rows[local]
         return keep_local
+
+    @property
+    def kept_local(self) -> Optional[torch.Tensor]:
+        """After :meth:`select`, before :meth:`take_shrink`: indices of the kept rows
+        among the current ones, ascending."""
+        return self._pending_local
 
     def ratio_at(self, layer: int, request_ratio: Optional[float]) -> float:
         """The ratio a request gets at check layer ``layer``.

@@ -85,20 +85,26 @@ def _budget(ratio: float, num_reusable: int) -> int:
     return min(num_reusable, math.ceil(ratio * num_reusable - 1e-9))
 
 
-def top_rows(deviation: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+def top_rows(deviation: torch.Tensor, candidates: torch.Tensor, k: int,
+             num_candidates: Optional[int] = None) -> torch.Tensor:
     """Bool mask of the ``k`` candidate rows with the largest deviation.
 
     Ties go to the lower row index (stable sort), so identical inputs give identical
     picks on every rank. NaN deviations sort first: a row we cannot judge is recomputed.
+    ``num_candidates`` (``candidates.sum()``, if the caller knows it) keeps the whole
+    selection free of host synchronisation when the tensors live on a GPU: the result's
+    size is fixed by ``k`` and the count, never read back from the device.
     """
     mask = torch.zeros_like(candidates, dtype=torch.bool)
-    idx = candidates.nonzero().flatten()
-    k = min(k, idx.numel())
+    if num_candidates is None:
+        num_candidates = int(candidates.sum())
+    k = min(k, num_candidates)
     if k <= 0:
         return mask
-    dev = deviation[idx].to(torch.float32).nan_to_num(nan=float("inf"))
+    dev = deviation.to(torch.float32).nan_to_num(nan=float("inf"))
+    dev = torch.where(candidates, dev, torch.full_like(dev, float("-inf")))  # deviations are >= 0
     order = torch.sort(dev, descending=True, stable=True).indices[:k]
-    mask[idx[order]] = True
+    mask[order] = True
     return mask
 
 
@@ -146,27 +152,54 @@ class GradualFilter:
     Every ratio is relative to the request's *total* number of reusable tokens: ratios
     0.3 then 0.15 keep 30% then 15% of them, not 15% of the 30%. A ratio larger than
     the previous one cannot grow the set (rows already dropped have no fresh state).
+
+    The masks may live on a GPU (they follow the deviation's device); every count is
+    kept on the host (``num_selected``), so a step never waits for the device.
     """
 
     def __init__(self, reusable: torch.Tensor, always: Optional[torch.Tensor] = None) -> None:
         self.reusable = reusable.to(torch.bool)
         self.always = (torch.zeros_like(self.reusable) if always is None else always.to(torch.bool))
+        if self.always.shape != self.reusable.shape:
+            raise ValueError(f"always must be [tokens] like reusable; got {tuple(self.always.shape)}")
         self.num_reusable = int(self.reusable.sum())
+        self.forced = self.always | ~self.reusable
         self.candidates = self.reusable & ~self.always
+        self.num_candidates = int(self.candidates.sum())
+        self.num_forced = int(self.forced.sum())
+        self.num_forced_reusable = int((self.always & self.reusable).sum())
         self.selected = torch.ones_like(self.reusable)  # before any check: every row computed
         self.steps = 0
+
+    @property
+    def num_selected(self) -> int:
+        """Rows selected now (host count)."""
+        return self.num_forced + self.num_candidates if self.steps else int(self.reusable.numel())
+
+    @property
+    def num_selected_reusable(self) -> int:
+        """Reusable rows selected now, i.e. reused KV recomputed (host count)."""
+        return self.num_forced_reusable + self.num_candidates if self.steps else self.num_reusable
 
     def step(self, deviation: torch.Tensor, ratio: float, all_reduce: Optional[AllReduce] = None) -> torch.Tensor:
         """Select at one check layer. ``deviation`` is ``[tokens]``; rows outside the
         current selection are ignored (callers may leave them zero). Returns the new mask."""
         ratio = _check_ratio(ratio)
-        deviation, forced = _prepare(deviation, self.reusable, self.always, all_reduce)
+        if deviation.dim() != 1 or deviation.shape != self.reusable.shape:
+            raise ValueError(f"deviation must be [tokens] like reusable; got {tuple(deviation.shape)}")
+        deviation = deviation.to(torch.float32)
+        if all_reduce is not None:
+            deviation = all_reduce(deviation)
+        if self.forced.device != deviation.device:
+            self.forced = self.forced.to(deviation.device)
+            self.candidates = self.candidates.to(deviation.device)
         k = _budget(ratio, self.num_reusable)
-        if k > int(self.candidates.sum()):
+        if k > self.num_candidates:
             logger.debug("check %d: ratio %.3f exceeds the %d rows still selected; keeping them all",
-                         self.steps, ratio, int(self.candidates.sum()))
-        picked = top_rows(deviation, self.candidates, k)
+                         self.steps, ratio, self.num_candidates)
+        picked = top_rows(deviation, self.candidates, k, self.num_candidates)
         self.candidates = picked
-        self.selected = forced | picked
+        self.num_candidates = min(k, self.num_candidates)
+        self.selected = self.forced | picked
         self.steps += 1
         return self.selected
