@@ -185,7 +185,7 @@ def token_slots(block_ids: torch.Tensor, tokens: torch.Tensor, block_size: int) 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host -> device without a host sync on CUDA (a pageable source would make the
     copy synchronous and stall the host until the GPU is idle)."""
-    if device.type == "cuda":
+    if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
