@@ -260,11 +260,15 @@ class ExactMaskAttention:
             padded[:nq] = q
             q = padded
         fn = _flex_fn(self.compile_flex)
-        with warnings.catch_warnings():
-            # eager flex (CPU tests) warns that it is unfused; that is the point there
-            warnings.simplefilter("ignore", UserWarning)
-            out = fn(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                     block_mask, scale, self.num_q_heads != self.num_kv_heads)
+        args = (q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask, scale,
+                self.num_q_heads != self.num_kv_heads)
+        if self.compile_flex:
+            out = fn(*args)  # once per layer on the request path: no warnings context here
+        else:
+            with warnings.catch_warnings():
+                # eager flex (CPU tests) warns that it is unfused; that is the point there
+                warnings.simplefilter("ignore", UserWarning)
+                out = fn(*args)
         return out[0, :, :nq].transpose(0, 1)
 
     def _additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
