@@ -180,11 +180,11 @@ class UcmDramStore(KVStoreBase):
             if key in self._blocks:
                 self._stats.incr("blocks_skipped")
                 return 0
-        slot = self._take_slot(nbytes)
+        arena = self._arena  # close() may drop it meanwhile; this insert keeps its own
+        slot = self._take_slot(arena, nbytes)
         # Copy outside the lock: it is the expensive part and touches no shared state.
-        if slot is not None:
-            assert self._arena is not None
-            copy = self._arena.tensor(slot, tensor.shape, tensor.dtype)
+        if arena is not None and slot is not None:
+            copy = arena.tensor(slot, tensor.shape, tensor.dtype)
             copy.copy_(tensor.detach())
         elif pinned.AVAILABLE:
             # Pinned host memory makes the later host-to-GPU load asynchronous and ~7x faster
@@ -197,10 +197,10 @@ class UcmDramStore(KVStoreBase):
         with self._lock:
             if key in self._blocks:  # another thread won the race meanwhile
                 self._stats.incr("blocks_skipped")
-                if slot is not None:
+                if arena is not None and slot is not None:
                     ref = weakref.ref(copy)
                     del copy
-                    self._arena.release(slot, ref)
+                    arena.release(slot, ref)
                 return 0
             self._blocks[key] = (copy, layout, nbytes, slot)
             self._used += nbytes
@@ -212,12 +212,11 @@ class UcmDramStore(KVStoreBase):
         self._stats.incr("bytes_written", nbytes)
         return 1
 
-    def _take_slot(self, nbytes: int) -> Optional[int]:
+    def _take_slot(self, arena: Optional[BlockArena], nbytes: int) -> Optional[int]:
         """An arena slot for a block of ``nbytes``, evicting the least-recently-used
         block if none is free (the insert needs its room anyway). None: no arena,
         another size, or the evicted block's slot is still held by a reader -- then the
         block goes into its own tensor rather than evicting more."""
-        arena = self._arena
         if arena is None or nbytes != arena.slot_nbytes:
             return None
         with self._lock:
