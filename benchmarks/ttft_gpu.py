@@ -100,6 +100,7 @@ class Bench:
 
         self.SamplingParams = SamplingParams
         self.results: dict[str, Any] = {"kind": kind, "modes": {}, "throughput": {}}
+        self.host_times: list[dict[str, float]] = []  # ucm's host time per phase, per timed request
 
     def _engine(self):
         from vllm import LLM
@@ -140,9 +141,17 @@ class Bench:
         prompt: dict[str, Any] = {"prompt_token_ids": ids}
         if salt:
             prompt["cache_salt"] = salt
+        if self.args.host_times:
+            from ucm.integration.vllm.host_time import HOST_TIMES
+
+            HOST_TIMES.enabled = True
+            HOST_TIMES.take()  # drop what earlier, untimed work left
         t0 = time.perf_counter()
         out = self.llm.generate([prompt], [self.params(ratio)], use_tqdm=False)[0]
-        return time.perf_counter() - t0, out
+        dt = time.perf_counter() - t0
+        if self.args.host_times:
+            self.host_times.append(HOST_TIMES.take())
+        return dt, out
 
     def stats(self, out: Any) -> dict:
         from ucm.integration.vllm.stats import request_stats
@@ -157,6 +166,11 @@ class Bench:
                 vals = [s.get(key) for s in stats if s.get(key) is not None]
                 if vals:
                     entry[key] = round(statistics.mean(vals), 3)
+        hosts, self.host_times = self.host_times[-len(times):], []
+        phases = sorted({p for h in hosts for p in h})
+        if self.args.host_times and phases:
+            entry["host_ms"] = {p: _median_ms([h.get(p, 0.0) for h in hosts]) for p in phases}
+            print(f"[{self.kind}] {n_chunks:2d} chunks {mode:>14}: host ms {entry['host_ms']}", flush=True)
         self.results["modes"].setdefault(str(n_chunks), {})[mode] = entry
         print(f"[{self.kind}] {n_chunks:2d} chunks {mode:>14}: median {entry['median_ms']:8.2f} ms "
               f"(min {entry['min_ms']}, max {entry['max_ms']}) {({k: v for k, v in entry.items() if 'hit' in k or 'ratio' in k})}",
@@ -497,6 +511,8 @@ def driver(args: argparse.Namespace) -> None:
         common.append("--trace")
     if args.host_profile:
         common += ["--host-profile", "--host-profile-reps", str(args.host_profile_reps)]
+    if args.host_times:
+        common.append("--host-times")
     if args.file_cold:
         common.append("--file-cold")
     if args.pool is not None:
@@ -585,6 +601,8 @@ def main() -> None:
     ap.add_argument("--host-profile", action="store_true",
                     help="cProfile blend_0.15 requests at the largest size (ucm engines): host time per function")
     ap.add_argument("--host-profile-reps", type=int, default=3)
+    ap.add_argument("--host-times", action="store_true",
+                    help="record ucm's host time per phase (plan, load, forward, ...) of every timed request")
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--plot-only", default=None, help="a saved ttft_gpu.json: redraw table and plot")
     ap.add_argument("--engine", default=None, help=argparse.SUPPRESS)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ucm.integration.vllm import stats
+from ucm.integration.vllm.host_time import HOST_TIMES
 from ucm.integration.vllm.metadata import UcmConnectorMetadata
 from ucm.integration.vllm.kv_layout import to_device, token_slots
 from ucm.integration.vllm.worker_side import WorkerSide, layer_index
@@ -191,6 +192,7 @@ class VllmBlendAgent(UcmSparseBase):
         idx = self._index(layer.layer_name)
         if step.computes_all_rows(idx):
             return None
+        start = HOST_TIMES.start()
         heads, kv_heads, dim = layer.num_heads, layer.num_kv_heads, layer.head_size
         q = query.view(-1, heads, dim)
         k = key.view(-1, kv_heads, dim)
@@ -198,6 +200,7 @@ class VllmBlendAgent(UcmSparseBase):
         view = self.worker.views[layer.layer_name]
         plan = self._plan
         if step.is_check_layer(idx):
+            check_start = HOST_TIMES.start()
             cached_k, cached_v = view.gather(self.slots[self.rows_dev])
             step.select(idx, k, cached_k, v, cached_v)
             kept = step.kept_local
@@ -207,6 +210,7 @@ class VllmBlendAgent(UcmSparseBase):
             # The next layers compute exactly these rows, in this order.
             self._next_plan = self._row_plan(torch.arange(kept.shape[0], device=q.device), rows, q.device,
                                               (heads, kv_heads), plan)
+            HOST_TIMES.add("select", check_start)
         elif plan is None:
             plan = self._plan = self._row_plan(torch.arange(step.rows.shape[0], device=q.device), step.rows,
                                                q.device, (heads, kv_heads))
@@ -216,6 +220,7 @@ class VllmBlendAgent(UcmSparseBase):
         for part in plan.parts:
             k_ctx, v_ctx = view.context(part.ctx.block_ids, part.ctx.seq_len)
             out[part.local] = part.attend(q[part.local], k_ctx.to(q.dtype), v_ctx.to(q.dtype), scale)
+        HOST_TIMES.add("blend_attention", start)
         return out.view(-1, heads * dim)
 
     def _row_plan(self, local: torch.Tensor, rows: torch.Tensor, device: torch.device, heads: tuple[int, int],

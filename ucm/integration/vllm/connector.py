@@ -25,6 +25,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from ucm.config import UcmConfig, UcmConfigError, sparse_enabled
 from ucm.hashing import HashContext
 from ucm.integration.vllm import stats as stats_registry
+from ucm.integration.vllm.host_time import HOST_TIMES
 from ucm.integration.vllm.metadata import UcmConnectorMetadata
 from ucm.integration.vllm.scheduler_side import SchedulerSide, request_is_precompute, request_ratio
 from ucm.integration.vllm.worker_side import LayerInfo, WorkerSide, layer_index
@@ -156,7 +157,9 @@ class UCMConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, UcmConnectorMetadata) and self.worker_side is not None
+        start = HOST_TIMES.start()
         self.worker_side.start_load(meta)
+        HOST_TIMES.add("load", start)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous in start_load_kv
@@ -166,11 +169,13 @@ class UCMConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         assert self.worker_side is not None
+        start = HOST_TIMES.start()
         if self.has_connector_metadata():
             meta = self._get_connector_metadata()
             assert isinstance(meta, UcmConnectorMetadata)
             self.worker_side.save(meta)
         self.worker_side.reap_saves()
+        HOST_TIMES.add("save", start)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker_side.take_load_errors() if self.worker_side else set()
@@ -203,9 +208,11 @@ class UCMConnector(KVConnectorBase_V1):
         params = getattr(request, "sampling_params", None)
         extra_args = getattr(params, "extra_args", None)
         ratio = request_ratio(extra_args) if self.blend_on else None
+        start = HOST_TIMES.start()
         hit = self.scheduler_side.num_new_matched_tokens(
             request.request_id, prompt, getattr(request, "cache_salt", None), num_computed_tokens, ratio,
             request_is_precompute(extra_args))
+        HOST_TIMES.add("plan", start)
         return hit, False
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
@@ -214,7 +221,10 @@ class UCMConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         assert self.scheduler_side is not None
-        return self.scheduler_side.build_meta(scheduler_output)
+        start = HOST_TIMES.start()
+        meta = self.scheduler_side.build_meta(scheduler_output)
+        HOST_TIMES.add("meta", start)
+        return meta
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, Optional[dict[str, Any]]]:
         assert self.scheduler_side is not None

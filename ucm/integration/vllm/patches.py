@@ -72,6 +72,9 @@ def _wrap_model_forward(original: Callable) -> Callable:
         install_layer_hooks(self.model, agent)
         from ucm.integration.vllm.blend_agent import BatchInfo
 
+        from ucm.integration.vllm.host_time import HOST_TIMES
+
+        start = HOST_TIMES.start()
         num_reqs = self.input_batch.num_reqs
         positions = kwargs.get("positions")
         state.maybe_execute_begin(BatchInfo(list(self.input_batch.req_ids[:num_reqs]), positions))
@@ -79,6 +82,7 @@ def _wrap_model_forward(original: Callable) -> Callable:
             return original(self, *args, **kwargs)
         finally:
             state.maybe_execute_finished(torch.empty(0))
+            HOST_TIMES.add("forward", start)
 
     return _model_forward
 
