@@ -101,6 +101,13 @@ class VllmBlendAgent(UcmSparseBase):
         meta = self.metadata()
         if meta is None or not meta.blend_active:
             return
+        start = HOST_TIMES.start()
+        try:
+            self._begin_step(meta, batch)
+        finally:
+            HOST_TIMES.add("begin", start)
+
+    def _begin_step(self, meta: UcmConnectorMetadata, batch: BatchInfo) -> None:
         requests, contexts, slots = [], {}, []
         row = 0
         device = batch.positions.device

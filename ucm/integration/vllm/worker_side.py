@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ucm.hashing import rank_key
+from ucm.integration.vllm.host_time import HOST_TIMES
 from ucm.integration.vllm.kv_layout import PagedKV, ProbedPagedKV, paged_kv_view, to_device, token_slots
 from ucm.integration.vllm.kv_saver import BLOCK_LAYOUT, KVSaver
 from ucm.integration.vllm.metadata import BlockLoad, RequestStep, UcmConnectorMetadata
@@ -143,11 +144,13 @@ class WorkerSide:
         if not items:
             return
         keys = [rank_key(load.key, self.tp_rank) for _, load in items]
+        start = HOST_TIMES.start()
         try:
             blocks = self.store.wait(self.store.load(keys, BLOCK_LAYOUT))
         except StoreError as err:
             logger.warning("ucm: loading %d blocks failed (%s); recomputing them", len(keys), err)
             blocks = [None] * len(items)
+        HOST_TIMES.add("load_store", start)
         groups: dict[bool, list[tuple[RequestStep, BlockLoad, torch.Tensor]]] = {False: [], True: []}
         for (req, load), block in zip(items, blocks):
             if block is None or not self._block_fits(block):
