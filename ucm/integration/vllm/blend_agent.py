@@ -29,11 +29,12 @@ import torch
 from ucm.integration.vllm import stats
 from ucm.integration.vllm.host_time import HOST_TIMES
 from ucm.integration.vllm.metadata import UcmConnectorMetadata
-from ucm.integration.vllm.kv_layout import to_device, token_slots
+from ucm.integration.vllm.kv_layout import token_slots
 from ucm.integration.vllm.worker_side import WorkerSide, layer_index
 from ucm.sparse.base import UcmSparseBase, UcmSparseRole
 from ucm.sparse.blend import attention
 from ucm.sparse.blend.blend import Blend, BlendStep, RequestRows
+from ucm.sparse.blend.transfer import to_device
 
 logger = logging.getLogger(__name__)
 

@@ -182,12 +182,6 @@ def token_slots(block_ids: torch.Tensor, tokens: torch.Tensor, block_size: int) 
     return block_ids[tokens // block_size] * block_size + tokens % block_size
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host -> device without a host sync on CUDA (a pageable source would make the
-    copy synchronous and stall the host until the GPU is idle)."""
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def paged_kv_view(backend_name: str, kv_cache: torch.Tensor, num_kv_heads: int, head_dim: int,

@@ -20,11 +20,12 @@ import torch
 
 from ucm.hashing import rank_key
 from ucm.integration.vllm.inflight import INFLIGHT
-from ucm.integration.vllm.kv_layout import PagedKV, to_device, token_slots
+from ucm.integration.vllm.kv_layout import PagedKV, token_slots
 from ucm.integration.vllm.metadata import UcmConnectorMetadata
 from ucm.sparse.blend.rope import RopeSpec, delta_rotate
 from ucm.store import pinned
 from ucm.store.base import KVStoreBase, StoreError, Task
+from ucm.sparse.blend.transfer import to_device
 
 logger = logging.getLogger(__name__)
 

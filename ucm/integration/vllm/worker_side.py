@@ -29,12 +29,13 @@ import torch
 
 from ucm.hashing import rank_key
 from ucm.integration.vllm.host_time import HOST_TIMES
-from ucm.integration.vllm.kv_layout import PagedKV, ProbedPagedKV, paged_kv_view, to_device, token_slots
+from ucm.integration.vllm.kv_layout import PagedKV, ProbedPagedKV, paged_kv_view, token_slots
 from ucm.integration.vllm.kv_saver import BLOCK_LAYOUT, KVSaver
 from ucm.integration.vllm.metadata import BlockLoad, RequestStep, UcmConnectorMetadata
 from ucm.sparse.blend.rope import RopeSpec, _delta_cos_sin, apply_rotation
 from ucm.store.arena import coalesce_runs
 from ucm.store.base import KVStoreBase, StoreError
+from ucm.sparse.blend.transfer import to_device
 
 logger = logging.getLogger(__name__)
 

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from ucm.sparse.blend.flex_mask import _POS_SENTINEL, _flex_fn, build_block_mask
+from ucm.sparse.blend.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -187,8 +188,8 @@ class ExactMaskAttention:
         if q_pos.dim() != 1 or k_pos.dim() != 1:
             raise ValueError(f"q_pos and k_pos must be 1-D; got {tuple(q_pos.shape)}, {tuple(k_pos.shape)}")
         dev = torch.device(device) if device is not None else q_pos.device
-        q_pos = q_pos.to(dev, torch.long)
-        k_pos = k_pos.to(dev, torch.long)
+        q_pos = to_device(q_pos, dev).long()
+        k_pos = to_device(k_pos, dev).long()
         chain = backend_chain(backend, dev, q_pos.numel() * k_pos.numel())
         return cls(q_pos, k_pos, num_q_heads, num_kv_heads, dev, chain, compile_flex, max_position)
 

@@ -28,6 +28,7 @@ import torch
 
 from ucm.sparse.base import UcmSparseBase
 from ucm.sparse.blend.selection import GradualFilter, token_deviation
+from ucm.sparse.blend.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class BlendStep:
             # One collective for the whole batch: every TP rank then ranks identical numbers.
             deviation = self.all_reduce(deviation)
         device = deviation.device
-        rows = self.rows = self.rows.to(device)
+        rows = self.rows = to_device(self.rows, device)
         full = torch.zeros(self.num_rows, dtype=torch.float32, device=device)
         full[rows] = deviation.to(torch.float32)
         # Forced rows are kept at every check and picks nest, so the kept rows are always

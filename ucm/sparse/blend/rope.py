@@ -29,6 +29,8 @@ from typing import Any, Optional
 
 import torch
 
+from ucm.sparse.blend.transfer import to_device
+
 logger = logging.getLogger(__name__)
 
 KERNEL_ENV = "UCM_ROPE_KERNEL"
@@ -254,8 +256,8 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec) -> torch.Te
     x: ``[..., tokens, heads, head_dim]``; positions: ``LongTensor[tokens]``.
     """
     _check(x, positions, spec)
-    inv_freq, scale = inv_freq_and_scale(spec)
-    angles = positions.to(torch.float32)[:, None] * inv_freq.to(x.device)[None, :]
+    _, scale = inv_freq_and_scale(spec)
+    angles = positions.to(torch.float32)[:, None] * _inv_freq_on(spec, x.device)[None, :]
     return _apply(x, angles.cos() * scale, angles.sin() * scale, spec)
 
 
@@ -314,6 +316,12 @@ def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: 
     return _apply(x, cos, sin, spec)
 
 
+@functools.lru_cache(maxsize=64)
+def _inv_freq_on(spec: RopeSpec, device: torch.device) -> torch.Tensor:
+    """Inverse frequencies on ``device``, copied once per (spec, device)."""
+    return to_device(inv_freq_and_scale(spec)[0], device)
+
+
 def _delta_cos_sin(
     delta: torch.Tensor, spec: RopeSpec, from_positions: Optional[torch.Tensor], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,12 +332,12 @@ def _delta_cos_sin(
     matches a direct ``rotate`` at the new position to float32 rounding even at large
     positions (where float32 angles are only accurate to ~ulp(pos * inv_freq)).
     """
-    inv = inv_freq_and_scale(spec)[0].to(device)
+    inv = _inv_freq_on(spec, torch.device(device))
     if from_positions is None:
         angles = delta.to(torch.float64)[:, None] * inv.to(torch.float64)[None, :]
     else:
-        old = from_positions.to(device)
-        new = old + delta.to(device)
+        old = to_device(from_positions, device)
+        new = old + to_device(delta, device)
         new_a = (new.to(torch.float32)[:, None] * inv[None, :]).to(torch.float64)
         old_a = (old.to(torch.float32)[:, None] * inv[None, :]).to(torch.float64)
         angles = new_a - old_a
@@ -338,7 +346,9 @@ def _delta_cos_sin(
 
 def _as_delta(delta: "torch.Tensor | int", x: torch.Tensor) -> torch.Tensor:
     """Accept one shift for all tokens (an int or 0-d tensor) as well as one per token."""
-    delta = torch.as_tensor(delta, dtype=torch.int64, device=x.device)
+    if not isinstance(delta, torch.Tensor):
+        return torch.full((x.shape[-3],), int(delta), dtype=torch.int64, device=x.device)  # no copy
+    delta = to_device(delta.to(torch.int64), x.device)
     return delta.expand(x.shape[-3]) if delta.dim() == 0 else delta
 
 

@@ -54,6 +54,7 @@ import triton
 import triton.language as tl
 
 from .rope import RopeSpec, inv_freq_and_scale
+from .transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def _jit(interpret: bool) -> Any:
 @functools.lru_cache(maxsize=32)
 def _inv_freq_on(spec: RopeSpec, device: torch.device) -> torch.Tensor:
     """inv_freq on the device, cached so a launch costs no host-to-device copy."""
-    return inv_freq_and_scale(spec)[0].to(device=device, dtype=torch.float32).contiguous()
+    return to_device(inv_freq_and_scale(spec)[0].to(torch.float32), device).contiguous()
 
 
 def _next_pow2(n: int) -> int:
@@ -271,7 +272,7 @@ def _launch(x: torch.Tensor, spec: RopeSpec, angles: int, tables: tuple[Optional
 def _index_vector(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """int64, contiguous, 1-D on ``device``; no copies when it already is."""
     if t.dtype != torch.int64 or t.device != device:
-        t = t.to(device=device, dtype=torch.int64)
+        t = to_device(t.to(torch.int64), device)
     if t.dim() != 1:
         t = t.reshape(-1)
     return t if t.is_contiguous() else t.contiguous()
@@ -288,9 +289,9 @@ def apply_rotation_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if tuple(cos.shape) != want or tuple(sin.shape) != want:
         raise ValueError(f"cos/sin must be [tokens, rotary_dim/2] = {want}, got {tuple(cos.shape)}, {tuple(sin.shape)}")
     if cos.dtype != torch.float32 or cos.device != x.device or cos.stride(-1) != 1:
-        cos = cos.to(device=x.device, dtype=torch.float32).contiguous()
+        cos = to_device(cos.to(torch.float32), x.device).contiguous()
     if sin.dtype != torch.float32 or sin.device != x.device or sin.stride() != cos.stride():
-        sin = sin.to(device=x.device, dtype=torch.float32).contiguous()
+        sin = to_device(sin.to(torch.float32), x.device).contiguous()
         cos = cos.contiguous()
     return _launch(x, spec, 0, (cos, sin), out, config)
 

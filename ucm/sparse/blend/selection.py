@@ -22,6 +22,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ucm.sparse.blend.transfer import to_device
+
 logger = logging.getLogger(__name__)
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -191,8 +193,8 @@ class GradualFilter:
         if all_reduce is not None:
             deviation = all_reduce(deviation)
         if self.forced.device != deviation.device:
-            self.forced = self.forced.to(deviation.device)
-            self.candidates = self.candidates.to(deviation.device)
+            self.forced = to_device(self.forced, deviation.device)
+            self.candidates = to_device(self.candidates, deviation.device)
         k = _budget(ratio, self.num_reusable)
         if k > self.num_candidates:
             logger.debug("check %d: ratio %.3f exceeds the %d rows still selected; keeping them all",
