@@ -21,7 +21,7 @@ When a step has no reused rows the agent does nothing and vLLM runs untouched.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -76,6 +76,7 @@ class _RowPlan:
     kept: torch.Tensor  # device: indices into the current rows that are computed
     slots: torch.Tensor  # device: their paged-cache slots
     parts: list[_Part]
+    located: dict[tuple, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # slots per layout
 
 
 class VllmBlendAgent(UcmSparseBase):
@@ -222,7 +223,10 @@ class VllmBlendAgent(UcmSparseBase):
         elif plan is None:
             plan = self._plan = self._row_plan(torch.arange(step.rows.shape[0], device=q.device), step.rows,
                                                q.device, (heads, kv_heads))
-        view.scatter(plan.slots, k[plan.kept], v[plan.kept])
+        where = plan.located.get(view.layout_key)
+        if where is None:
+            where = plan.located[view.layout_key] = view.locate(plan.slots)
+        view.scatter_at(where, k[plan.kept], v[plan.kept])
         out = q.new_zeros(q.shape)
         scale = layer.impl.scale
         for part in plan.parts:

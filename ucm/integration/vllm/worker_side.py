@@ -153,6 +153,7 @@ class WorkerSide:
             blocks = [None] * len(items)
         HOST_TIMES.add("load_store", start)
         groups: dict[bool, list[tuple[RequestStep, BlockLoad, torch.Tensor]]] = {False: [], True: []}
+        marks: dict[str, list[bool]] = {}  # reusable rows, marked in Python lists (512 loads at 8K)
         for (req, load), block in zip(items, blocks):
             if block is None or not self._block_fits(block):
                 self._load_failed(req, load)
@@ -160,7 +161,14 @@ class WorkerSide:
             groups[load.chunk].append((req, load, block))
             self.stats.loaded_blocks += 1
             if load.chunk:
-                self.reusable[req.req_id][load.lo - req.num_computed:load.hi - req.num_computed] = True
+                mark = marks.get(req.req_id)
+                if mark is None:
+                    mark = marks[req.req_id] = [False] * req.num_scheduled
+                lo = max(0, load.lo - req.num_computed)
+                hi = min(req.num_scheduled, load.hi - req.num_computed)
+                mark[lo:hi] = [True] * max(0, hi - lo)  # never resizes the list
+        for req_id, mark in marks.items():
+            self.reusable[req_id] = torch.tensor(mark, dtype=torch.bool)
         self._write(groups[False], self.layers, side_stream=False)
         self._write(groups[True], self._chunk_layers(), side_stream=True)
 
@@ -251,6 +259,7 @@ class WorkerSide:
                 cos, sin = _delta_cos_sin(dev["delta"], self.rope, dev["position"] - dev["delta"], device)
             full_rows = bool(len(loads) * self.block_tokens == dev["source"].numel())
             position_of = {info.name: p for p, info in enumerate(self.layers)}
+            located: dict[tuple, tuple[torch.Tensor, ...]] = {}  # slot addresses per layout
             whole = stream is None or int(LOAD_LAYER_GROUP) < 0
             for group in (self._layer_groups(layers) if stream is not None else [layers]):
                 p0 = position_of[group[0].name]
@@ -283,7 +292,10 @@ class WorkerSide:
                         v = v[dev["source"]]
                     view = self.views[info.name]
                     view.ready = None  # this write is ordered on `stream` itself
-                    view.scatter(dev["slot"], k, v)
+                    where = located.get(view.layout_key)
+                    if where is None:
+                        where = located[view.layout_key] = view.locate(dev["slot"])
+                    view.scatter_at(where, k, v)
                     if stream is not None:
                         event = torch.cuda.Event()
                         event.record(stream)
