@@ -33,9 +33,9 @@ from ucm.integration.vllm.kv_layout import PagedKV, ProbedPagedKV, paged_kv_view
 from ucm.integration.vllm.kv_saver import BLOCK_LAYOUT, KVSaver
 from ucm.integration.vllm.metadata import BlockLoad, RequestStep, UcmConnectorMetadata
 from ucm.sparse.blend.rope import RopeSpec, _delta_cos_sin, apply_rotation
+from ucm.sparse.blend.transfer import to_device
 from ucm.store.arena import coalesce_runs
 from ucm.store.base import KVStoreBase, StoreError
-from ucm.sparse.blend.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -310,10 +310,10 @@ class WorkerSide:
         """Copy equally shaped host blocks into one device tensor: one copy per run of
         blocks lying back to back in host memory (:func:`coalesce_runs`), no host-side
         concatenation, asynchronous when the blocks are pinned."""
-        if device.type != "cuda":
-            return torch.stack(parts).to(device)
-        staged = torch.empty((len(parts),) + tuple(parts[0].shape), dtype=parts[0].dtype, device=device)
         runs = coalesce_runs(parts)
+        if device.type != "cuda":  # the same runs, concatenated (so CPU tests cover them)
+            return torch.cat([view for _, _, view in runs]).to(device)
+        staged = torch.empty((len(parts),) + tuple(parts[0].shape), dtype=parts[0].dtype, device=device)
         targets = [staged[first:first + count] for first, count, _ in runs]
         sources = [view for _, _, view in runs]
         try:
