@@ -204,8 +204,6 @@ def token_slots(block_ids: torch.Tensor, tokens: torch.Tensor, block_size: int) 
     return block_ids[tokens // block_size] * block_size + tokens % block_size
 
 
-
-
 def paged_kv_view(backend_name: str, kv_cache: torch.Tensor, num_kv_heads: int, head_dim: int,
                   write: Optional[Callable[..., None]] = None) -> PagedKV:
     """The view for ``backend_name``; an unknown backend is refused, never guessed.

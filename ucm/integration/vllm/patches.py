@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import torch
 
+from ucm.integration.vllm.host_time import HOST_TIMES
 from ucm.sparse import state
 
 logger = logging.getLogger(__name__)
@@ -71,8 +72,6 @@ def _wrap_model_forward(original: Callable) -> Callable:
             return original(self, *args, **kwargs)
         install_layer_hooks(self.model, agent)
         from ucm.integration.vllm.blend_agent import BatchInfo
-
-        from ucm.integration.vllm.host_time import HOST_TIMES
 
         start = HOST_TIMES.start()
         num_reqs = self.input_batch.num_reqs

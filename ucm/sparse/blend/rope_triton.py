@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rope import RopeSpec, inv_freq_and_scale
+from .rope import RopeSpec, _inv_freq_on
 from .transfer import to_device
 
 logger = logging.getLogger(__name__)
@@ -162,12 +162,6 @@ def _jit(interpret: bool) -> Any:
     del interpret  # cache key only
     # Row counts vary per call: do not compile a variant per divisibility of N.
     return triton.jit(_rope_kernel, do_not_specialize=["n_rows", "n_table"])
-
-
-@functools.lru_cache(maxsize=32)
-def _inv_freq_on(spec: RopeSpec, device: torch.device) -> torch.Tensor:
-    """inv_freq on the device, cached so a launch costs no host-to-device copy."""
-    return to_device(inv_freq_and_scale(spec)[0].to(torch.float32), device).contiguous()
 
 
 def _next_pow2(n: int) -> int:
