@@ -134,6 +134,19 @@ def test_rope_slices_of_one_layer_give_the_same_loads(llama, blend_zero, tmp_pat
     assert_same(sliced["batch8"], blend_zero["batch8"], tol=1e-5)
 
 
+def test_check_layer_mlp_on_kept_rows_only_is_exact(llama, blend_zero, tmp_path_factory):
+    """The check layer drops the rows it does not keep before its MLP
+    (blend_agent.SHRINK_BEFORE_MLP); running that MLP on every row and dropping them at
+    the next layer must give the same outputs."""
+    spec = {"model": llama, "engine": {"enable_prefix_caching": False},
+            "ucm": blend_config(0.0, save_chunks=False),
+            "module_attrs": {"ucm.integration.vllm.blend_agent:SHRINK_BEFORE_MLP": False},
+            "actions": [PRECOMPUTE, _gen("batch8", BATCH8)]}
+    late = run_engine(spec, tmp_path_factory.mktemp("shrink_late"))
+    assert any(r["stats"].get("reusable_tokens", 0) for r in late["batch8"])
+    assert_same(late["batch8"], blend_zero["batch8"], tol=1e-5)
+
+
 def test_ratio_zero_reuses_and_differs_from_full_prefill(plain, blend_zero):
     full, zero = blend_zero["override"]
     assert full["stats"]["recompute_ratio"] == 1.0

@@ -51,6 +51,12 @@ class UcmSparseBase:
         """After a decoder layer; may shrink the rows later layers compute."""
         return positions, hidden_states, residual
 
+    def before_mlp(
+        self, hidden_states: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Between a decoder layer's attention and its MLP; may shrink the rows the MLP computes."""
+        return hidden_states, residual
+
     def attention_begin(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_name: str,
         forward_context: Any, output: Optional[torch.Tensor] = None,

@@ -49,6 +49,13 @@ def maybe_execute_layer_finished(layer_index: int, positions: torch.Tensor, hidd
     return _AGENT.layer_finished(layer_index, positions, hidden_states, residual)
 
 
+def maybe_execute_before_mlp(hidden_states: torch.Tensor, residual: torch.Tensor):
+    """Rows entering a decoder layer's MLP (a check layer drops the rows it does not keep)."""
+    if _AGENT is None:
+        return hidden_states, residual
+    return _AGENT.before_mlp(hidden_states, residual)
+
+
 def maybe_execute_attention_begin(query, key, value, layer_name: str, forward_context: Any, output=None):
     if _AGENT is None:
         return query, key, value, output

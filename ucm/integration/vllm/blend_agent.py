@@ -38,6 +38,11 @@ from ucm.sparse.blend.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
+# Shrink to the kept rows inside a check layer, before its MLP (False: at the next
+# layer's start, running the check layer's MLP on every row). Exact either way; a
+# module constant so tests and benchmarks can compare the two.
+SHRINK_BEFORE_MLP = True
+
 
 @dataclass
 class BatchInfo:
@@ -76,6 +81,7 @@ class _RowPlan:
     kept: torch.Tensor  # device: indices into the current rows that are computed
     slots: torch.Tensor  # device: their paged-cache slots
     parts: list[_Part]
+    every_row: bool  # kept is all current rows in order: indexing by it would only copy
     located: dict[tuple, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # slots per layout
 
 
@@ -159,16 +165,35 @@ class VllmBlendAgent(UcmSparseBase):
         step = self.step
         if step is None:
             return positions, hidden_states, residual
-        local = step.take_shrink()
-        if local is not None:
-            local = to_device(local, hidden_states.device)
-            hidden_states = hidden_states[local]
-            residual = residual[local] if residual is not None else None
-            self.rows_dev = to_device(step.rows, hidden_states.device)
-            self._plan, self._next_plan = self._next_plan, None
+        hidden_states, residual = self._shrink(step, hidden_states, residual)
         if hidden_states.shape[0] != step.num_rows:
             positions = self.positions[self.rows_dev]
         return positions, hidden_states, residual
+
+    def before_mlp(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shrink to the kept rows inside the check layer, before its MLP.
+
+        Called with the attention output and the residual stream just before the
+        layer's post-attention norm. The rows a check layer drops are never read again,
+        so running its MLP (most of a layer's FLOPs) only on the kept rows is exact and
+        saves ~(1 - ratio) of one layer's MLP.
+        """
+        step = self.step
+        if step is None or not SHRINK_BEFORE_MLP:
+            return hidden_states, residual
+        return self._shrink(step, hidden_states, residual)
+
+    def _shrink(self, step: BlendStep, hidden_states: torch.Tensor, residual: Optional[torch.Tensor]):
+        """Apply a pending shrink (once, after a check layer selected its rows)."""
+        local = step.take_shrink()
+        if local is None:
+            return hidden_states, residual
+        local = to_device(local, hidden_states.device)
+        hidden_states = hidden_states[local]
+        residual = residual[local] if residual is not None else None
+        self.rows_dev = to_device(step.rows, hidden_states.device)
+        self._plan, self._next_plan = self._next_plan, None
+        return hidden_states, residual
 
     def layer_finished(self, layer_index: int, positions, hidden_states, residual):
         step = self.step
@@ -215,32 +240,41 @@ class VllmBlendAgent(UcmSparseBase):
             kept = step.kept_local
             assert kept is not None
             rows = step.rows[kept]
-            plan = self._row_plan(kept, rows, q.device, (heads, kv_heads))
+            plan = self._row_plan(kept, rows, q.device, (heads, kv_heads), every_row=False)
             # The next layers compute exactly these rows, in this order.
             self._next_plan = self._row_plan(torch.arange(kept.shape[0], device=q.device), rows, q.device,
-                                              (heads, kv_heads), plan)
+                                              (heads, kv_heads), every_row=True, like=plan)
             HOST_TIMES.add("select", check_start)
         elif plan is None:
             plan = self._plan = self._row_plan(torch.arange(step.rows.shape[0], device=q.device), step.rows,
-                                               q.device, (heads, kv_heads))
+                                               q.device, (heads, kv_heads), every_row=True)
         where = plan.located.get(view.layout_key)
         if where is None:
             where = plan.located[view.layout_key] = view.locate(plan.slots)
-        view.scatter_at(where, k[plan.kept], v[plan.kept])
-        out = q.new_zeros(q.shape)
+        if plan.every_row:
+            view.scatter_at(where, k, v)
+        else:
+            view.scatter_at(where, k[plan.kept], v[plan.kept])
         scale = layer.impl.scale
-        for part in plan.parts:
+        if plan.every_row and len(plan.parts) == 1:  # one request computes every row: no gather/scatter
+            part = plan.parts[0]
             k_ctx, v_ctx = view.context(part.ctx.block_ids, part.ctx.seq_len)
-            out[part.local] = part.attend(q[part.local], k_ctx.to(q.dtype), v_ctx.to(q.dtype), scale)
+            out = part.attend(q, k_ctx.to(q.dtype), v_ctx.to(q.dtype), scale)
+        else:
+            out = q.new_zeros(q.shape)
+            for part in plan.parts:
+                k_ctx, v_ctx = view.context(part.ctx.block_ids, part.ctx.seq_len)
+                out[part.local] = part.attend(q[part.local], k_ctx.to(q.dtype), v_ctx.to(q.dtype), scale)
         HOST_TIMES.add("blend_attention", start)
-        return out.view(-1, heads * dim)
+        return out.reshape(-1, heads * dim)
 
     def _row_plan(self, local: torch.Tensor, rows: torch.Tensor, device: torch.device, heads: tuple[int, int],
-                  like: Optional[_RowPlan] = None) -> _RowPlan:
+                  every_row: bool, like: Optional[_RowPlan] = None) -> _RowPlan:
         """Plan computing the current rows ``local``, which are the batch rows ``rows``
         (ascending, so each request's rows are one stretch of ``step.row_counts`` of
-        them). ``like``: a plan over the same batch rows whose per-request attention
-        plans (block masks) can be shared. Reads nothing back from the device."""
+        them). ``every_row``: ``local`` is all current rows in order. ``like``: a plan
+        over the same batch rows whose per-request attention plans (block masks) can be
+        shared. Reads nothing back from the device."""
         assert self.step is not None
         local = to_device(local, device)
         rows = to_device(rows, device)
@@ -262,7 +296,7 @@ class VllmBlendAgent(UcmSparseBase):
                 attend = attention.ExactMaskAttention.prepare(q_pos, k_pos, heads[0], heads[1], device,
                                                               max_position=ctx.seq_len - 1)
             parts.append(_Part(local[mine], ctx, attend))
-        return _RowPlan(local, self.slots[rows], parts)
+        return _RowPlan(local, self.slots[rows], parts, every_row)
 
 
 def _check_layer_supported(name: str, layer: Any) -> None:

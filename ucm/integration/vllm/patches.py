@@ -14,8 +14,10 @@ Patch points:
    runs; on its first call, install (2) on the model's decoder layers.
 2. Each decoder layer's ``forward`` (instance-level, for models whose layers live in
    ``model.layers`` with the ``(positions, hidden_states, residual)`` signature:
-   Llama, Mistral, Qwen2, Qwen3): shrink rows after a check layer; restore the full
-   batch after the last layer.
+   Llama, Mistral, Qwen2, Qwen3): restore the full batch after the last layer; and
+   its ``post_attention_layernorm.forward``: shrink to the kept rows inside a check
+   layer, before its MLP (these layers all call that norm as
+   ``(attention_output, residual)`` right before the MLP).
 3. ``Attention.forward``: let the agent compute the attention of the kept rows
    instead of the backend.
 """
@@ -118,7 +120,11 @@ def install_layer_hooks(model: torch.nn.Module, agent: Any) -> None:
         if name not in SUPPORTED_DECODER_LAYERS:
             raise RuntimeError(f"ucm Blend: decoder layer {name} is not supported; supported: "
                                f"{', '.join(SUPPORTED_DECODER_LAYERS)}")
+        norm = getattr(layer, "post_attention_layernorm", None)
+        if norm is None:
+            raise RuntimeError(f"ucm Blend: decoder layer {name} has no post_attention_layernorm")
         layer.forward = _wrap_layer(layer.forward, index)
+        norm.forward = _wrap_post_attention_norm(norm.forward)
     agent.last_layer = end - 1
     model._ucm_layer_hooks = True
 
@@ -130,6 +136,16 @@ def _wrap_layer(original: Callable, index: int) -> Callable:
         hidden_states, residual = original(positions, hidden_states, residual, *args, **kwargs)
         _, hidden_states, residual = state.maybe_execute_layer_finished(index, positions, hidden_states, residual)
         return hidden_states, residual
+
+    return forward
+
+
+def _wrap_post_attention_norm(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def forward(hidden_states, residual=None, *args: Any, **kwargs: Any):
+        if residual is not None:
+            hidden_states, residual = state.maybe_execute_before_mlp(hidden_states, residual)
+        return original(hidden_states, residual, *args, **kwargs)
 
     return forward
 
