@@ -122,12 +122,12 @@ def test_mixed_batch_equals_one_at_a_time(blend_zero):
 
 
 def test_rope_slices_of_one_layer_give_the_same_loads(llama, blend_zero, tmp_path_factory):
-    """Chunk loads rotate K of several layers per launch (worker_side.ROPE_SLICE_BYTES);
+    """Chunk loads rotate K of several layers per launch (kv_load.ROPE_SLICE_BYTES, torch path);
     one layer per slice must load exactly the same KV (ratio 0: every reused row's
     output depends on it)."""
     spec = {"model": llama, "engine": {"enable_prefix_caching": False},
             "ucm": blend_config(0.0, save_chunks=False),
-            "module_attrs": {"ucm.integration.vllm.worker_side:ROPE_SLICE_BYTES": 1},
+            "module_attrs": {"ucm.integration.vllm.kv_load:ROPE_SLICE_BYTES": 1},
             "actions": [PRECOMPUTE, _gen("batch8", BATCH8)]}
     sliced = run_engine(spec, tmp_path_factory.mktemp("rope_slices"))
     assert any(r["stats"].get("reusable_tokens", 0) for r in sliced["batch8"])

@@ -32,7 +32,8 @@ from ucm.integration.vllm.host_time import HOST_TIMES
 from ucm.integration.vllm.kv_layout import PagedKV, ProbedPagedKV, paged_kv_view, token_slots
 from ucm.integration.vllm.kv_saver import BLOCK_LAYOUT, KVSaver
 from ucm.integration.vllm.metadata import BlockLoad, RequestStep, UcmConnectorMetadata
-from ucm.sparse.blend.rope import RopeSpec, _delta_cos_sin, apply_rotation
+from ucm.integration.vllm.kv_load import ROWS, write_layers
+from ucm.sparse.blend.rope import RopeSpec
 from ucm.sparse.blend.transfer import to_device
 from ucm.store.arena import coalesce_runs
 from ucm.store.base import KVStoreBase, StoreError
@@ -48,9 +49,6 @@ _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 # so they cost one copy call per block and group (~10 us of host time each, measured
 # on an H100): 1,024 calls for an 8K-token prompt with 0, ~32 with -1.
 LOAD_LAYER_GROUP = -1
-# Chunk loads rotate K of as many layers at once as fit in this many bytes (one kernel
-# launch each); 64 MiB = 4 layers of an 8K-token Llama-3-8B load, 8 at 4K tokens.
-ROPE_SLICE_BYTES = 64 << 20
 
 
 def layer_index(layer_name: str) -> int:
@@ -243,7 +241,7 @@ class WorkerSide:
             return
         device = self.device
         idx = self._indices(loads)
-        rotate = bool((idx["delta"] != 0).any())
+        rotate = bool((idx["delta"] != 0).any())  # host tensors: no device read
         cuda = device.type == "cuda"
         stream = None
         if cuda and side_stream:
@@ -253,11 +251,9 @@ class WorkerSide:
             stream.wait_stream(torch.cuda.current_stream(device))
         sources = [block for _, _, block in loads]
         with torch.cuda.stream(stream) if stream is not None else _nullcontext():
-            dev = {k: to_device(v, device) for k, v in idx.items()}
-            cos = sin = None
-            if rotate:
-                cos, sin = _delta_cos_sin(dev["delta"], self.rope, dev["position"] - dev["delta"], device)
-            full_rows = bool(len(loads) * self.block_tokens == dev["source"].numel())
+            # One host->device copy for all four index vectors.
+            rows = to_device(torch.stack([idx[name] for name in ROWS]), device)
+            full_rows = bool(len(loads) * self.block_tokens == rows.shape[1])
             position_of = {info.name: p for p, info in enumerate(self.layers)}
             located: dict[tuple, tuple[torch.Tensor, ...]] = {}  # slot addresses per layout
             whole = stream is None or int(LOAD_LAYER_GROUP) < 0
@@ -269,36 +265,14 @@ class WorkerSide:
                 # slice of layers is strided across blocks (one copy per block).
                 s0, s1 = (0, len(self.layers)) if whole else (p0, p1)
                 staged = self._stage([block[s0:s1] for block in sources], device)  # [n, s1-s0, 2, T, H, D]
-                o = p0 - s0  # staged index of the group's first layer
-                heads, dim = staged.shape[-2], staged.shape[-1]
-                # K of several layers as [layers, rows, H, D], rotated in one kernel launch
-                # (per-layer launches are bound by ~50 us of host time each on CUDA); slices
-                # of at most ROPE_SLICE_BYTES keep the extra device memory small.
-                layer_bytes = staged[:, 0, 0].numel() * staged.element_size()
-                per_slice = max(1, ROPE_SLICE_BYTES // max(1, layer_bytes))
-                k_slice: Optional[torch.Tensor] = None
-                for q, info in enumerate(group):
-                    if q % per_slice == 0:
-                        q1 = min(len(group), q + per_slice)
-                        k_slice = staged[:, o + q:o + q1, 0].transpose(0, 1).reshape(q1 - q, -1, heads, dim)
-                        if not full_rows:
-                            k_slice = k_slice[:, dev["source"]]
-                        if rotate:
-                            k_slice = apply_rotation(k_slice, cos, sin, self.rope)
-                    assert k_slice is not None
-                    k = k_slice[q % per_slice]
-                    v = staged[:, o + q, 1].reshape(-1, heads, dim)
-                    if not full_rows:
-                        v = v[dev["source"]]
-                    view = self.views[info.name]
+                views = [self.views[info.name] for info in group]
+                for view in views:
                     view.ready = None  # this write is ordered on `stream` itself
-                    where = located.get(view.layout_key)
-                    if where is None:
-                        where = located[view.layout_key] = view.locate(dev["slot"])
-                    view.scatter_at(where, k, v)
-                    if stream is not None:
-                        event = torch.cuda.Event()
-                        event.record(stream)
+                write_layers(staged, p0 - s0, views, rows, self.rope, rotate, full_rows, located)
+                if stream is not None:
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                    for view in views:
                         view.ready = event
             if cuda:
                 done = torch.cuda.Event()

@@ -1,0 +1,120 @@
+"""Write staged KV blocks into the paged caches of several layers.
+
+A load stages its stored blocks on the device as ``[blocks, layers, 2, T, H, D]``
+(:meth:`WorkerSide._stage`); every loaded token row then goes to its slot in each
+layer's paged cache, K re-rotated from the position it was saved at to its position
+in this prompt. Two implementations of that one step:
+
+* ``triton`` -- :func:`ucm.sparse.blend.load_triton.scatter_blocks`: every layer in one
+  launch, each element read and written once;
+* ``torch`` -- per layer a K slice, one rotation per slice of layers and two
+  index_put_ scatters; any layout (the probed CPU_ATTN one too).
+
+``UCM_LOAD_KERNEL=auto`` (default) takes the kernel for CUDA caches it supports;
+``torch`` never; ``triton`` insists (CPU tensors need ``TRITON_INTERPRET=1``).
+No vLLM import: the views are :mod:`kv_layout`'s.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ucm.integration.vllm.kv_layout import PagedKV
+from ucm.sparse.blend.rope import RopeSpec, _delta_cos_sin, apply_rotation
+
+logger = logging.getLogger(__name__)
+
+KERNEL_ENV = "UCM_LOAD_KERNEL"
+_MODES = ("auto", "torch", "triton")
+# Torch path: K of as many layers at once as fit in this many bytes is rotated in one
+# launch; 64 MiB = 4 layers of an 8K-token Llama-3-8B load, 8 at 4K tokens.
+ROPE_SLICE_BYTES = 64 << 20
+
+ROWS = ("source", "slot", "position", "delta")  # the rows of the ``[4, R]`` index tensor
+
+
+def _mode() -> str:
+    mode = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"{KERNEL_ENV} must be one of {', '.join(_MODES)}, got {mode!r}")
+    return mode
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel_module() -> Any:
+    try:
+        from ucm.sparse.blend import load_triton
+    except Exception as exc:  # no Triton, or one that fails to initialise
+        logger.info("Triton load kernel unavailable (%s: %s); using the torch path", type(exc).__name__, exc)
+        return None
+    return load_triton
+
+
+def _kernel_for(staged: torch.Tensor, views: Sequence[PagedKV]) -> Any:
+    """The kernel module when it should run, None for the torch path; raises when forced but impossible."""
+    mode = _mode()
+    if mode == "torch" or (mode == "auto" and not staged.is_cuda):
+        return None
+    mod = _kernel_module()
+    plain = all(type(view) is PagedKV for view in views)  # probed layouts are not strided views
+    ok = mod is not None and plain and mod.supports(staged, [v.k for v in views], [v.v for v in views])
+    if mode == "triton" and not ok:
+        raise RuntimeError(f"{KERNEL_ENV}=triton but the load kernel cannot take these caches (needs Triton, "
+                           "CUDA or TRITON_INTERPRET=1, and equally strided per-layer views); use auto/torch")
+    return mod if ok else None
+
+
+def write_layers(staged: torch.Tensor, first: int, views: Sequence[PagedKV], rows: torch.Tensor,
+                 rope: Optional[RopeSpec], rotate: bool, full_rows: bool,
+                 located: Optional[dict[tuple, tuple[torch.Tensor, ...]]] = None) -> None:
+    """Write staged layers ``first..first+len(views)-1`` into ``views``.
+
+    ``rows``: int64 ``[4, R]`` on the device (:data:`ROWS`); ``full_rows``: the rows are
+    every staged row in order (no gather needed). ``located``: slot addresses per
+    layout, shared between calls of one load (torch path). Ordered on the current stream.
+    """
+    kernel = _kernel_for(staged, views)
+    if kernel is not None:
+        kernel.scatter_blocks(staged, first, [v.k for v in views], [v.v for v in views], rows, rope, rotate)
+        return
+    _write_torch(staged, first, views, rows, rope, rotate, full_rows, {} if located is None else located)
+
+
+def _write_torch(staged: torch.Tensor, first: int, views: Sequence[PagedKV], rows: torch.Tensor,
+                 rope: Optional[RopeSpec], rotate: bool, full_rows: bool,
+                 located: dict[tuple, tuple[torch.Tensor, ...]]) -> None:
+    source, slot, position, delta = rows
+    cos = sin = None
+    if rotate:
+        assert rope is not None
+        cos, sin = _delta_cos_sin(delta, rope, position - delta, staged.device)
+    heads, dim = staged.shape[-2], staged.shape[-1]
+    # K of several layers as [layers, rows, H, D], rotated in one launch (per-layer
+    # launches cost ~50 us of host time each on CUDA); slices of at most
+    # ROPE_SLICE_BYTES keep the extra device memory small.
+    layer_bytes = staged[:, 0, 0].numel() * staged.element_size()
+    per_slice = max(1, ROPE_SLICE_BYTES // max(1, layer_bytes))
+    k_slice: Optional[torch.Tensor] = None
+    for q, view in enumerate(views):
+        if q % per_slice == 0:
+            q1 = min(len(views), q + per_slice)
+            k_slice = staged[:, first + q:first + q1, 0].transpose(0, 1).reshape(q1 - q, -1, heads, dim)
+            if not full_rows:
+                k_slice = k_slice[:, source]
+            if rotate:
+                k_slice = apply_rotation(k_slice, cos, sin, rope)
+        assert k_slice is not None
+        k = k_slice[q % per_slice]
+        v = staged[:, first + q, 1].reshape(-1, heads, dim)
+        if not full_rows:
+            v = v[source]
+        where = located.get(view.layout_key)
+        if where is None:
+            where = located[view.layout_key] = view.locate(slot)
+        view.scatter_at(where, k, v)
+
