@@ -334,15 +334,15 @@ def equality(workdir: Path) -> dict:
         gen = lambda name, ps, **kw: {"op": "generate", "name": name, "prompts": ps, "max_tokens": 8, **kw}  # noqa: E731
         plain = run_engine({"model": model, "ucm": None, "engine": engine, "actions": [
             gen("main", [{"ids": p} for p in prompts])]}, workdir / f"plain_{dtype}", enable_sparse=False)
-        ucm = run_engine({"model": model, "ucm": blend, "engine": dict(engine, enable_prefix_caching=False),
-                          "actions": [
+        ucm_actions = [
             {"op": "patched", "name": "patched"},
             gen("precompute", [{"ids": rag.chunks[i]} for i in range(5)], max_tokens=1),
             gen("ratio1", [{"ids": p} for p in prompts], batch=False),
             gen("ratio1_batch", [{"ids": p} for p in prompts]),
             gen("ratio0", [{"ids": p, "ratio": 0.0} for p in prompts], batch=False),
-            gen("ratio015", [{"ids": p, "ratio": 0.15} for p in prompts], batch=False)]},
-            workdir / f"ucm_{dtype}", enable_sparse=True)
+            gen("ratio015", [{"ids": p, "ratio": 0.15} for p in prompts], batch=False)]
+        ucm = run_engine({"model": model, "ucm": blend, "engine": dict(engine, enable_prefix_caching=False),
+                          "actions": ucm_actions}, workdir / f"ucm_{dtype}", enable_sparse=True)
         res: dict[str, Any] = {"patched": ucm["patched"], "log": ucm["_log"][:2],
                                "engine_seconds": [plain["_seconds"], ucm["_seconds"]]}
         for name in ("ratio1", "ratio1_batch", "ratio0", "ratio015"):
@@ -354,6 +354,21 @@ def equality(workdir: Path) -> dict:
                              "recompute_ratio": a["stats"].get("recompute_ratio")})
             res[name] = rows
         tol = 0.05 if dtype == "float16" else 0.15
+        # The same reuse requests with the loads written the previous way (per-layer torch
+        # ops, whole blocks): the Triton load kernel and layer-group copies must load the
+        # same KV (ratio 0 output depends on every loaded row).
+        torchload = run_engine({"model": model, "ucm": blend, "engine": dict(engine, enable_prefix_caching=False),
+                                "env": {"UCM_LOAD_KERNEL": "torch"},
+                                "module_attrs": {"ucm.integration.vllm.worker_side:LOAD_LAYER_GROUP": -1},
+                                "actions": ucm_actions[1:]},  # the same requests in the same order
+            workdir / f"torchload_{dtype}", enable_sparse=True)
+        loads = []
+        for name in ("ratio0", "ratio015"):
+            for a, b in zip(ucm[name], torchload[name]):
+                same, dlp = _diff(a, b)
+                loads.append({"mode": name, "same_tokens": same, "max_dlogprob": round(dlp, 5)})
+        res["kernel_vs_torch_loads"] = loads
+        res["PASS_loads"] = all(r["same_tokens"] and r["max_dlogprob"] < 0.02 for r in loads)
         res["PASS_ratio1"] = all(r["same_tokens"] and r["max_dlogprob"] < tol for r in res["ratio1"] + res["ratio1_batch"])
         res["PASS_reuse"] = all((r["chunk_hit"] or 0) > 0 for r in res["ratio0"][:3])
         out[dtype] = res
@@ -433,7 +448,8 @@ def main() -> None:
     eq = results.get("equality", {})
     for dtype in ("float16", "bfloat16"):
         if isinstance(eq.get(dtype), dict):
-            print(dtype, "PASS_ratio1", eq[dtype].get("PASS_ratio1"), "PASS_reuse", eq[dtype].get("PASS_reuse"))
+            print(dtype, "PASS_ratio1", eq[dtype].get("PASS_ratio1"), "PASS_reuse", eq[dtype].get("PASS_reuse"),
+                  "PASS_loads", eq[dtype].get("PASS_loads"))
 
 
 if __name__ == "__main__":

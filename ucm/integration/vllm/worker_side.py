@@ -34,21 +34,27 @@ from ucm.integration.vllm.kv_saver import BLOCK_LAYOUT, KVSaver
 from ucm.integration.vllm.metadata import BlockLoad, RequestStep, UcmConnectorMetadata
 from ucm.integration.vllm.kv_load import ROWS, write_layers
 from ucm.sparse.blend.rope import RopeSpec
-from ucm.sparse.blend.transfer import to_device
+from ucm.sparse.blend.transfer import copy_rows_to_device, strided_copies_available, to_device
 from ucm.store.arena import coalesce_runs
 from ucm.store.base import KVStoreBase, StoreError
 
 logger = logging.getLogger(__name__)
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
-# Chunk loads on CUDA. -1: whole stored blocks in one transfer, so that blocks lying
-# back to back in the store's arena move in one copy per run (a chunk saved at once is
-# one run) instead of one per block; the check layer then waits for the whole load.
-# 0: the first check layer alone first (selection can start early), then the other
-# layers; k > 0: the other layers in groups of k. Groups slice the layers of each block,
-# so they cost one copy call per block and group (~10 us of host time each, measured
-# on an H100): 1,024 calls for an 8K-token prompt with 0, ~32 with -1.
-LOAD_LAYER_GROUP = -1
+# Chunk loads on CUDA, in layer groups written as each arrives (the compute stream
+# waits per layer, not for the whole load). None: 6 when strided copies are available
+# (one pitched copy per run of blocks lying back to back in the arena and group, so a
+# group costs ~35 copy calls for an 8K-token prompt), else -1. -1: whole stored blocks
+# in one transfer (the check layer waits for the whole load). 0: the first check layer
+# alone, then all other layers; k > 0: the first check layer alone, then groups of k.
+LOAD_LAYER_GROUP: Optional[int] = None
+
+
+def _load_layer_group() -> int:
+    """:data:`LOAD_LAYER_GROUP`, resolved."""
+    if LOAD_LAYER_GROUP is not None:
+        return int(LOAD_LAYER_GROUP)
+    return 6 if strided_copies_available() else -1
 
 
 def layer_index(layer_name: str) -> int:
@@ -229,10 +235,11 @@ class WorkerSide:
     def _layer_groups(self, layers: list[LayerInfo]) -> list[list[LayerInfo]]:
         if not layers:
             return []
-        if int(LOAD_LAYER_GROUP) < 0:
+        group = _load_layer_group()
+        if group < 0:
             return [layers]
         rest = layers[1:]
-        size = int(LOAD_LAYER_GROUP) if int(LOAD_LAYER_GROUP) > 0 else max(1, len(rest))
+        size = group if group > 0 else max(1, len(rest))
         return [layers[:1]] + [rest[i:i + size] for i in range(0, len(rest), size)]
 
     def _write(self, loads: list[tuple[RequestStep, BlockLoad, torch.Tensor]], layers: list[LayerInfo],
@@ -256,15 +263,14 @@ class WorkerSide:
             full_rows = bool(len(loads) * self.block_tokens == rows.shape[1])
             position_of = {info.name: p for p, info in enumerate(self.layers)}
             located: dict[tuple, tuple[torch.Tensor, ...]] = {}  # slot addresses per layout
-            whole = stream is None or int(LOAD_LAYER_GROUP) < 0
+            whole = stream is None or _load_layer_group() < 0
+            runs = coalesce_runs(sources)
             for group in (self._layer_groups(layers) if stream is not None else [layers]):
                 p0 = position_of[group[0].name]
                 p1 = position_of[group[-1].name] + 1
                 assert p1 - p0 == len(group), "chunk layers must be consecutive"
-                # Whole blocks keep each stored block contiguous, so runs coalesce; a
-                # slice of layers is strided across blocks (one copy per block).
                 s0, s1 = (0, len(self.layers)) if whole else (p0, p1)
-                staged = self._stage([block[s0:s1] for block in sources], device)  # [n, s1-s0, 2, T, H, D]
+                staged = self._stage(runs, len(sources), s0, s1, device)  # [n, s1-s0, 2, T, H, D]
                 views = [self.views[info.name] for info in group]
                 for view in views:
                     view.ready = None  # this write is ordered on `stream` itself
@@ -280,15 +286,22 @@ class WorkerSide:
                 self._inflight.append((sources, done))
 
     @staticmethod
-    def _stage(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-        """Copy equally shaped host blocks into one device tensor: one copy per run of
-        blocks lying back to back in host memory (:func:`coalesce_runs`), no host-side
-        concatenation, asynchronous when the blocks are pinned."""
-        runs = coalesce_runs(parts)
+    def _stage(runs: list[tuple[int, int, torch.Tensor]], count: int, s0: int, s1: int,
+               device: torch.device) -> torch.Tensor:
+        """Layers ``s0:s1`` of ``count`` equally shaped host blocks, given as runs lying
+        back to back in host memory (:func:`coalesce_runs`), as one device tensor
+        ``[count, s1 - s0, ...]``: one copy per run (a pitched one when only some layers
+        move), no host-side concatenation, asynchronous when the blocks are pinned."""
+        whole = s0 == 0 and s1 == runs[0][2].shape[1]
         if device.type != "cuda":  # the same runs, concatenated (so CPU tests cover them)
-            return torch.cat([view for _, _, view in runs]).to(device)
-        staged = torch.empty((len(parts),) + tuple(parts[0].shape), dtype=parts[0].dtype, device=device)
-        targets = [staged[first:first + count] for first, count, _ in runs]
+            return torch.cat([view[:, s0:s1] for _, _, view in runs]).to(device)
+        shape = (count, s1 - s0) + tuple(runs[0][2].shape[2:])
+        staged = torch.empty(shape, dtype=runs[0][2].dtype, device=device)
+        if not whole:
+            for first, n, view in runs:
+                copy_rows_to_device(staged[first:first + n], view[:, s0:s1])
+            return staged
+        targets = [staged[first:first + n] for first, n, _ in runs]
         sources = [view for _, _, view in runs]
         try:
             torch._foreach_copy_(targets, sources, non_blocking=True)

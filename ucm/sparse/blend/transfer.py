@@ -11,9 +11,14 @@ integration alike.
 
 from __future__ import annotations
 
-from typing import Union
+import ctypes
+import functools
+import logging
+from typing import Callable, Optional, Union
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def to_device(t: torch.Tensor, device: Union[torch.device, str]) -> torch.Tensor:
@@ -23,3 +28,59 @@ def to_device(t: torch.Tensor, device: Union[torch.device, str]) -> torch.Tensor
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+_HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
+
+
+@functools.lru_cache(maxsize=1)
+def _memcpy_2d() -> Optional[Callable[..., int]]:
+    """``cudaMemcpy2DAsync`` of the CUDA runtime torch itself loaded, or None.
+
+    torch exposes no strided host->device copy: copying a strided host view makes torch
+    pack it on the host first (a CPU memcpy of the whole payload). The copy engines do
+    strided (pitched) transfers natively; ucm uses them to move a range of layers of
+    blocks that lie back to back in pinned memory in one call.
+    """
+    if not torch.cuda.is_available() or not torch.version.cuda:
+        return None
+    major = torch.version.cuda.split(".")[0]
+    for name in (f"libcudart.so.{major}", "libcudart.so"):
+        try:
+            lib = ctypes.CDLL(name)  # the already loaded library when the soname matches
+        except OSError:
+            continue
+        fn = getattr(lib, "cudaMemcpy2DAsync", None)
+        if fn is None:
+            continue
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
+                       ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+        return fn
+    logger.info("ucm: no CUDA runtime library found for strided copies; using per-block copies")
+    return None
+
+
+def strided_copies_available() -> bool:
+    """Whether :func:`copy_rows_to_device` moves a strided host view in one call."""
+    return _memcpy_2d() is not None
+
+
+def copy_rows_to_device(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for a pinned host ``src`` whose rows ``src[i]`` are contiguous
+    and equally spaced (e.g. a range of layers of blocks lying back to back), into a
+    contiguous CUDA ``dst``: one pitched copy on the current stream, asynchronous.
+    Falls back to one copy per row."""
+    fn = _memcpy_2d()
+    n = src.shape[0]
+    row_bytes = src[0].numel() * src.element_size() if n else 0
+    if (fn is not None and n > 0 and dst.is_cuda and dst.is_contiguous() and src.is_pinned()
+            and src[0].is_contiguous() and dst.dtype == src.dtype and dst.shape == src.shape):
+        pitch = src.stride(0) * src.element_size()
+        stream = torch.cuda.current_stream(dst.device).cuda_stream
+        err = fn(dst.data_ptr(), row_bytes, src.data_ptr(), pitch, row_bytes, n, _HOST_TO_DEVICE, stream)
+        if err == 0:
+            return
+        logger.warning("ucm: cudaMemcpy2DAsync failed (error %d); copying row by row", err)
+    for i in range(n):
+        dst[i].copy_(src[i], non_blocking=True)
