@@ -15,7 +15,10 @@ context 4K/8K/16K; selected fraction 0.05/0.15/0.3 of uniform random positions, 
 * ``flex``, ``cudnn``, ``sdpa``: ``ExactMaskAttention`` with that backend, the plan
   prepared once (its cost reported apart, as ``prepare_ms``; flex's first call, which
   compiles, as ``first_call_s``). Each is checked against the sdpa reference. ``auto``:
-  what serving gets (``backend_used`` says which).
+  what serving gets over a gathered context (``backend_used`` says which).
+* ``triton``: the paged kernel (``ucm.sparse.blend.paged_attention``), K/V in a paged cache
+  of 16-token blocks in shuffled order, read through the block table (what serving
+  runs on CUDA; no gather).
 
 Times: CUDA events, L2 flushed before each call, median of ``--reps`` after warm-up.
 Each backend runs in its own try/except; an error is reported, never fatal::
@@ -44,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from ucm.sparse.blend import attention as attn  # noqa: E402
 from ucm.sparse.blend import flex_mask  # noqa: E402
 
-EXACT = ("auto", "flex", "cudnn", "sdpa")
+EXACT = ("auto", "triton", "flex", "cudnn", "sdpa")
 TOL = 2e-2  # relative error (norm) vs the reference, bf16
 
 
@@ -200,9 +203,47 @@ def check_bottom_right(case: dict, fn: Callable[[], Any]) -> float:
 
 
 # -------------------------------------------------------------------------- exact
+def paged_cache(k: torch.Tensor, v: torch.Tensor, block_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V ``[nk, H, D]`` (key j = token j) in a ``[2, blocks, block_size, H, D]`` cache,
+    blocks in shuffled order; returns (cache, block_table)."""
+    nk = k.shape[0]
+    blocks = (nk + block_size - 1) // block_size
+    table = torch.randperm(blocks, generator=torch.Generator().manual_seed(0)).to(k.device)
+    cache = k.new_zeros((2, blocks, block_size) + tuple(k.shape[1:]))
+    keys = torch.arange(nk, device=k.device)
+    cache[0, table[keys // block_size], keys % block_size] = k
+    cache[1, table[keys // block_size], keys % block_size] = v
+    return cache, table
+
+
+def run_paged(case: dict, timer: Timer, ref: Optional[torch.Tensor], block_size: int = 16,
+              **launch: int) -> dict:
+    """Time the paged kernel (``triton``): K/V placed in a paged cache of ``block_size``-token
+    blocks in shuffled order, read through the block table as in a forward. ``launch``:
+    tile/warp settings of :func:`paged_attention` (backend ``triton:block_n=128,num_warps=8``)."""
+    from ucm.sparse.blend.paged_attention import paged_attention
+
+    cache, table = paged_cache(case["k"], case["v"], block_size)
+    k, nk = case["k"], case["nk"]
+    call = lambda: paged_attention(case["q"], case["q_pos"], cache[0], cache[1], table, nk,  # noqa: E731
+                                   case["scale"], **launch)
+    t0 = time.perf_counter()
+    out = call()
+    sync(k.device)
+    res: dict[str, Any] = {"first_call_s": round(time.perf_counter() - t0, 3), "ms": round(timer(call), 4),
+                           "host_ms": timer.host(call)}
+    if ref is not None:
+        res["relerr_vs_ref"] = relerr(out, ref)
+        res["ok"] = res["relerr_vs_ref"] <= TOL
+    return res
+
+
 def run_exact(name: str, case: dict, device: torch.device, timer: Timer, ref: Optional[torch.Tensor],
               compile_flex: Optional[bool]) -> dict:
     """Time one ExactMaskAttention backend; report a fallback or mismatch as an error."""
+    if name.startswith("triton"):
+        launch = dict(item.split("=") for item in name.partition(":")[2].split(",") if item)
+        return run_paged(case, timer, ref, **{key: int(value) for key, value in launch.items()})
     hq, hkv = case["q"].shape[1], case["k"].shape[1]
     prep = lambda: attn.ExactMaskAttention.prepare(  # noqa: E731
         case["q_pos"], case["k_pos"], hq, hkv, device, backend=name, compile_flex=compile_flex)
@@ -328,6 +369,19 @@ def odd_shape_checks(args: argparse.Namespace, device: torch.device, dtype: torc
                                                 args.d ** -0.5, backend="sdpa")
         res = {}
         for name in args.backends:
+            if name.startswith("triton"):
+                if perm_k or name != "triton":  # a paged cache holds keys in token order
+                    continue
+
+                def paged() -> dict:
+                    from ucm.sparse.blend.paged_attention import paged_attention
+
+                    cache, table = paged_cache(k, v)
+                    err = relerr(paged_attention(q, q_pos, cache[0], cache[1], table, nk, args.d ** -0.5), ref)
+                    return {"relerr_vs_fp32_ref": err, "ok": err <= TOL}
+                res[name] = guarded(paged)
+                continue
+
             def one() -> dict:
                 plan = attn.ExactMaskAttention.prepare(q_pos, k_pos, args.hq, hkv, device, backend=name,
                                                        compile_flex=args.compile_flex)
@@ -412,7 +466,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.compile_flex = None
     if args.smoke:
         args.contexts, args.fractions = "300,520", "0.15,last"
-        args.backends, args.reps, args.warmup = "sdpa,flex", 3, 1
+        args.backends, args.reps, args.warmup = "sdpa,flex,triton", 3, 1
         args.hq, args.hkv, args.d = 4, 2, 32
         args.compile_flex = False  # eager flex: compiling on a small CPU takes minutes
         args.flex_variants = ""

@@ -30,6 +30,7 @@ def run_engine(spec: dict[str, Any], workdir: Path, enable_sparse: bool = True, 
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ)
     env.pop("ENABLE_SPARSE", None)
+    env.pop("TRITON_INTERPRET", None)  # set for the in-process kernel tests (tests/conftest.py) only
     if enable_sparse:
         env["ENABLE_SPARSE"] = "1"
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

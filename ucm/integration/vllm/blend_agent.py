@@ -29,7 +29,7 @@ import torch
 from ucm.integration.vllm import stats
 from ucm.integration.vllm.host_time import HOST_TIMES
 from ucm.integration.vllm.metadata import UcmConnectorMetadata
-from ucm.integration.vllm.kv_layout import token_slots
+from ucm.integration.vllm.kv_layout import PagedKV, token_slots
 from ucm.integration.vllm.worker_side import WorkerSide, layer_index
 from ucm.sparse.base import UcmSparseBase, UcmSparseRole
 from ucm.sparse.blend import attention
@@ -61,12 +61,46 @@ class _ReqContext:
 
 
 @dataclass
+class _RequestAttention:
+    """Exact-mask attention of one request's selected rows, for every layer of a selection."""
+
+    ctx: _ReqContext
+    q_pos: torch.Tensor  # device: positions of the rows
+    heads: tuple[int, int]
+    # Attention over a gathered context, prepared on first use: the paged kernel needs
+    # no preparation; this is its fallback and the CPU path.
+    _plan: Optional[attention.ExactMaskAttention] = None
+
+    def gathered_plan(self) -> attention.ExactMaskAttention:
+        if self._plan is None:
+            k_pos = torch.arange(self.ctx.seq_len, device=self.q_pos.device)
+            self._plan = attention.ExactMaskAttention.prepare(
+                self.q_pos, k_pos, self.heads[0], self.heads[1], self.q_pos.device,
+                max_position=self.ctx.seq_len - 1)
+        return self._plan
+
+    def __call__(self, q: torch.Tensor, view: PagedKV, scale: float) -> torch.Tensor:
+        """Attention of the rows ``q`` over the request's context in ``view``: the paged
+        kernel where it applies, else the gathered context through the prepared plan."""
+        if type(view) is PagedKV and attention.paged_kernel_wanted(q.device):
+            out = attention.run_paged(q, self.q_pos, view.k, view.v, self.ctx.block_ids, self.ctx.seq_len,
+                                      scale, lambda: self._gathered(view))
+            if out is not None:
+                return out
+        k_ctx, v_ctx, _ = self._gathered(view)
+        return self.gathered_plan()(q, k_ctx.to(q.dtype), v_ctx.to(q.dtype), scale)
+
+    def _gathered(self, view: PagedKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        k_ctx, v_ctx = view.context(self.ctx.block_ids, self.ctx.seq_len)
+        return k_ctx, v_ctx, torch.arange(self.ctx.seq_len, device=k_ctx.device)
+
+
+@dataclass
 class _Part:
     """One request's share of the rows computed in a layer."""
 
     local: torch.Tensor  # device: indices into the current rows
-    ctx: _ReqContext
-    attend: attention.ExactMaskAttention  # exact-mask attention of these rows, prepared once
+    attend: _RequestAttention
 
 
 @dataclass
@@ -256,15 +290,13 @@ class VllmBlendAgent(UcmSparseBase):
         else:
             view.scatter_at(where, k[plan.kept], v[plan.kept])
         scale = layer.impl.scale
+        view.wait_ready()
         if plan.every_row and len(plan.parts) == 1:  # one request computes every row: no gather/scatter
-            part = plan.parts[0]
-            k_ctx, v_ctx = view.context(part.ctx.block_ids, part.ctx.seq_len)
-            out = part.attend(q, k_ctx.to(q.dtype), v_ctx.to(q.dtype), scale)
+            out = plan.parts[0].attend(q, view, scale)
         else:
             out = q.new_zeros(q.shape)
             for part in plan.parts:
-                k_ctx, v_ctx = view.context(part.ctx.block_ids, part.ctx.seq_len)
-                out[part.local] = part.attend(q[part.local], k_ctx.to(q.dtype), v_ctx.to(q.dtype), scale)
+                out[part.local] = part.attend(q[part.local], view, scale)
         HOST_TIMES.add("blend_attention", start)
         return out.reshape(-1, heads * dim)
 
@@ -278,7 +310,7 @@ class VllmBlendAgent(UcmSparseBase):
         assert self.step is not None
         local = to_device(local, device)
         rows = to_device(rows, device)
-        shared = {id(p.ctx): p for p in like.parts} if like is not None else {}
+        shared = {id(p.attend.ctx): p.attend for p in like.parts} if like is not None else {}
         parts = []
         start = 0
         for req_id, ctx in self.contexts.items():
@@ -287,15 +319,10 @@ class VllmBlendAgent(UcmSparseBase):
             start += count
             if count == 0:
                 continue
-            prev = shared.get(id(ctx))
-            if prev is not None:
-                attend = prev.attend
-            else:
-                q_pos = self.positions[rows[mine]]
-                k_pos = torch.arange(ctx.seq_len, device=device)
-                attend = attention.ExactMaskAttention.prepare(q_pos, k_pos, heads[0], heads[1], device,
-                                                              max_position=ctx.seq_len - 1)
-            parts.append(_Part(local[mine], ctx, attend))
+            attend = shared.get(id(ctx))
+            if attend is None:
+                attend = _RequestAttention(ctx, self.positions[rows[mine]], heads)
+            parts.append(_Part(local[mine], attend))
         return _RowPlan(local, self.slots[rows], parts, every_row)
 
 

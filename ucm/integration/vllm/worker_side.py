@@ -34,7 +34,7 @@ from ucm.integration.vllm.kv_saver import BLOCK_LAYOUT, KVSaver
 from ucm.integration.vllm.metadata import BlockLoad, RequestStep, UcmConnectorMetadata
 from ucm.integration.vllm.kv_load import ROWS, write_layers
 from ucm.sparse.blend.rope import RopeSpec
-from ucm.sparse.blend.transfer import copy_rows_to_device, strided_copies_available, to_device
+from ucm.sparse.blend.transfer import copy_pitched, copy_rows_to_device, strided_copies_available, to_device
 from ucm.store.arena import coalesce_runs
 from ucm.store.base import KVStoreBase, StoreError
 
@@ -265,12 +265,13 @@ class WorkerSide:
             located: dict[tuple, tuple[torch.Tensor, ...]] = {}  # slot addresses per layout
             whole = stream is None or _load_layer_group() < 0
             runs = coalesce_runs(sources)
+            pinned_runs: dict[int, bool] = {}
             for group in (self._layer_groups(layers) if stream is not None else [layers]):
                 p0 = position_of[group[0].name]
                 p1 = position_of[group[-1].name] + 1
                 assert p1 - p0 == len(group), "chunk layers must be consecutive"
                 s0, s1 = (0, len(self.layers)) if whole else (p0, p1)
-                staged = self._stage(runs, len(sources), s0, s1, device)  # [n, s1-s0, 2, T, H, D]
+                staged = self._stage(runs, len(sources), s0, s1, device, pinned_runs)  # [n, s1-s0, 2, T, H, D]
                 views = [self.views[info.name] for info in group]
                 for view in views:
                     view.ready = None  # this write is ordered on `stream` itself
@@ -287,19 +288,35 @@ class WorkerSide:
 
     @staticmethod
     def _stage(runs: list[tuple[int, int, torch.Tensor]], count: int, s0: int, s1: int,
-               device: torch.device) -> torch.Tensor:
+               device: torch.device, pinned_runs: Optional[dict[int, bool]] = None) -> torch.Tensor:
         """Layers ``s0:s1`` of ``count`` equally shaped host blocks, given as runs lying
         back to back in host memory (:func:`coalesce_runs`), as one device tensor
         ``[count, s1 - s0, ...]``: one copy per run (a pitched one when only some layers
-        move), no host-side concatenation, asynchronous when the blocks are pinned."""
+        move), no host-side concatenation, asynchronous when the blocks are pinned.
+        ``pinned_runs``: whether each run is pinned, by address, shared by the groups of
+        one load (asking the driver costs ~10 us per run)."""
         whole = s0 == 0 and s1 == runs[0][2].shape[1]
         if device.type != "cuda":  # the same runs, concatenated (so CPU tests cover them)
             return torch.cat([view[:, s0:s1] for _, _, view in runs]).to(device)
         shape = (count, s1 - s0) + tuple(runs[0][2].shape[2:])
         staged = torch.empty(shape, dtype=runs[0][2].dtype, device=device)
         if not whole:
+            # One pitched copy per run, by address: the layer range of each block is one
+            # row, blocks are one block apart in the run, back to back in `staged`.
+            block = runs[0][2][0]
+            layer_bytes = block[0].numel() * block.element_size()
+            width = (s1 - s0) * layer_bytes
+            stream = torch.cuda.current_stream(device).cuda_stream
+            dst = staged.data_ptr()
             for first, n, view in runs:
-                copy_rows_to_device(staged[first:first + n], view[:, s0:s1])
+                pinned = pinned_runs.get(view.data_ptr()) if pinned_runs is not None else None
+                if pinned is None:
+                    pinned = view.is_pinned()
+                    if pinned_runs is not None:
+                        pinned_runs[view.data_ptr()] = pinned
+                if not (pinned and copy_pitched(dst + first * width, width, view.data_ptr() + s0 * layer_bytes,
+                                                view.stride(0) * view.element_size(), width, n, stream)):
+                    copy_rows_to_device(staged[first:first + n], view[:, s0:s1])
             return staged
         targets = [staged[first:first + n] for first, n, _ in runs]
         sources = [view for _, _, view in runs]

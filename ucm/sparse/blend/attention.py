@@ -18,8 +18,12 @@ Two entry points:
   selection stays the same for all layers after the check layer.
 * :func:`causal_attention_by_position` -- the one-shot functional form.
 
-Backends (``UCM_BLEND_ATTENTION`` = ``auto`` | ``flex`` | ``cudnn`` | ``sdpa``, or the
-``backend`` argument):
+Backends (``UCM_BLEND_ATTENTION`` = ``auto`` | ``triton`` | ``flex`` | ``cudnn`` | ``sdpa``,
+or the ``backend`` argument):
+
+* ``triton`` (:func:`run_paged`): :mod:`paged_attention`, reading the paged cache through
+  the block table (no gathered context); ``auto`` takes it on CUDA where it applies,
+  and the plans below serve as its fallback.
 
 * ``flex``: ``torch.nn.attention.flex_attention``, compiled, with a block-sparse mask
   built from per-block position ranges (blocks entirely before the query block skip
@@ -38,10 +42,11 @@ Pure torch; never imports vLLM.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -105,7 +110,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nq: int, nk
 def requested_backend(backend: Optional[str] = None) -> str:
     """The backend asked for: the argument, else ``$UCM_BLEND_ATTENTION``, else auto."""
     name = (backend or os.environ.get(ENV_VAR) or "auto").strip().lower()
-    if name != "auto" and name not in BACKENDS:
+    if name != "auto" and name not in BACKENDS + (PAGED,):
         _warn_once(f"bad:{name}", "%s=%r is not one of auto|%s; using auto", ENV_VAR, name,
                    "|".join(BACKENDS))
         name = "auto"
@@ -121,6 +126,8 @@ def backend_chain(backend: Optional[str], device: torch.device, pairs: int = 0) 
     tests compare it with the reference), then falls back down :data:`BACKENDS`.
     """
     name = requested_backend(backend)
+    if name == PAGED:  # the paged kernel's fallback over a gathered context
+        name = "auto"
     cuda = device.type == "cuda"
     if name == "auto" and cuda and pairs < FLEX_MIN_PAIRS:
         chain = ["cudnn", "flex", "sdpa"]
@@ -300,21 +307,80 @@ class ExactMaskAttention:
                 scale: float) -> None:
         """First use of a fast backend in this process: compare up to 64 rows with the
         reference, so a broken kernel or mask shows up as a fallback, not as bad text."""
-        nq = q.shape[0]
-        rows = torch.linspace(0, nq - 1, min(nq, 64), device=q.device).round().long().unique()
-        mask = position_mask(self.q_pos[rows], self.k_pos)
-        ref = _sdpa_reference(q[rows].float(), k.float(), v.float(), mask, scale)
-        got = out[rows].float()
-        err = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
-        if q.dtype == torch.float32:
-            tol = 5e-3 if q.is_cuda else 1e-4  # TF32 matmuls on GPU
-        else:
-            tol = 2e-2
-        if not err <= tol:  # also catches NaN
-            raise BackendMismatch(f"{self.backend} differs from the reference: relative error "
-                                  f"{err:.3g} > {tol:g} on {rows.numel()} rows")
-        logger.info("ucm Blend attention: backend %s verified against the reference "
-                    "(relative error %.2g)", self.backend, err)
+        _check_against_reference(self.backend, out, q, self.q_pos, k, v, self.k_pos, scale)
+
+
+def _check_against_reference(name: str, out: torch.Tensor, q: torch.Tensor, q_pos: torch.Tensor,
+                             k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor, scale: float) -> None:
+    """Raise :class:`BackendMismatch` unless up to 64 rows of ``out`` match the reference."""
+    nq = q.shape[0]
+    rows = torch.linspace(0, nq - 1, min(nq, 64), device=q.device).round().long().unique()
+    mask = position_mask(q_pos[rows], k_pos)
+    ref = _sdpa_reference(q[rows].float(), k.float(), v.float(), mask, scale)
+    got = out[rows].float()
+    err = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+    if q.dtype == torch.float32:
+        tol = 5e-3 if q.is_cuda else 1e-4  # TF32 matmuls on GPU
+    else:
+        tol = 2e-2
+    if not err <= tol:  # also catches NaN
+        raise BackendMismatch(f"{name} differs from the reference: relative error "
+                              f"{err:.3g} > {tol:g} on {rows.numel()} rows")
+    logger.info("ucm Blend attention: backend %s verified against the reference "
+                "(relative error %.2g)", name, err)
+
+
+# ------------------------------------------------------------------ paged Triton kernel
+PAGED = "triton"
+"""``UCM_BLEND_ATTENTION=triton``: :mod:`paged_attention`, which reads the paged cache
+through the block table; ``auto`` uses it on CUDA for caches it supports."""
+
+
+@functools.lru_cache(maxsize=1)
+def _paged_module() -> Any:
+    try:
+        from ucm.sparse.blend import paged_attention
+    except Exception as exc:  # no Triton, or one that fails to initialise
+        _warn_once("paged-import", "ucm Blend attention: paged kernel unavailable (%s: %s)",
+                   type(exc).__name__, exc)
+        return None
+    return paged_attention
+
+
+def paged_kernel_wanted(device: torch.device) -> bool:
+    """Whether to try the paged kernel for rows on ``device`` (``auto`` on CUDA, or
+    ``triton``; on CPU only under TRITON_INTERPRET, which is how the tests run it)."""
+    name = requested_backend()
+    if PAGED in _BROKEN or name not in ("auto", PAGED):
+        return False
+    if device.type == "cuda":
+        return True
+    mod = _paged_module() if name == PAGED else None
+    return mod is not None and mod.interpreting()
+
+
+def run_paged(q: torch.Tensor, q_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              block_table: torch.Tensor, seq_len: int, scale: float,
+              gathered: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Optional[torch.Tensor]:
+    """The paged kernel's output, or None when it cannot run (the caller then gathers
+    the context and uses :class:`ExactMaskAttention`). The first call in a process is
+    checked against the reference on ``gathered()`` = (k, v, k_pos) of the context; a
+    failure or mismatch gives the kernel up for the process (logged once)."""
+    mod = _paged_module()
+    if mod is None or not mod.supports(q, k_cache, v_cache):
+        return None
+    try:
+        out = mod.paged_attention(q, q_pos, k_cache, v_cache, block_table, seq_len, scale)
+        if PAGED not in _VERIFIED:
+            k, v, k_pos = gathered()
+            _check_against_reference(PAGED, out, q, q_pos, k.to(q.dtype), v.to(q.dtype), k_pos, scale)
+            _VERIFIED.add(PAGED)
+        return out
+    except Exception as exc:  # noqa: BLE001 - never silently wrong: fall back, say so once
+        _BROKEN[PAGED] = f"{type(exc).__name__}: {exc}"
+        _warn_once(f"broken:{PAGED}", "ucm Blend attention: paged kernel failed (%s); using the "
+                   "gathered context", _BROKEN[PAGED][:500])
+        return None
 
 
 def _sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

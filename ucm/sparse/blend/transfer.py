@@ -62,8 +62,25 @@ def _memcpy_2d() -> Optional[Callable[..., int]]:
 
 
 def strided_copies_available() -> bool:
-    """Whether :func:`copy_rows_to_device` moves a strided host view in one call."""
+    """Whether :func:`copy_pitched` can run (a CUDA runtime with cudaMemcpy2DAsync)."""
     return _memcpy_2d() is not None
+
+
+def copy_pitched(dst_ptr: int, dst_pitch: int, src_ptr: int, src_pitch: int, width: int, height: int,
+                 stream: int) -> bool:
+    """``height`` rows of ``width`` bytes from pinned host memory (rows ``src_pitch``
+    apart) to device memory (rows ``dst_pitch`` apart), asynchronously on ``stream``
+    (a ``cudaStream_t`` handle). Raw addresses, so a caller moving many runs pays no
+    tensor bookkeeping per copy; the caller keeps both buffers alive until the copy ran.
+    Returns False when the runtime is missing or refuses (then copy another way)."""
+    fn = _memcpy_2d()
+    if fn is None:
+        return False
+    err = fn(dst_ptr, dst_pitch, src_ptr, src_pitch, width, height, _HOST_TO_DEVICE, stream)
+    if err != 0:
+        logger.warning("ucm: cudaMemcpy2DAsync failed (error %d); copying another way", err)
+        return False
+    return True
 
 
 def copy_rows_to_device(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -71,16 +88,13 @@ def copy_rows_to_device(dst: torch.Tensor, src: torch.Tensor) -> None:
     and equally spaced (e.g. a range of layers of blocks lying back to back), into a
     contiguous CUDA ``dst``: one pitched copy on the current stream, asynchronous.
     Falls back to one copy per row."""
-    fn = _memcpy_2d()
     n = src.shape[0]
-    row_bytes = src[0].numel() * src.element_size() if n else 0
-    if (fn is not None and n > 0 and dst.is_cuda and dst.is_contiguous() and src.is_pinned()
-            and src[0].is_contiguous() and dst.dtype == src.dtype and dst.shape == src.shape):
-        pitch = src.stride(0) * src.element_size()
+    if (n > 0 and dst.is_cuda and dst.is_contiguous() and src.is_pinned() and src[0].is_contiguous()
+            and dst.dtype == src.dtype and dst.shape == src.shape):
+        row_bytes = src[0].numel() * src.element_size()
         stream = torch.cuda.current_stream(dst.device).cuda_stream
-        err = fn(dst.data_ptr(), row_bytes, src.data_ptr(), pitch, row_bytes, n, _HOST_TO_DEVICE, stream)
-        if err == 0:
+        if copy_pitched(dst.data_ptr(), row_bytes, src.data_ptr(), src.stride(0) * src.element_size(),
+                        row_bytes, n, stream):
             return
-        logger.warning("ucm: cudaMemcpy2DAsync failed (error %d); copying row by row", err)
     for i in range(n):
         dst[i].copy_(src[i], non_blocking=True)

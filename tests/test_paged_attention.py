@@ -1,0 +1,125 @@
+"""The paged exact-mask attention kernel against the reference on a gathered context,
+run on CPU by Triton's interpreter (on the GPU host: benchmarks/attention_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ucm.integration.vllm.kv_layout import flash_attn_view
+from ucm.sparse.blend import attention
+from ucm.sparse.blend.attention import causal_attention_by_position
+from ucm.sparse.blend.paged_attention import paged_attention, supports
+
+BS, NUM_BLOCKS = 8, 12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpret():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+def _case(heads: int, kv_heads: int, dim: int, seq_len: int, rows: int, layout: str, seed: int,
+          sort: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "packed":  # vLLM 0.26 FLASH_ATTN: [blocks, heads, block_size, 2 * head_dim]
+        cache = torch.randn(NUM_BLOCKS, kv_heads, BS, 2 * dim, generator=g)
+    else:  # vLLM 0.32: [2, blocks, block_size, heads, head_dim]
+        cache = torch.randn(2, NUM_BLOCKS, BS, kv_heads, dim, generator=g)
+    view = flash_attn_view(cache, kv_heads, dim)
+    table = torch.randperm(NUM_BLOCKS, generator=g)[: (seq_len + BS - 1) // BS]
+    positions = torch.randperm(seq_len, generator=g)[:rows]
+    positions[0] = seq_len - 1  # the last token is always among Blend's rows
+    if sort:
+        positions = positions.sort().values
+    q = torch.randn(rows, heads, dim, generator=g)
+    return q, positions, view, table
+
+
+def _reference(q, positions, view, table, seq_len, scale):
+    keys = torch.arange(seq_len)
+    slots = table[keys // BS] * BS + keys % BS
+    k, v = view.gather(slots)
+    return causal_attention_by_position(q, positions, k, v, keys, scale, backend="sdpa")
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (6, 2), (4, 1)])
+@pytest.mark.parametrize("layout", ["packed", "planes"])
+def test_equals_reference(heads, kv_heads, layout):
+    seq_len, dim = 83, 16
+    q, positions, view, table = _case(heads, kv_heads, dim, seq_len, 21, layout, seed=heads * 10 + kv_heads)
+    got = paged_attention(q, positions, view.k, view.v, table, seq_len, 0.25, block_q=16, block_n=16)
+    want = _reference(q, positions, view, table, seq_len, 0.25)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_unsorted_rows_odd_head_dim_and_one_program():
+    seq_len = 40
+    q, positions, view, table = _case(4, 2, 24, seq_len, 9, "planes", seed=3, sort=False)
+    got = paged_attention(q, positions, view.k, view.v, table, seq_len, 0.2)  # default tiles
+    torch.testing.assert_close(got, _reference(q, positions, view, table, seq_len, 0.2), rtol=1e-5, atol=1e-5)
+
+
+def test_keys_after_a_row_are_invisible():
+    """Changing K/V after a row's position must not change that row's output."""
+    seq_len = 48
+    q, positions, view, table = _case(4, 2, 16, seq_len, 6, "planes", seed=4)
+    positions = torch.tensor([3, 9, 17, 30, 31, 47])
+    before = paged_attention(q, positions, view.k, view.v, table, seq_len, 0.3, block_q=16, block_n=16)
+    late = torch.arange(32, seq_len)
+    slots = table[late // BS] * BS + late % BS
+    view.scatter(slots, torch.randn(len(late), 2, 16), torch.randn(len(late), 2, 16))
+    after = paged_attention(q, positions, view.k, view.v, table, seq_len, 0.3, block_q=16, block_n=16)
+    assert torch.equal(before[:5], after[:5])
+    assert not torch.allclose(before[5], after[5])
+
+
+def test_refuses_what_it_cannot_take():
+    q, positions, view, table = _case(4, 2, 16, 20, 3, "planes", seed=5)
+    assert supports(q, view.k, view.v)
+    assert not supports(q.to(torch.float64), view.k, view.v)
+    assert not supports(q[..., :8], view.k[..., :8], view.v[..., :8])  # head_dim below 16
+    with pytest.raises(ValueError, match="paged_attention cannot take"):
+        paged_attention(q.half(), positions, view.k, view.v, table, 20, 0.1)
+
+
+@pytest.fixture
+def fresh_backends(monkeypatch):
+    """Backend verdicts are per process; give each test its own."""
+    monkeypatch.setattr(attention, "_BROKEN", {})
+    monkeypatch.setattr(attention, "_VERIFIED", set())
+
+
+def _gathered(view, table, seq_len):
+    keys = torch.arange(seq_len)
+    k, v = view.gather(table[keys // BS] * BS + keys % BS)
+    return lambda: (k, v, keys)
+
+
+def test_run_paged_checks_its_first_call(monkeypatch, fresh_backends):
+    monkeypatch.setenv(attention.ENV_VAR, "triton")
+    assert attention.paged_kernel_wanted(torch.device("cpu"))
+    q, positions, view, table = _case(8, 2, 16, 50, 7, "planes", seed=6)
+    out = attention.run_paged(q, positions, view.k, view.v, table, 50, 0.25, _gathered(view, table, 50))
+    torch.testing.assert_close(out, _reference(q, positions, view, table, 50, 0.25), rtol=1e-5, atol=1e-5)
+    assert attention.PAGED in attention._VERIFIED
+
+
+def test_a_wrong_kernel_is_given_up_not_used(monkeypatch, fresh_backends, caplog):
+    from ucm.sparse.blend import paged_attention as module
+
+    monkeypatch.setenv(attention.ENV_VAR, "triton")
+    real = module.paged_attention
+    monkeypatch.setattr(module, "paged_attention", lambda *a, **kw: real(*a, **kw) * 1.5)
+    q, positions, view, table = _case(4, 2, 16, 30, 5, "planes", seed=7)
+    assert attention.run_paged(q, positions, view.k, view.v, table, 30, 0.25, _gathered(view, table, 30)) is None
+    assert "differs from the reference" in attention._BROKEN[attention.PAGED]
+    assert not attention.paged_kernel_wanted(torch.device("cpu"))  # given up for the process
+    assert "paged kernel failed" in caplog.text
+
+
+def test_auto_on_cpu_gathers(monkeypatch, fresh_backends):
+    monkeypatch.delenv(attention.ENV_VAR, raising=False)
+    assert not attention.paged_kernel_wanted(torch.device("cpu"))
