@@ -220,7 +220,7 @@ def run_paged(case: dict, timer: Timer, ref: Optional[torch.Tensor], block_size:
               **launch: int) -> dict:
     """Time the paged kernel (``triton``): K/V placed in a paged cache of ``block_size``-token
     blocks in shuffled order, read through the block table as in a forward. ``launch``:
-    tile/warp settings of :func:`paged_attention` (backend ``triton:block_n=128,num_warps=8``)."""
+    tile/warp settings of :func:`paged_attention` (backend ``triton:block_n=128+num_warps=8``)."""
     from ucm.sparse.blend.paged_attention import paged_attention
 
     cache, table = paged_cache(case["k"], case["v"], block_size)
@@ -242,7 +242,7 @@ def run_exact(name: str, case: dict, device: torch.device, timer: Timer, ref: Op
               compile_flex: Optional[bool]) -> dict:
     """Time one ExactMaskAttention backend; report a fallback or mismatch as an error."""
     if name.startswith("triton"):
-        launch = dict(item.split("=") for item in name.partition(":")[2].split(",") if item)
+        launch = dict(item.split("=") for item in name.partition(":")[2].split("+") if item)
         return run_paged(case, timer, ref, **{key: int(value) for key, value in launch.items()})
     hq, hkv = case["q"].shape[1], case["k"].shape[1]
     prep = lambda: attn.ExactMaskAttention.prepare(  # noqa: E731
