@@ -17,8 +17,8 @@ base by element offsets (``data_ptr`` differences), so no pointer table is neede
 Angles: the same float32-then-float64 difference as ``rope._delta_cos_sin`` with
 ``from_positions`` (mode 2 of :mod:`rope_triton`), formed once per tile row.
 
-Interpreter: decorated lazily per mode like :mod:`rope_triton`, so CPU tests run it
-under ``TRITON_INTERPRET=1``.
+Interpreter: decorated lazily per mode like :mod:`rope_triton` (with its helpers), so CPU
+tests run it under ``TRITON_INTERPRET=1`` set before Triton is imported.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .rope import RopeSpec, _inv_freq_on
-from .rope_triton import SUPPORTED_DTYPES, _next_pow2, interpreting
+from .rope_triton import SUPPORTED_DTYPES, _next_pow2, interpreting, moved_angles, pair_dims
 from .transfer import to_device
 
 
@@ -74,24 +74,16 @@ def _scatter_kernel(
     pairs = tl.arange(0, HALF_P)
     pair_ok = pairs < HALF
     m = ok & pair_ok[None, None, :]
-    if NEOX:
-        i1 = pairs[None, None, :]
-        i2 = pairs[None, None, :] + HALF
-    else:
-        i1 = 2 * pairs[None, None, :]
-        i2 = 2 * pairs[None, None, :] + 1
+    i1, i2 = pair_dims(pairs, HALF, NEOX)
     x1 = tl.load(src_k + i1, mask=m, other=0.0)
     x2 = tl.load(src_k + i2, mask=m, other=0.0)
     if ROTATE:
         pos = tl.load(pos_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         delta = tl.load(delta_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         inv = tl.load(inv_ptr + pairs, mask=pair_ok, other=0.0).to(tl.float32)
-        old = pos - delta
-        new_a = (pos.to(tl.float32)[:, None] * inv[None, :]).to(tl.float64)
-        old_a = (old.to(tl.float32)[:, None] * inv[None, :]).to(tl.float64)
-        ang = new_a - old_a
-        cos = tl.cos(ang).to(tl.float32)[:, None, :]
-        sin = tl.sin(ang).to(tl.float32)[:, None, :]
+        cos, sin = moved_angles(pos, pos - delta, inv)
+        cos = cos[:, None, :]
+        sin = sin[:, None, :]
         f1 = x1.to(tl.float32)
         f2 = x2.to(tl.float32)
         y1 = f1 * cos - f2 * sin

@@ -37,8 +37,10 @@ five or so torch launches that build them. The rotation itself is float32
 float32 from torch), rounded to x's dtype on store.
 
 Interpreter: ``triton.jit`` decides at decoration time whether to interpret, so the kernel
-is decorated lazily, once per mode (``TRITON_INTERPRET`` read at launch). That lets
-CPU tests run it through the interpreter regardless of import order.
+is decorated lazily, once per mode (``TRITON_INTERPRET`` read at launch). Its helpers
+(:func:`pair_dims`, :func:`moved_angles`, shared with :mod:`load_triton`) and
+triton.language's own are decorated at import, so interpreting needs
+``TRITON_INTERPRET=1`` before Triton is imported (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -76,6 +78,30 @@ class LaunchConfig:
 DEFAULT_CONFIG = LaunchConfig()
 
 
+@triton.jit
+def pair_dims(pairs, HALF: tl.constexpr, NEOX: tl.constexpr):
+    """Offsets ``[1, 1, HALF_P]`` of the two dims of each rotation pair: ``i`` and
+    ``i + rotary_dim/2`` (NeoX, rotate-half), or ``2i`` and ``2i + 1`` (GPT-J)."""
+    if NEOX:
+        i1 = pairs[None, None, :]
+        i2 = i1 + HALF
+    else:
+        i1 = 2 * pairs[None, None, :]
+        i2 = i1 + 1
+    return i1, i2
+
+
+@triton.jit
+def moved_angles(new, old, inv):
+    """cos/sin ``[N, HALF_P]`` float32 of the rotation from positions ``old`` to ``new``:
+    the difference of the model's own float32 angles, taken in float64 (as
+    ``rope._delta_cos_sin`` with ``from_positions``)."""
+    new_a = (new.to(tl.float32)[:, None] * inv[None, :]).to(tl.float64)
+    old_a = (old.to(tl.float32)[:, None] * inv[None, :]).to(tl.float64)
+    ang = new_a - old_a
+    return tl.cos(ang).to(tl.float32), tl.sin(ang).to(tl.float32)
+
+
 def _rope_kernel(
     x_ptr, out_ptr, cos_ptr, sin_ptr, delta_ptr, from_ptr, inv_ptr,
     n_rows, n_heads, n_table,
@@ -107,14 +133,11 @@ def _rope_kernel(
         inv = tl.load(inv_ptr + pairs, mask=pair_ok, other=0.0).to(tl.float32)
         if ANGLES == 1:
             ang = delta.to(tl.float64)[:, None] * inv.to(tl.float64)[None, :]
+            cos = tl.cos(ang).to(tl.float32)
+            sin = tl.sin(ang).to(tl.float32)
         else:
             old = tl.load(from_ptr + trow, mask=row_ok, other=0).to(tl.int64)
-            new = old + delta
-            new_a = (new.to(tl.float32)[:, None] * inv[None, :]).to(tl.float64)
-            old_a = (old.to(tl.float32)[:, None] * inv[None, :]).to(tl.float64)
-            ang = new_a - old_a
-        cos = tl.cos(ang).to(tl.float32)
-        sin = tl.sin(ang).to(tl.float32)
+            cos, sin = moved_angles(old + delta, old, inv)
     cos = cos[:, None, :]
     sin = sin[:, None, :]
 
@@ -126,12 +149,7 @@ def _rope_kernel(
         m = ok & pair_ok[None, None, :]
     else:
         m = ok
-    if NEOX:
-        i1 = pairs[None, None, :]
-        i2 = pairs[None, None, :] + HALF
-    else:
-        i1 = 2 * pairs[None, None, :]
-        i2 = 2 * pairs[None, None, :] + 1
+    i1, i2 = pair_dims(pairs, HALF, NEOX)
     x1 = tl.load(x_base + i1, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(x_base + i2, mask=m, other=0.0).to(tl.float32)
     o1 = x1 * cos - x2 * sin
