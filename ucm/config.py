@@ -389,6 +389,17 @@ def _load_yaml(path: str) -> Mapping[Any, Any]:
     return data
 
 
+def env_choice(name: str, choices: tuple[str, ...], env: Mapping[str, str] = os.environ) -> str:
+    """An implementation switch from the environment (``UCM_ROPE_KERNEL``,
+    ``UCM_LOAD_KERNEL``): one of ``choices``, the first when unset or empty, anything
+    else refused with the allowed values. Read per call, so tests and benchmarks can
+    flip it."""
+    value = env.get(name, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def sparse_enabled(env: Mapping[str, str] = os.environ) -> bool:
     """Read ``ENABLE_SPARSE``; an unrecognized value is an error rather than a silent "off"."""
     raw = env.get(ENABLE_SPARSE_ENV)

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Any, Optional, Sequence
 
 import torch
 
+from ucm.config import env_choice
 from ucm.integration.vllm.kv_layout import PagedKV
 from ucm.sparse.blend.rope import RopeSpec, _delta_cos_sin, apply_rotation
 
@@ -39,10 +39,7 @@ ROWS = ("source", "slot", "position", "delta")  # the rows of the ``[4, R]`` ind
 
 
 def _mode() -> str:
-    mode = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
-    if mode not in _MODES:
-        raise ValueError(f"{KERNEL_ENV} must be one of {', '.join(_MODES)}, got {mode!r}")
-    return mode
+    return env_choice(KERNEL_ENV, _MODES)
 
 
 @functools.lru_cache(maxsize=1)

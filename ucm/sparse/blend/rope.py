@@ -23,11 +23,12 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+
+from ucm.config import env_choice
 
 from ucm.sparse.blend.transfer import to_device
 
@@ -264,10 +265,7 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec) -> torch.Te
 def _kernel_mode() -> str:
     """``UCM_ROPE_KERNEL``: auto (Triton on CUDA when importable) | torch | triton. Read
     per call (one dict lookup) so tests and benchmarks can switch it."""
-    mode = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
-    if mode not in _KERNEL_MODES:
-        raise ValueError(f"{KERNEL_ENV} must be one of {', '.join(_KERNEL_MODES)}, got {mode!r}")
-    return mode
+    return env_choice(KERNEL_ENV, _KERNEL_MODES)
 
 
 @functools.lru_cache(maxsize=1)
