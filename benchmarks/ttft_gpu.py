@@ -288,14 +288,21 @@ class Bench:
             time.sleep(0.05)
         prof = cProfile.Profile()
         walls = []
-        for _ in range(reps):
+        cold = self.args.host_profile_cold
+        for i in range(reps):
             ids = self.prompts.rag(n)
             prof.enable()
-            dt, _ = self.one(ids, ratio=0.15)
+            if cold:  # a salted prompt: no prefix hit, every block saved
+                dt, _ = self.one(ids, salt=f"hostprof-{i}-{random.random()}")
+            else:
+                dt, _ = self.one(ids, ratio=0.15)
             prof.disable()
             walls.append(dt)
+            while cold and len(INFLIGHT):  # the next request starts as the cold reps do
+                time.sleep(0.05)
+        what = "ucm_cold" if cold else "blend_0.15"
         text = io.StringIO()
-        text.write(f"host profile, {reps} blend_0.15 requests of {n} chunks; wall under cProfile per request: "
+        text.write(f"host profile, {reps} {what} requests of {n} chunks; wall under cProfile per request: "
                    f"{', '.join(f'{w * 1e3:.1f}' for w in walls)} ms (times below are totals over all)\n")
         stats = pstats.Stats(prof, stream=text)
         stats.sort_stats("cumulative").print_stats(60)
@@ -513,6 +520,8 @@ def driver(args: argparse.Namespace) -> None:
         common.append("--trace")
     if args.host_profile:
         common += ["--host-profile", "--host-profile-reps", str(args.host_profile_reps)]
+        if args.host_profile_cold:
+            common.append("--host-profile-cold")
     if args.host_times:
         common.append("--host-times")
     if args.file_cold:
@@ -605,6 +614,8 @@ def main() -> None:
     ap.add_argument("--host-profile", action="store_true",
                     help="cProfile blend_0.15 requests at the largest size (ucm engines): host time per function")
     ap.add_argument("--host-profile-reps", type=int, default=3)
+    ap.add_argument("--host-profile-cold", action="store_true",
+                    help="host-profile cold requests (salted prompts that save every block) instead of 0.15")
     ap.add_argument("--host-times", action="store_true",
                     help="record ucm's host time per phase (plan, load, forward, ...) of every timed request")
     ap.add_argument("--trace", action="store_true")
