@@ -16,6 +16,7 @@ and the next one still runs):
   copies), whether ``clone()`` keeps pinned memory, delta-RoPE throughput, and the
   exact-mask attention of Blend (SDPA, GQA) against the bottom-right FlashAttention
   call of the same shape.
+* ``saves``: the CUDA save path stores exactly the device blocks (``PASS_saves``).
 * ``equality``: a tiny random Llama (fp16 and bf16) in vLLM with FLASH_ATTN: Blend at
   ratio 1.0 must give the tokens of a plain full prefill with logprobs within
   tolerance; ratio 0 must reuse the cached chunks. Each engine runs in its own process
@@ -423,10 +424,33 @@ def equality_tp(workdir: Path, tp: int) -> dict:
     return out
 
 
+def saves() -> dict:
+    """The CUDA save path (side-stream copies into pinned staging buffers, dump from a
+    thread) stores exactly the device blocks: 70 blocks (two full staging buffers and a
+    partial one), read back from the DRAM tier."""
+    import torch
+
+    from ucm.integration.vllm.kv_saver import BLOCK_LAYOUT, STAGE_BLOCKS, KVSaver
+    from ucm.store.dram_store import UcmDramStore
+
+    store = UcmDramStore(capacity_bytes=1 << 30)
+    saver = KVSaver(store, block_tokens=16, tp_rank=0, rope=None, max_step_tokens=4096)
+    saver.reserve(num_layers=4, num_kv_heads=2, head_dim=128, element_size=2)
+    blocks = torch.randn(2 * STAGE_BLOCKS + 6, 4, 2, 16, 2, 128, device="cuda", dtype=torch.bfloat16)
+    keys = [i.to_bytes(4, "little") * 4 for i in range(blocks.shape[0])]
+    t0 = time.perf_counter()
+    task = saver._dump_when_copied(keys, blocks)
+    issue_ms = (time.perf_counter() - t0) * 1e3
+    store.wait(task)
+    got = store.wait(store.load(keys, BLOCK_LAYOUT))
+    same = all(torch.equal(g, blocks[i].cpu()) for i, g in enumerate(got))
+    return {"blocks": blocks.shape[0], "issue_ms": round(issue_ms, 2), "PASS_saves": same}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="gpu_check.json")
-    ap.add_argument("--only", nargs="*", default=["inspect", "micro", "equality"])
+    ap.add_argument("--only", nargs="*", default=["inspect", "micro", "saves", "equality"])
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--tp", type=int, default=2, help="ranks for the 'tp' section")
     args = ap.parse_args()
@@ -440,6 +464,8 @@ def main() -> None:
         section("micro", micro, results)
     if "equality" in args.only:
         section("equality", lambda: equality(workdir), results)
+    if "saves" in args.only:
+        section("saves", saves, results)
     if "tp" in args.only:
         section("tp", lambda: equality_tp(workdir, args.tp), results)
     Path(args.out).write_text(json.dumps(results, indent=1, default=str))

@@ -142,6 +142,8 @@ def test_reserve_pins_one_arena_and_the_staging_blocks(monkeypatch):
     block = torch.arange(256, dtype=torch.float32)  # 1024 bytes: an arena block
     store.wait(store.dump([b"k" * 16], [block], "x"))
     assert len(pinned) == 3 and store.stats()["arena_free_slots"] == 8
+    store.reserve(2048, in_flight_blocks=5, stage_blocks=2)  # staging in buffers of 2 blocks
+    assert pinned[3:] == [((2 * 2048,), torch.uint8)] * 3
     assert torch.equal(store.wait(store.load([b"k" * 16], "x"))[0], block)
     other = torch.arange(10, dtype=torch.float32)  # another size: its own pinned tensor
     store.wait(store.dump([b"o" * 16], [other], "x"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ucm.integration.vllm.kv_saver import STAGE_BLOCKS
 from ucm.integration.vllm.worker_side import LayerInfo, WorkerSide
 from ucm.store.dram_store import UcmDramStore
 
@@ -13,9 +14,9 @@ class RecordingStore(UcmDramStore):
         super().__init__(capacity_bytes=1 << 20)
         self.reserved: list[tuple[int, int]] = []
 
-    def reserve(self, block_nbytes: int, in_flight_blocks: int = 0) -> None:
-        self.reserved.append((block_nbytes, in_flight_blocks))
-        super().reserve(block_nbytes, in_flight_blocks)
+    def reserve(self, block_nbytes: int, in_flight_blocks: int = 0, stage_blocks: int = 1) -> None:
+        self.reserved.append((block_nbytes, in_flight_blocks, stage_blocks))
+        super().reserve(block_nbytes, in_flight_blocks, stage_blocks)
 
 
 def test_register_reserves_one_block_size_and_a_step_of_staging():
@@ -28,4 +29,4 @@ def test_register_reserves_one_block_size_and_a_step_of_staging():
     infos = [LayerInfo(name, i, "FLASH_ATTN", heads, dim) for i, name in enumerate(caches)]
     worker.register(caches, infos)
     # One stored block: [L, 2, block_tokens, H, D] float32; 64 tokens a step = 16 blocks.
-    assert store.reserved == [(layers * 2 * block_tokens * heads * dim * 4, 64 // block_tokens)]
+    assert store.reserved == [(layers * 2 * block_tokens * heads * dim * 4, 64 // block_tokens, STAGE_BLOCKS)]

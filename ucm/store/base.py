@@ -196,9 +196,10 @@ class KVStoreBase(ABC):
         """Block until ``task`` finishes; return its result or raise :class:`StoreError`."""
         return task.result(timeout)
 
-    def reserve(self, block_nbytes: int, in_flight_blocks: int = 0) -> None:
+    def reserve(self, block_nbytes: int, in_flight_blocks: int = 0, stage_blocks: int = 1) -> None:
         """Hint that blocks of ``block_nbytes`` bytes will be dumped, up to
-        ``in_flight_blocks`` of them staged at a time by the caller; a no-op here.
+        ``in_flight_blocks`` of them staged at a time by the caller, in host buffers of
+        ``stage_blocks`` blocks each; a no-op here.
 
         A tier may prepare memory for them up front (the DRAM tier pins its capacity on
         CUDA hosts, so no save ever waits for the driver to page-lock memory).

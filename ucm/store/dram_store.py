@@ -61,9 +61,10 @@ class UcmDramStore(KVStoreBase):
         self._reserved: set[int] = set()
         self._arena: Optional[BlockArena] = None
 
-    def reserve(self, block_nbytes: int, in_flight_blocks: int = 0) -> None:
+    def reserve(self, block_nbytes: int, in_flight_blocks: int = 0, stage_blocks: int = 1) -> None:
         """Lay the capacity out as one arena of ``block_nbytes`` slots (pinned on CUDA
-        hosts), and on CUDA pin ``in_flight_blocks`` more for the saver's staging copies.
+        hosts), and on CUDA pin ``in_flight_blocks`` more for the saver's staging copies,
+        as buffers of ``stage_blocks`` blocks (the size the saver asks for).
 
         Why an arena: blocks saved together sit in consecutive slots, so a load moves a
         chunk's blocks to the GPU in one copy (:func:`ucm.store.arena.coalesce_runs`).
@@ -92,7 +93,8 @@ class UcmDramStore(KVStoreBase):
                 logger.info("ucm dram store: arena of %d blocks of %d bytes (%.1f GiB%s) in %.1f s", slots,
                             block_nbytes, slots * block_nbytes / 1024**3, ", pinned" if pinned.AVAILABLE else "",
                             time.perf_counter() - start)
-        self._pin_blocks(block_nbytes, in_flight_blocks)
+        stage_blocks = max(1, stage_blocks)
+        self._pin_blocks(block_nbytes * stage_blocks, -(-in_flight_blocks // stage_blocks))
 
     def _pin_blocks(self, block_nbytes: int, count: int) -> None:
         """Pin ``count`` blocks and free them: they stay in torch's host cache for reuse."""

@@ -152,9 +152,9 @@ class UcmPipelineStore(KVStoreBase):
             raise StoreError("pipeline dump failed in " + "; ".join(errors))
         return written
 
-    def reserve(self, block_nbytes: int, in_flight_blocks: int = 0) -> None:
+    def reserve(self, block_nbytes: int, in_flight_blocks: int = 0, stage_blocks: int = 1) -> None:
         for tier in self.tiers:
-            tier.reserve(block_nbytes, in_flight_blocks)
+            tier.reserve(block_nbytes, in_flight_blocks, stage_blocks)
 
     def close(self) -> None:
         """Stop coordinating, then close every tier (each finishes its queued I/O)."""

@@ -32,6 +32,12 @@ logger = logging.getLogger(__name__)
 BLOCK_LAYOUT = "ucm-kv-v1:L,KV,T,H,D"
 """One stored block: ``[layers, K/V, block_tokens, kv_heads, head_dim]`` of one TP rank."""
 
+STAGE_BLOCKS = 32
+"""Blocks per pinned staging buffer (64 MiB of Llama-3-8B blocks), so a save issues one
+device->host copy per 32 blocks. One copy per block (1,030 for a cold 8K prompt) filled
+CUDA's queue of pending work, and the host then waited for the copies themselves:
+128 ms of host time per request on an H100 (cProfile, ``ttft_gpu.py --host-profile-cold``)."""
+
 
 class KVSaver:
     """Gathers, rotates back and dumps a step's blocks; counts saves and failures."""
@@ -53,7 +59,8 @@ class KVSaver:
     def reserve(self, num_layers: int, num_kv_heads: int, head_dim: int, element_size: int) -> None:
         """Tell the store the size of our blocks and how many one step may stage."""
         self.block_nbytes = num_layers * 2 * self.block_tokens * num_kv_heads * head_dim * element_size
-        self.store.reserve(self.block_nbytes, in_flight_blocks=self.max_step_tokens // self.block_tokens)
+        self.store.reserve(self.block_nbytes, in_flight_blocks=self.max_step_tokens // self.block_tokens,
+                           stage_blocks=STAGE_BLOCKS)
 
     def save(self, meta: UcmConnectorMetadata, views: dict[str, PagedKV], layer_names: list[str],
              vllm_block_size: int) -> None:
@@ -115,12 +122,18 @@ class KVSaver:
             self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ucm-save")
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(device))
-        # One pinned host block per saved block, from the pool the store reserved: a single
-        # staging tensor for the whole save (1 GiB at 8K tokens) would be a fresh page-lock
-        # of that size on the request path whenever the previous one is still being dumped.
-        host = [pinned.empty(per_block.shape[1:], per_block.dtype) for _ in range(per_block.shape[0])]
+        # Pinned staging buffers of STAGE_BLOCKS blocks from the pool the store reserved
+        # (always full-size, so every save reuses the same cached size): one copy each. A
+        # single buffer for the whole save (1 GiB at 8K tokens) would be a fresh page-lock
+        # of that size whenever the previous one is still being dumped.
+        n = per_block.shape[0]
+        host: list[torch.Tensor] = []
         with torch.cuda.stream(stream):
-            torch._foreach_copy_(host, list(per_block.unbind(0)), non_blocking=True)
+            for start in range(0, n, STAGE_BLOCKS):
+                count = min(STAGE_BLOCKS, n - start)
+                buffer = pinned.empty((STAGE_BLOCKS,) + tuple(per_block.shape[1:]), per_block.dtype)[:count]
+                buffer.copy_(per_block[start:start + count], non_blocking=True)
+                host.extend(buffer.unbind(0))  # per-block views keep the buffer until dumped
             per_block.record_stream(stream)  # keep the device buffer until the copy ran
             copied = torch.cuda.Event()
             copied.record(stream)
