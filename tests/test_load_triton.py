@@ -134,3 +134,27 @@ def test_bad_mode_is_refused(monkeypatch):
     with pytest.raises(ValueError, match=kv_load.KERNEL_ENV):
         kv_load.write_layers(staged, 0, [flash_attn_view(_caches("planes", 1, torch.float32, 0)[0], HEADS, DIM)],
                              rows, None, False, True)
+
+
+def test_a_failing_kernel_falls_back_under_auto(monkeypatch, caplog):
+    """auto: a kernel that raises (say, no compiler for this GPU) is given up once, the
+    load is written by torch ops and equals the torch path; triton: the error surfaces."""
+    from ucm.sparse.blend import load_triton
+
+    staged, rows = _load(2, 2, torch.float32, True, seed=11)
+    want = _caches("planes", 2, torch.float32, seed=12)
+    got = [c.clone() for c in want]
+    _write("torch", monkeypatch, want, staged, 0, rows, SPECS["neox"], True, True)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(load_triton, "scatter_blocks", broken)
+    monkeypatch.setattr(kv_load, "_BROKEN", [])
+    monkeypatch.setattr(kv_load, "_kernel_for", lambda staged, views: load_triton)  # as on CUDA
+    with pytest.raises(RuntimeError, match="no compiler"):
+        _write("triton", monkeypatch, [c.clone() for c in want], staged, 0, rows, SPECS["neox"], True, True)
+    _write("auto", monkeypatch, got, staged, 0, rows, SPECS["neox"], True, True)
+    assert kv_load._BROKEN and "load kernel failed" in caplog.text
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

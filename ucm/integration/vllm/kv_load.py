@@ -36,6 +36,7 @@ _MODES = ("auto", "torch", "triton")
 ROPE_SLICE_BYTES = 64 << 20
 
 ROWS = ("source", "slot", "position", "delta")  # the rows of the ``[4, R]`` index tensor
+_BROKEN: list[str] = []  # why the kernel was given up in this process (auto mode), if it was
 
 
 def _mode() -> str:
@@ -75,10 +76,17 @@ def write_layers(staged: torch.Tensor, first: int, views: Sequence[PagedKV], row
     every staged row in order (no gather needed). ``located``: slot addresses per
     layout, shared between calls of one load (torch path). Ordered on the current stream.
     """
-    kernel = _kernel_for(staged, views)
+    kernel = None if _BROKEN else _kernel_for(staged, views)
     if kernel is not None:
-        kernel.scatter_blocks(staged, first, [v.k for v in views], [v.v for v in views], rows, rope, rotate)
-        return
+        try:
+            kernel.scatter_blocks(staged, first, [v.k for v in views], [v.v for v in views], rows, rope, rotate)
+            return
+        except Exception as exc:  # noqa: BLE001 - e.g. a Triton that cannot compile for this GPU
+            if _mode() == "triton":
+                raise
+            _BROKEN.append(f"{type(exc).__name__}: {exc}")
+            logger.warning("ucm: the Triton load kernel failed (%s); writing loads with torch ops from now on",
+                           _BROKEN[0][:500])
     _write_torch(staged, first, views, rows, rope, rotate, full_rows, {} if located is None else located)
 
 
