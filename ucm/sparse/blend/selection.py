@@ -112,19 +112,28 @@ def top_rows(deviation: torch.Tensor, candidates: torch.Tensor, k: int,
     return mask.index_fill_(0, order, True)
 
 
-def _prepare(deviation: torch.Tensor, reusable: torch.Tensor, always: Optional[torch.Tensor],
-             all_reduce: Optional[AllReduce]) -> tuple[torch.Tensor, torch.Tensor]:
+def _reduced(deviation: torch.Tensor, reusable: torch.Tensor, all_reduce: Optional[AllReduce]) -> torch.Tensor:
+    """``deviation`` checked against ``reusable [tokens]``, in float32, summed over TP ranks."""
     if deviation.dim() != 1 or reusable.shape != deviation.shape:
         raise ValueError(f"deviation and reusable must both be [tokens]; got {tuple(deviation.shape)} "
                          f"and {tuple(reusable.shape)}")
-    if always is None:
-        always = torch.zeros_like(reusable, dtype=torch.bool)
-    elif always.shape != reusable.shape:
-        raise ValueError(f"always must be [tokens] like reusable; got {tuple(always.shape)}")
     deviation = deviation.to(torch.float32)
-    if all_reduce is not None:
-        deviation = all_reduce(deviation)
-    return deviation, always.to(torch.bool) | ~reusable.to(torch.bool)
+    return all_reduce(deviation) if all_reduce is not None else deviation
+
+
+def _always(reusable: torch.Tensor, always: Optional[torch.Tensor]) -> torch.Tensor:
+    """``always`` as a bool mask like ``reusable`` (none: all False)."""
+    if always is None:
+        return torch.zeros_like(reusable, dtype=torch.bool)
+    if always.shape != reusable.shape:
+        raise ValueError(f"always must be [tokens] like reusable; got {tuple(always.shape)}")
+    return always.to(torch.bool)
+
+
+def _prepare(deviation: torch.Tensor, reusable: torch.Tensor, always: Optional[torch.Tensor],
+             all_reduce: Optional[AllReduce]) -> tuple[torch.Tensor, torch.Tensor]:
+    forced = _always(reusable, always) | ~reusable.to(torch.bool)
+    return _reduced(deviation, reusable, all_reduce), forced
 
 
 def select_recompute(
@@ -163,9 +172,7 @@ class GradualFilter:
 
     def __init__(self, reusable: torch.Tensor, always: Optional[torch.Tensor] = None) -> None:
         self.reusable = reusable.to(torch.bool)
-        self.always = (torch.zeros_like(self.reusable) if always is None else always.to(torch.bool))
-        if self.always.shape != self.reusable.shape:
-            raise ValueError(f"always must be [tokens] like reusable; got {tuple(self.always.shape)}")
+        self.always = _always(self.reusable, always)
         self.num_reusable = int(self.reusable.sum())
         self.forced = self.always | ~self.reusable
         self.candidates = self.reusable & ~self.always
@@ -189,11 +196,7 @@ class GradualFilter:
         """Select at one check layer. ``deviation`` is ``[tokens]``; rows outside the
         current selection are ignored (callers may leave them zero). Returns the new mask."""
         ratio = _check_ratio(ratio)
-        if deviation.dim() != 1 or deviation.shape != self.reusable.shape:
-            raise ValueError(f"deviation must be [tokens] like reusable; got {tuple(deviation.shape)}")
-        deviation = deviation.to(torch.float32)
-        if all_reduce is not None:
-            deviation = all_reduce(deviation)
+        deviation = _reduced(deviation, self.reusable, all_reduce)
         if self.forced.device != deviation.device:
             self.forced = to_device(self.forced, deviation.device)
             self.candidates = to_device(self.candidates, deviation.device)
