@@ -39,17 +39,3 @@ def test_stage_layer_ranges_of_runs():
         want = torch.stack([p[s0:s1] for p in parts])
         assert torch.equal(staged, want)
 
-
-
-def test_reusable_rows_from_load_ranges():
-    """The rows a request's chunk loads cover: overlapping, touching, empty and
-    out-of-range ranges, as the old per-range list marking gave them."""
-    from ucm.integration.vllm.worker_side import _covered
-
-    lo, hi, n = [-4, 3, 5, 9, 12, 20], [2, 6, 7, 9, 30, 25], 16
-    want = [False] * n
-    for a, b in zip(lo, hi):
-        a, b = max(0, a), min(n, b)
-        want[a:b] = [True] * max(0, b - a)
-    assert _covered(n, lo, hi).tolist() == want
-    assert _covered(4, [], []).tolist() == [False] * 4

@@ -83,16 +83,12 @@ def coalesce_runs(parts: Sequence[torch.Tensor]) -> list[tuple[int, int, torch.T
         nbytes = first.numel() * first.element_size()
         j = i + 1
         if first.is_contiguous():
-            storage = first.untyped_storage()
-            # Bytes inside the first block's allocation belong to it: checking the address
-            # range replaces a storage lookup per block (512 blocks per 8K-token load).
-            limit = storage.data_ptr() + storage.nbytes()
+            base = first.untyped_storage().data_ptr()
             end = first.data_ptr() + nbytes
-            shape, dtype = first.shape, first.dtype
             while j < n:
                 nxt = parts[j]
-                if (nxt.data_ptr() != end or end + nbytes > limit or nxt.shape != shape
-                        or nxt.dtype != dtype or not nxt.is_contiguous()):
+                if (nxt.data_ptr() != end or not nxt.is_contiguous() or nxt.shape != first.shape
+                        or nxt.dtype != first.dtype or nxt.untyped_storage().data_ptr() != base):
                     break
                 end += nbytes
                 j += 1

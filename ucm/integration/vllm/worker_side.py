@@ -57,20 +57,6 @@ def _load_layer_group() -> int:
     return 6 if strided_copies_available() else -1
 
 
-def _covered(n: int, lo: list[int], hi: list[int]) -> torch.Tensor:
-    """Bool ``[n]``: True on every row inside some ``[lo[i], hi[i])`` (clipped to 0..n).
-
-    Two tensor ops for any number of ranges (512 per 8K-token prompt): +1 at each start,
-    -1 at each end, a running sum."""
-    edges = torch.zeros(n + 1, dtype=torch.int32)
-    start = torch.tensor(lo, dtype=torch.long).clamp_(0, n)
-    end = torch.tensor(hi, dtype=torch.long).clamp_(0, n)
-    keep = start < end
-    edges.index_add_(0, start[keep], torch.ones(int(keep.sum()), dtype=torch.int32))
-    edges.index_add_(0, end[keep], torch.full((int(keep.sum()),), -1, dtype=torch.int32))
-    return edges.cumsum(0)[:n] > 0
-
-
 def layer_index(layer_name: str) -> int:
     match = _LAYER_INDEX.search(layer_name)
     if match is None:
@@ -171,31 +157,28 @@ class WorkerSide:
             blocks = [None] * len(items)
         HOST_TIMES.add("load_store", start)
         groups: dict[bool, list[tuple[RequestStep, BlockLoad, torch.Tensor]]] = {False: [], True: []}
-        spans: dict[str, tuple[RequestStep, list[int], list[int]]] = {}  # reusable row ranges per request
-        want = self._block_shape()
+        marks: dict[str, list[bool]] = {}  # reusable rows, marked in Python lists (512 loads at 8K)
         for (req, load), block in zip(items, blocks):
-            if block is None or (block.shape != want and not self._block_fits(block)):
+            if block is None or not self._block_fits(block):
                 self._load_failed(req, load)
                 continue
             groups[load.chunk].append((req, load, block))
             self.stats.loaded_blocks += 1
             if load.chunk:
-                span = spans.get(req.req_id)
-                if span is None:
-                    span = spans[req.req_id] = (req, [], [])
-                span[1].append(load.lo - req.num_computed)
-                span[2].append(load.hi - req.num_computed)
-        for req_id, (req, lo, hi) in spans.items():
-            self.reusable[req_id] = _covered(req.num_scheduled, lo, hi)
+                mark = marks.get(req.req_id)
+                if mark is None:
+                    mark = marks[req.req_id] = [False] * req.num_scheduled
+                lo = max(0, load.lo - req.num_computed)
+                hi = min(req.num_scheduled, load.hi - req.num_computed)
+                mark[lo:hi] = [True] * max(0, hi - lo)  # never resizes the list
+        for req_id, mark in marks.items():
+            self.reusable[req_id] = torch.tensor(mark, dtype=torch.bool)
         self._write(groups[False], self.layers, side_stream=False)
         self._write(groups[True], self._chunk_layers(), side_stream=True)
 
-    def _block_shape(self) -> tuple[int, ...]:
-        info = self.layers[0]
-        return (len(self.layers), 2, self.block_tokens, info.num_kv_heads, info.head_dim)
-
     def _block_fits(self, block: torch.Tensor) -> bool:
-        want = self._block_shape()
+        info = self.layers[0]
+        want = (len(self.layers), 2, self.block_tokens, info.num_kv_heads, info.head_dim)
         if tuple(block.shape) != want:
             logger.warning("ucm: stored block has shape %s, expected %s; treating as a miss",
                            tuple(block.shape), want)
