@@ -82,7 +82,7 @@ class _RequestAttention:
     def __call__(self, q: torch.Tensor, view: PagedKV, scale: float) -> torch.Tensor:
         """Attention of the rows ``q`` over the request's context in ``view``: the paged
         kernel where it applies, else the gathered context through the prepared plan."""
-        if type(view) is PagedKV and attention.paged_kernel_wanted(q.device):
+        if view.strided and attention.paged_kernel_wanted(q.device):
             out = attention.run_paged(q, self.q_pos, view.k, view.v, self.ctx.block_ids, self.ctx.seq_len,
                                       scale, lambda: self._gathered(view))
             if out is not None:

@@ -25,6 +25,9 @@ class PagedKV:
 
     k: torch.Tensor
     v: torch.Tensor
+    # ``k``/``v`` are strided views of the cache (last dim contiguous), so kernels can
+    # address them directly (the load and paged-attention kernels); probed layouts are not.
+    strided = True
     # A CUDA event recorded on the worker's load stream once this layer's loaded KV is
     # in place (layer-wise loading); the first access from the compute stream waits on it.
     ready: Optional[Any] = field(default=None, repr=False, compare=False)
@@ -96,6 +99,7 @@ class ProbedPagedKV(PagedKV):
     into one block's flat storage ``flat[block]``.
     """
 
+    strided = False
     flat: torch.Tensor = None  # type: ignore[assignment]
     k_index: torch.Tensor = None  # type: ignore[assignment]
     v_index: torch.Tensor = None  # type: ignore[assignment]

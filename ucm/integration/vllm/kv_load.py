@@ -59,7 +59,7 @@ def _kernel_for(staged: torch.Tensor, views: Sequence[PagedKV]) -> Any:
     if mode == "torch" or (mode == "auto" and not staged.is_cuda):
         return None
     mod = _kernel_module()
-    plain = all(type(view) is PagedKV for view in views)  # probed layouts are not strided views
+    plain = all(view.strided for view in views)
     ok = mod is not None and plain and mod.supports(staged, [v.k for v in views], [v.v for v in views])
     if mode == "triton" and not ok:
         raise RuntimeError(f"{KERNEL_ENV}=triton but the load kernel cannot take these caches (needs Triton, "
