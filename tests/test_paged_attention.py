@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ucm.integration.vllm.kv_layout import flash_attn_view
-from ucm.sparse.blend import attention
+from ucm.sparse.blend import attention, paged_backend
 from ucm.sparse.blend.attention import causal_attention_by_position
 from ucm.sparse.blend.paged_attention import paged_attention, supports
 
@@ -100,9 +100,9 @@ def _gathered(view, table, seq_len):
 
 def test_run_paged_checks_its_first_call(monkeypatch, fresh_backends):
     monkeypatch.setenv(attention.ENV_VAR, "triton")
-    assert attention.paged_kernel_wanted(torch.device("cpu"))
+    assert paged_backend.paged_kernel_wanted(torch.device("cpu"))
     q, positions, view, table = _case(8, 2, 16, 50, 7, "planes", seed=6)
-    out = attention.run_paged(q, positions, view.k, view.v, table, 50, 0.25, _gathered(view, table, 50))
+    out = paged_backend.run_paged(q, positions, view.k, view.v, table, 50, 0.25, _gathered(view, table, 50))
     torch.testing.assert_close(out, _reference(q, positions, view, table, 50, 0.25), rtol=1e-5, atol=1e-5)
     assert attention.PAGED in attention._VERIFIED
 
@@ -114,12 +114,12 @@ def test_a_wrong_kernel_is_given_up_not_used(monkeypatch, fresh_backends, caplog
     real = module.paged_attention
     monkeypatch.setattr(module, "paged_attention", lambda *a, **kw: real(*a, **kw) * 1.5)
     q, positions, view, table = _case(4, 2, 16, 30, 5, "planes", seed=7)
-    assert attention.run_paged(q, positions, view.k, view.v, table, 30, 0.25, _gathered(view, table, 30)) is None
+    assert paged_backend.run_paged(q, positions, view.k, view.v, table, 30, 0.25, _gathered(view, table, 30)) is None
     assert "differs from the reference" in attention._BROKEN[attention.PAGED]
-    assert not attention.paged_kernel_wanted(torch.device("cpu"))  # given up for the process
+    assert not paged_backend.paged_kernel_wanted(torch.device("cpu"))  # given up for the process
     assert "paged kernel failed" in caplog.text
 
 
 def test_auto_on_cpu_gathers(monkeypatch, fresh_backends):
     monkeypatch.delenv(attention.ENV_VAR, raising=False)
-    assert not attention.paged_kernel_wanted(torch.device("cpu"))
+    assert not paged_backend.paged_kernel_wanted(torch.device("cpu"))

@@ -32,7 +32,7 @@ from ucm.integration.vllm.metadata import UcmConnectorMetadata
 from ucm.integration.vllm.kv_layout import PagedKV, token_slots
 from ucm.integration.vllm.worker_side import WorkerSide, layer_index
 from ucm.sparse.base import UcmSparseBase, UcmSparseRole
-from ucm.sparse.blend import attention
+from ucm.sparse.blend import attention, paged_backend
 from ucm.sparse.blend.blend import Blend, BlendStep, RequestRows
 from ucm.sparse.blend.transfer import to_device
 
@@ -82,8 +82,8 @@ class _RequestAttention:
     def __call__(self, q: torch.Tensor, view: PagedKV, scale: float) -> torch.Tensor:
         """Attention of the rows ``q`` over the request's context in ``view``: the paged
         kernel where it applies, else the gathered context through the prepared plan."""
-        if view.strided and attention.paged_kernel_wanted(q.device):
-            out = attention.run_paged(q, self.q_pos, view.k, view.v, self.ctx.block_ids, self.ctx.seq_len,
+        if view.strided and paged_backend.paged_kernel_wanted(q.device):
+            out = paged_backend.run_paged(q, self.q_pos, view.k, view.v, self.ctx.block_ids, self.ctx.seq_len,
                                       scale, lambda: self._gathered(view))
             if out is not None:
                 return out

@@ -21,7 +21,7 @@ Two entry points:
 Backends (``UCM_BLEND_ATTENTION`` = ``auto`` | ``triton`` | ``flex`` | ``cudnn`` | ``sdpa``,
 or the ``backend`` argument):
 
-* ``triton`` (:func:`run_paged`): :mod:`paged_attention`, reading the paged cache through
+* ``triton`` (:func:`ucm.sparse.blend.paged_backend.run_paged`): :mod:`paged_attention`, reading the paged cache through
   the block table (no gathered context); ``auto`` takes it on CUDA where it applies,
   and the plans below serve as its fallback.
 
@@ -42,11 +42,10 @@ Pure torch; never imports vLLM.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import warnings
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +69,10 @@ time per call (dynamo guards) against ~0.1 ms for cuDNN; below ~4M pairs the two
 within a few percent on the GPU (4K x 5%: cuDNN 0.106 ms, flex 0.128 ms), so the
 cheaper launch wins there.
 """
+
+PAGED = "triton"
+"""``UCM_BLEND_ATTENTION=triton``: the paged kernel (:mod:`paged_backend`), which reads the
+paged cache through the block table; ``auto`` uses it on CUDA for caches it supports."""
 
 _BROKEN: dict[str, str] = {}
 """Backend -> why it was given up in this process (so later plans skip it at once)."""
@@ -328,59 +331,6 @@ def _check_against_reference(name: str, out: torch.Tensor, q: torch.Tensor, q_po
                               f"{err:.3g} > {tol:g} on {rows.numel()} rows")
     logger.info("ucm Blend attention: backend %s verified against the reference "
                 "(relative error %.2g)", name, err)
-
-
-# ------------------------------------------------------------------ paged Triton kernel
-PAGED = "triton"
-"""``UCM_BLEND_ATTENTION=triton``: :mod:`paged_attention`, which reads the paged cache
-through the block table; ``auto`` uses it on CUDA for caches it supports."""
-
-
-@functools.lru_cache(maxsize=1)
-def _paged_module() -> Any:
-    try:
-        from ucm.sparse.blend import paged_attention
-    except Exception as exc:  # no Triton, or one that fails to initialise
-        _warn_once("paged-import", "ucm Blend attention: paged kernel unavailable (%s: %s)",
-                   type(exc).__name__, exc)
-        return None
-    return paged_attention
-
-
-def paged_kernel_wanted(device: torch.device) -> bool:
-    """Whether to try the paged kernel for rows on ``device`` (``auto`` on CUDA, or
-    ``triton``; on CPU only under TRITON_INTERPRET, which is how the tests run it)."""
-    name = requested_backend()
-    if PAGED in _BROKEN or name not in ("auto", PAGED):
-        return False
-    if device.type == "cuda":
-        return True
-    mod = _paged_module() if name == PAGED else None
-    return mod is not None and mod.interpreting()
-
-
-def run_paged(q: torch.Tensor, q_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              block_table: torch.Tensor, seq_len: int, scale: float,
-              gathered: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Optional[torch.Tensor]:
-    """The paged kernel's output, or None when it cannot run (the caller then gathers
-    the context and uses :class:`ExactMaskAttention`). The first call in a process is
-    checked against the reference on ``gathered()`` = (k, v, k_pos) of the context; a
-    failure or mismatch gives the kernel up for the process (logged once)."""
-    mod = _paged_module()
-    if mod is None or not mod.supports(q, k_cache, v_cache):
-        return None
-    try:
-        out = mod.paged_attention(q, q_pos, k_cache, v_cache, block_table, seq_len, scale)
-        if PAGED not in _VERIFIED:
-            k, v, k_pos = gathered()
-            _check_against_reference(PAGED, out, q, q_pos, k.to(q.dtype), v.to(q.dtype), k_pos, scale)
-            _VERIFIED.add(PAGED)
-        return out
-    except Exception as exc:  # noqa: BLE001 - never silently wrong: fall back, say so once
-        _BROKEN[PAGED] = f"{type(exc).__name__}: {exc}"
-        _warn_once(f"broken:{PAGED}", "ucm Blend attention: paged kernel failed (%s); using the "
-                   "gathered context", _BROKEN[PAGED][:500])
-        return None
 
 
 def _sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

@@ -1,0 +1,66 @@
+"""Choosing and checking the paged Triton attention kernel (``UCM_BLEND_ATTENTION=auto|triton``).
+
+:mod:`paged_attention` is the kernel; this module decides when to use it and holds it
+to the rule every fast backend of :mod:`attention` follows: its first call in a process
+is compared with the SDPA reference, and a failure or mismatch gives it up for the
+process (logged once), the caller then gathering the context for an
+:class:`~ucm.sparse.blend.attention.ExactMaskAttention` plan. Separate from the kernel
+module because importing that one needs a working Triton.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import torch
+
+from ucm.sparse.blend import attention
+from ucm.sparse.blend.attention import PAGED
+
+
+@functools.lru_cache(maxsize=1)
+def _paged_module() -> Any:
+    try:
+        from ucm.sparse.blend import paged_attention
+    except Exception as exc:  # no Triton, or one that fails to initialise
+        attention._warn_once("paged-import", "ucm Blend attention: paged kernel unavailable (%s: %s)",
+                             type(exc).__name__, exc)
+        return None
+    return paged_attention
+
+
+def paged_kernel_wanted(device: torch.device) -> bool:
+    """Whether to try the paged kernel for rows on ``device`` (``auto`` on CUDA, or
+    ``triton``; on CPU only under TRITON_INTERPRET, which is how the tests run it)."""
+    name = attention.requested_backend()
+    if PAGED in attention._BROKEN or name not in ("auto", PAGED):
+        return False
+    if device.type == "cuda":
+        return True
+    mod = _paged_module() if name == PAGED else None
+    return mod is not None and mod.interpreting()
+
+
+def run_paged(q: torch.Tensor, q_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              block_table: torch.Tensor, seq_len: int, scale: float,
+              gathered: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Optional[torch.Tensor]:
+    """The paged kernel's output, or None when it cannot run (the caller then gathers
+    the context and uses :class:`ExactMaskAttention`). The first call in a process is
+    checked against the reference on ``gathered()`` = (k, v, k_pos) of the context; a
+    failure or mismatch gives the kernel up for the process (logged once)."""
+    mod = _paged_module()
+    if mod is None or not mod.supports(q, k_cache, v_cache):
+        return None
+    try:
+        out = mod.paged_attention(q, q_pos, k_cache, v_cache, block_table, seq_len, scale)
+        if PAGED not in attention._VERIFIED:
+            k, v, k_pos = gathered()
+            attention._check_against_reference(PAGED, out, q, q_pos, k.to(q.dtype), v.to(q.dtype), k_pos, scale)
+            attention._VERIFIED.add(PAGED)
+        return out
+    except Exception as exc:  # noqa: BLE001 - never silently wrong: fall back, say so once
+        attention._BROKEN[PAGED] = f"{type(exc).__name__}: {exc}"
+        attention._warn_once(f"broken:{PAGED}", "ucm Blend attention: paged kernel failed (%s); using the "
+                             "gathered context", attention._BROKEN[PAGED][:500])
+        return None
