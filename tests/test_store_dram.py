@@ -119,9 +119,11 @@ def test_closed_store_fails_tasks_and_bad_config_is_rejected():
         UcmDramStore(capacity_bytes=0)
 
 
-def test_reserve_pins_one_arena_and_the_staging_blocks(monkeypatch):
+def test_reserve_pins_one_arena_and_staging_only_for_other_sizes(monkeypatch):
     """On CUDA hosts, reserve() pins the capacity as one arena of block slots (once per
-    store) plus the in-flight staging blocks; blocks of that size then live in the arena."""
+    store); blocks of that size then live in the arena, and the saver copies into lent
+    slots, so no staging blocks are pinned for them. Staging is pinned for a block size
+    the arena does not hold."""
     from ucm.store import dram_store
     from ucm.store import pinned as pinned_mod
     from ucm.store.pipeline_store import UcmPipelineStore
@@ -136,14 +138,14 @@ def test_reserve_pins_one_arena_and_the_staging_blocks(monkeypatch):
     monkeypatch.setattr(pinned_mod, "AVAILABLE", True)
     store = dram_store.UcmDramStore(capacity_bytes=10_000)
     UcmPipelineStore([store]).reserve(1024, in_flight_blocks=2)  # a pipeline forwards the hint
-    assert pinned == [((9 * 1024,), torch.uint8)] + [((1024,), torch.uint8)] * 2
+    assert pinned == [((9 * 1024,), torch.uint8)]
     store.reserve(1024)
-    assert len(pinned) == 3  # the same size again: nothing more
+    assert len(pinned) == 1  # the same size again: nothing more
     block = torch.arange(256, dtype=torch.float32)  # 1024 bytes: an arena block
     store.wait(store.dump([b"k" * 16], [block], "x"))
-    assert len(pinned) == 3 and store.stats()["arena_free_slots"] == 8
+    assert len(pinned) == 1 and store.stats()["arena_free_slots"] == 8
     store.reserve(2048, in_flight_blocks=5, stage_blocks=2)  # staging in buffers of 2 blocks
-    assert pinned[3:] == [((2 * 2048,), torch.uint8)] * 3
+    assert pinned[1:] == [((2 * 2048,), torch.uint8)] * 3
     assert torch.equal(store.wait(store.load([b"k" * 16], "x"))[0], block)
     other = torch.arange(10, dtype=torch.float32)  # another size: its own pinned tensor
     store.wait(store.dump([b"o" * 16], [other], "x"))
@@ -239,3 +241,75 @@ def test_every_slot_held_puts_a_new_block_in_its_own_tensor():
     store.wait(store.dump([b], [_block(2)], LAYOUT))  # evicts a; its slot is still held
     assert torch.equal(held, _block(1))
     assert torch.equal(store.wait(store.load([b], LAYOUT))[0], _block(2))
+
+
+def test_lent_blocks_are_adopted_by_dump_without_a_copy():
+    """The saver writes into lent arena slots; dump keeps those very bytes (a load returns
+    a tensor over the lent memory), consecutive lends are back to back, and the slots
+    count as used."""
+    from ucm.store.arena import coalesce_runs
+
+    store = _arena_store(8)
+    lent = store.lend_blocks(3, 1024)
+    assert lent is not None and [b.shape for b in lent] == [(1024,)] * 3
+    assert store.stats()["arena_free_slots"] == 5
+    blocks = [b.view(torch.float32) for b in lent]
+    for i, b in enumerate(blocks):
+        b.fill_(i + 1.0)
+    keys = make_keys(3)
+    assert store.wait(store.dump(keys, blocks, LAYOUT)) == 3
+    loaded = store.wait(store.load(keys, LAYOUT))
+    assert [t.data_ptr() for t in loaded] == [b.data_ptr() for b in lent]
+    assert all(torch.equal(t, _block(i + 1.0)) for i, t in enumerate(loaded))
+    assert [(f, c) for f, c, _ in coalesce_runs(loaded)] == [(0, 3)]
+    st = store.stats()
+    assert st["num_blocks"] == 3 and st["used_bytes"] == 3 * 1024 and st["arena_free_slots"] == 5
+
+
+def test_lent_blocks_dumped_under_present_keys_or_returned_free_their_slots():
+    store = _arena_store(4)
+    key = make_keys(1)
+    store.wait(store.dump(key, [_block(7)], LAYOUT))
+    lent = store.lend_blocks(2, 1024)
+    assert store.stats()["arena_free_slots"] == 1
+    dup = lent[0].view(torch.float32).fill_(9.0)
+    assert store.wait(store.dump(key, [dup], LAYOUT)) == 0  # present: skipped, slot given back
+    assert torch.equal(store.wait(store.load(key, LAYOUT))[0], _block(7))
+    store.return_blocks(lent[1:])
+    del lent, dup  # the slots are reused once the caller lets go of its tensors
+    assert len(store.lend_blocks(3, 1024)) == 3
+    assert store.stats()["num_blocks"] == 1
+
+
+def test_lending_evicts_lru_blocks_and_refuses_what_it_cannot_give():
+    store = _arena_store(4)
+    keys = make_keys(4)
+    store.wait(store.dump(keys, [_block(i) for i in range(4)], LAYOUT))
+    held = store.wait(store.load(keys[3:], LAYOUT))[0]  # a reader holds the newest block
+    lent = store.lend_blocks(3, 1024)  # evicts the three oldest
+    assert lent is not None and store.lookup(keys) == [False, False, False, True]
+    assert store.stats()["evictions"] == 3
+    assert store.lend_blocks(1, 1024) is None  # the last slot's block is held by a reader...
+    assert store.lookup(keys[3:]) == [False]  # ...evicted for room, but its slot stays parked
+    assert torch.equal(held, _block(3))
+    assert store.lend_blocks(1, 2048) is None  # another size: no arena slots
+    assert store.lend_blocks(5, 1024) is None  # more than the arena holds
+    assert UcmDramStore(capacity_bytes=4096).lend_blocks(1, 1024) is None  # no arena (no reserve)
+
+
+def test_a_pipeline_lends_its_fastest_tier_and_writes_lent_blocks_through(tmp_path):
+    from ucm.store.nfs_store import UcmNfsStore
+    from ucm.store.pipeline_store import UcmPipelineStore
+
+    dram = _arena_store(4)
+    files = UcmNfsStore(storage_backends=str(tmp_path))
+    pipe = UcmPipelineStore([dram, files])
+    lent = pipe.lend_blocks(2, 1024)
+    assert lent is not None and dram.stats()["arena_free_slots"] == 2
+    blocks = [b.view(torch.float32).fill_(i + 3.0) for i, b in enumerate(lent)]
+    keys = make_keys(2)
+    assert pipe.wait(pipe.dump(keys, blocks, LAYOUT)) == 2
+    for tier in (dram, files):
+        got = tier.wait(tier.load(keys, LAYOUT))
+        assert all(torch.equal(g, _block(i + 3.0)) for i, g in enumerate(got))
+    pipe.close()

@@ -58,11 +58,11 @@ class BlockArena:
         flat = self.memory[start:start + self.slot_nbytes].view(dtype)
         return flat.view(tuple(shape))
 
-    def release(self, slot: int, handed_out: "weakref.ref[torch.Tensor]") -> None:
+    def release(self, slot: int, handed_out: "Optional[weakref.ref[torch.Tensor]]") -> None:
         """Give ``slot`` back. ``handed_out``: a weak reference to the tensor readers got
-        for it (the caller has dropped its own). Reused at once if that tensor is gone,
-        else parked until it is."""
-        if handed_out() is None:
+        for it (the caller has dropped its own), None if it was never handed out. Reused
+        at once if that tensor is gone, else parked until it is."""
+        if handed_out is None or handed_out() is None:
             self._free.append(slot)
         else:
             self._parked[slot] = handed_out

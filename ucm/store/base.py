@@ -205,6 +205,21 @@ class KVStoreBase(ABC):
         CUDA hosts, so no save ever waits for the driver to page-lock memory).
         """
 
+    def lend_blocks(self, count: int, block_nbytes: int) -> Optional[List[torch.Tensor]]:
+        """``count`` writable host blocks of ``block_nbytes`` bytes (flat uint8) that a
+        later :meth:`dump` takes over without copying them; None: this store lends none.
+
+        Why: a saver copying KV off the GPU can then land it straight in the tier's own
+        (pinned) memory, instead of in a staging buffer that the tier copies again. A
+        caller that does not dump a lent block (a failed copy) hands it back with
+        :meth:`return_blocks`. Dumping a lent block under a key already present just
+        gives the block back.
+        """
+        return None
+
+    def return_blocks(self, blocks: Sequence[torch.Tensor]) -> None:
+        """Give back lent blocks that were never dumped (no-op for stores that lend none)."""
+
     def commit(self, keys: Sequence[bytes], success: bool = True) -> None:
         """Hook for stores that publish dumps in a second step; a no-op here.
 

@@ -60,11 +60,13 @@ class UcmDramStore(KVStoreBase):
         self._stats = StoreStats(BASE_COUNTERS + ("rejected_layout",))
         self._reserved: set[int] = set()
         self._arena: Optional[BlockArena] = None
+        self._lent: Dict[int, int] = {}  # data_ptr of a lent block -> its arena slot
 
     def reserve(self, block_nbytes: int, in_flight_blocks: int = 0, stage_blocks: int = 1) -> None:
         """Lay the capacity out as one arena of ``block_nbytes`` slots (pinned on CUDA
-        hosts), and on CUDA pin ``in_flight_blocks`` more for the saver's staging copies,
-        as buffers of ``stage_blocks`` blocks (the size the saver asks for).
+        hosts). Without an arena, pin ``in_flight_blocks`` more for the saver's staging
+        copies, as buffers of ``stage_blocks`` blocks (the size the saver asks for); with
+        one the saver copies straight into lent arena slots (:meth:`lend_blocks`).
 
         Why an arena: blocks saved together sit in consecutive slots, so a load moves a
         chunk's blocks to the GPU in one copy (:func:`ucm.store.arena.coalesce_runs`).
@@ -93,8 +95,52 @@ class UcmDramStore(KVStoreBase):
                 logger.info("ucm dram store: arena of %d blocks of %d bytes (%.1f GiB%s) in %.1f s", slots,
                             block_nbytes, slots * block_nbytes / 1024**3, ", pinned" if pinned.AVAILABLE else "",
                             time.perf_counter() - start)
-        stage_blocks = max(1, stage_blocks)
-        self._pin_blocks(block_nbytes * stage_blocks, -(-in_flight_blocks // stage_blocks))
+        if self._arena is None or self._arena.slot_nbytes != block_nbytes:
+            stage_blocks = max(1, stage_blocks)
+            self._pin_blocks(block_nbytes * stage_blocks, -(-in_flight_blocks // stage_blocks))
+
+    def lend_blocks(self, count: int, block_nbytes: int) -> Optional[List[torch.Tensor]]:
+        """``count`` free arena slots (evicting least-recently-used blocks for room), as
+        flat uint8 tensors a later :meth:`dump` adopts without a copy. None without an
+        arena of that slot size, or when readers still hold too many slots.
+
+        Why: the saver's device->host copy then lands in pinned arena memory directly;
+        a staging buffer would cost a second host copy of every saved byte (2 GiB for a
+        cold 8K-token prompt) and pinned buffers of its own.
+        """
+        arena = self._arena
+        if arena is None or block_nbytes != arena.slot_nbytes or not 0 < count <= arena.num_slots or self._closed:
+            return None
+        slots: List[int] = []
+        with self._lock:
+            evictions_left = count
+            while len(slots) < count:
+                slot = arena.take()
+                if slot is not None:
+                    slots.append(slot)
+                elif self._blocks and evictions_left > 0:
+                    self._remove_locked(next(iter(self._blocks)))
+                    self._stats.incr("evictions")
+                    evictions_left -= 1
+                else:
+                    break
+            if len(slots) < count:
+                for slot in slots:
+                    arena.release(slot, None)
+                return None
+            blocks = [arena.tensor(slot, (block_nbytes,), torch.uint8) for slot in slots]
+            for slot, block in zip(slots, blocks):
+                self._lent[block.data_ptr()] = slot
+        return blocks
+
+    def return_blocks(self, blocks: Sequence[torch.Tensor]) -> None:
+        """Give lent blocks back unused; a slot is reused once the caller drops its tensor."""
+        arena = self._arena
+        with self._lock:
+            for block in blocks:
+                slot = self._lent.pop(block.data_ptr(), None)
+                if slot is not None and arena is not None:
+                    arena.release(slot, weakref.ref(block))
 
     def _pin_blocks(self, block_nbytes: int, count: int) -> None:
         """Pin ``count`` blocks and free them: they stay in torch's host cache for reuse."""
@@ -171,6 +217,10 @@ class UcmDramStore(KVStoreBase):
     def _put(self, key: bytes, tensor: torch.Tensor, layout: str) -> int:
         """Insert one block; returns 1 if written, 0 if skipped."""
         nbytes = tensor.numel() * tensor.element_size()
+        with self._lock:
+            lent_slot = self._lent.pop(tensor.data_ptr(), None)
+        if lent_slot is not None:
+            return self._adopt(key, tensor, layout, nbytes, lent_slot)
         if nbytes > self.capacity_bytes:
             logger.warning(
                 "block %s (%d bytes) exceeds dram capacity %d; not cached",
@@ -214,6 +264,24 @@ class UcmDramStore(KVStoreBase):
         self._stats.incr("bytes_written", nbytes)
         return 1
 
+    def _adopt(self, key: bytes, tensor: torch.Tensor, layout: str, nbytes: int, slot: int) -> int:
+        """Insert a block the caller wrote into a lent slot: no copy, the tensor is kept."""
+        with self._lock:
+            arena = self._arena
+            if key in self._blocks or arena is None:  # present already, or closed meanwhile
+                self._stats.incr("blocks_skipped")
+                if arena is not None:
+                    arena.release(slot, weakref.ref(tensor))
+                return 0
+            self._blocks[key] = (tensor.detach(), layout, nbytes, slot)
+            self._used += nbytes
+            while self._used > self.capacity_bytes:
+                self._remove_locked(next(iter(self._blocks)))
+                self._stats.incr("evictions")
+        self._stats.incr("blocks_written")
+        self._stats.incr("bytes_written", nbytes)
+        return 1
+
     def _take_slot(self, arena: Optional[BlockArena], nbytes: int) -> Optional[int]:
         """An arena slot for a block of ``nbytes``, evicting the least-recently-used
         block if none is free (the insert needs its room anyway). None: no arena,
@@ -244,6 +312,7 @@ class UcmDramStore(KVStoreBase):
         with self._lock:
             self._closed = True
             self._blocks.clear()
+            self._lent.clear()
             self._used = 0
             self._arena = None
 

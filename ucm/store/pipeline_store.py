@@ -156,6 +156,13 @@ class UcmPipelineStore(KVStoreBase):
         for tier in self.tiers:
             tier.reserve(block_nbytes, in_flight_blocks, stage_blocks)
 
+    def lend_blocks(self, count: int, block_nbytes: int) -> Optional[List[torch.Tensor]]:
+        """The fastest tier's lent blocks: a dump writes them through to the slower tiers."""
+        return self.tiers[0].lend_blocks(count, block_nbytes)
+
+    def return_blocks(self, blocks: Sequence[torch.Tensor]) -> None:
+        self.tiers[0].return_blocks(blocks)
+
     def close(self) -> None:
         """Stop coordinating, then close every tier (each finishes its queued I/O)."""
         self._closed = True

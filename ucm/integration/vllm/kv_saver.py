@@ -3,10 +3,10 @@
 After a forward, each block to save is gathered from the paged cache (every layer),
 its K rotated back to the positions its key stands for (a chunk block computed at
 position p is stored as if at 0), and dumped. On CUDA the request that produced the
-KV does not wait for any of it: the device-to-host copy runs on a side stream into
-pinned host blocks of the pool the store reserved at start, and the store insert runs
-in a background thread; ``inflight.INFLIGHT`` makes a lookup in this process wait for
-exactly the keys still being saved. On CPU the dump is synchronous (the copy is the
+KV does not wait for any of it: a background thread copies the blocks to the host on a
+side stream -- straight into slots the store lends (the DRAM tier's pinned arena), else
+into pinned staging buffers -- and then inserts them; ``inflight.INFLIGHT`` makes a
+lookup in this process wait for exactly the keys still being saved. On CPU the dump is synchronous (the copy is the
 same work as the compute, on the same cores).
 """
 
@@ -24,6 +24,7 @@ from ucm.integration.vllm.kv_layout import PagedKV, token_slots
 from ucm.integration.vllm.metadata import UcmConnectorMetadata
 from ucm.sparse.blend.rope import RopeSpec, delta_rotate
 from ucm.store import pinned
+from ucm.store.arena import coalesce_runs
 from ucm.store.base import KVStoreBase, StoreError, Task
 from ucm.sparse.blend.transfer import to_device
 
@@ -33,10 +34,13 @@ BLOCK_LAYOUT = "ucm-kv-v1:L,KV,T,H,D"
 """One stored block: ``[layers, K/V, block_tokens, kv_heads, head_dim]`` of one TP rank."""
 
 STAGE_BLOCKS = 32
-"""Blocks per pinned staging buffer (64 MiB of Llama-3-8B blocks), so a save issues one
-device->host copy per 32 blocks. One copy per block (1,030 for a cold 8K prompt) filled
-CUDA's queue of pending work, and the host then waited for the copies themselves:
-128 ms of host time per request on an H100 (cProfile, ``ttft_gpu.py --host-profile-cold``)."""
+"""Blocks per device->host copy (64 MiB of Llama-3-8B blocks). One copy per block (1,030
+for a cold 8K prompt) filled CUDA's queue of pending work, and the host then waited for
+the copies themselves: 128 ms of host time per request on an H100 (cProfile,
+``ttft_gpu.py --host-profile-cold``)."""
+
+COPIES_QUEUED = 2
+"""Device->host copies of a save queued on the stream at a time (see ``_copy_to_host``)."""
 
 
 class KVSaver:
@@ -112,8 +116,8 @@ class KVSaver:
             self.pending.append(self.store.dump(keys, list(per_block.unbind(0)), BLOCK_LAYOUT))
 
     def _dump_when_copied(self, keys: list[bytes], per_block: torch.Tensor) -> Task:
-        """Copy blocks to pinned host memory on a side stream and dump them from a
-        background thread once the copy has landed.
+        """Copy blocks to pinned host memory on a side stream and dump them, all from a
+        background thread.
 
         Nothing here waits for the GPU: the request that produced the KV gets its first
         token without paying for the device-to-host copy or the store's insert. A block
@@ -125,31 +129,49 @@ class KVSaver:
             self._stream = torch.cuda.Stream(device=device)
             self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ucm-save")
         stream = self._stream
-        stream.wait_stream(torch.cuda.current_stream(device))
-        # Pinned staging buffers of STAGE_BLOCKS blocks from the pool the store reserved
-        # (always full-size, so every save reuses the same cached size): one copy each. A
-        # single buffer for the whole save (1 GiB at 8K tokens) would be a fresh page-lock
-        # of that size whenever the previous one is still being dumped.
-        n = per_block.shape[0]
-        host: list[torch.Tensor] = []
-        with torch.cuda.stream(stream):
-            for start in range(0, n, STAGE_BLOCKS):
-                count = min(STAGE_BLOCKS, n - start)
-                buffer = pinned.empty((STAGE_BLOCKS,) + tuple(per_block.shape[1:]), per_block.dtype)[:count]
-                buffer.copy_(per_block[start:start + count], non_blocking=True)
-                host.extend(buffer.unbind(0))  # per-block views keep the buffer until dumped
-            per_block.record_stream(stream)  # keep the device buffer until the copy ran
-            copied = torch.cuda.Event()
-            copied.record(stream)
+        stream.wait_stream(torch.cuda.current_stream(device))  # the gather ran on the compute stream
+        per_block.record_stream(stream)
 
-        def dump() -> Any:
-            copied.synchronize()
+        def copy_and_dump() -> Any:
+            # per_block stays referenced here until every copy has landed, so its device
+            # memory cannot be reused under a copy issued late. Lending runs here too:
+            # a view per block, 1,030 for a cold 8K prompt, is ~6 ms of host time (2-core VM).
+            lent = self.store.lend_blocks(len(keys), self.block_nbytes)
+            try:
+                host = self._copy_to_host(per_block, lent, stream)
+            except BaseException:
+                if lent is not None:
+                    self.store.return_blocks(lent)
+                raise
             return self.store.wait(self.store.dump(keys, host, BLOCK_LAYOUT))
 
         assert self._pool is not None
-        future = self._pool.submit(dump)
+        future = self._pool.submit(copy_and_dump)
         INFLIGHT.add(keys, future)
         return Task([future], lambda results: results[0], f"dump of {len(keys)} blocks")
+
+    @staticmethod
+    def _copy_to_host(per_block: torch.Tensor, lent: Optional[list[torch.Tensor]], stream: Any) -> list[torch.Tensor]:
+        """Copy ``per_block`` ([blocks, ...]) to the host, piece by piece
+        (:func:`host_targets`), with at most COPIES_QUEUED pieces queued at a time;
+        returns one host tensor per block.
+
+        Why only a few at a time: copies queued up front (2 GiB for a cold 8K-token prompt) sit
+        ahead of every later device-to-host copy -- the next step's sampled tokens too.
+        """
+        host, pieces = host_targets(per_block.shape[0], tuple(per_block.shape[1:]), per_block.dtype, lent)
+        queued: list[torch.cuda.Event] = []
+        with torch.cuda.stream(stream):
+            for dst, first in pieces:
+                dst.copy_(per_block[first:first + dst.shape[0]], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+                queued.append(event)
+                if len(queued) >= COPIES_QUEUED:
+                    queued.pop(0).synchronize()
+        for event in queued:
+            event.synchronize()
+        return host
 
     def reap(self, wait: bool = False) -> None:
         """Collect finished dumps; a failed dump is a future miss, logged, never fatal."""
@@ -164,3 +186,30 @@ class KVSaver:
             else:
                 still.append(task)
         self.pending = still
+
+
+def host_targets(n: int, shape: tuple[int, ...], dtype: torch.dtype, lent: Optional[list[torch.Tensor]]
+                 ) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, int]]]:
+    """Where ``n`` saved blocks of ``shape`` go on the host: one tensor per block, and the
+    copy pieces ``(destination [count, *shape], first block)`` of at most STAGE_BLOCKS.
+
+    Into ``lent`` store blocks (flat uint8) when given, a piece per run of blocks lying
+    back to back (consecutive arena slots); else into pinned staging buffers of
+    STAGE_BLOCKS blocks, always full-size so that every save reuses the same cached
+    pinned size.
+    """
+    pieces: list[tuple[torch.Tensor, int]] = []
+    if lent is not None:
+        if len(lent) != n:
+            raise ValueError(f"ucm: {len(lent)} lent blocks for {n} saved blocks")
+        host = [b.view(dtype).view(shape) for b in lent]
+        for first, count, run in coalesce_runs(host):
+            pieces += [(run[k:k + STAGE_BLOCKS], first + k) for k in range(0, count, STAGE_BLOCKS)]
+        return host, pieces
+    host = []
+    for first in range(0, n, STAGE_BLOCKS):
+        count = min(STAGE_BLOCKS, n - first)
+        buffer = pinned.empty((STAGE_BLOCKS,) + shape, dtype)[:count]
+        host.extend(buffer.unbind(0))  # per-block views keep the buffer until dumped
+        pieces.append((buffer, first))
+    return host, pieces

@@ -1,0 +1,69 @@
+"""Where the CUDA save path puts blocks on the host (kv_saver.host_targets): into slots the
+DRAM tier lends, in pieces of at most STAGE_BLOCKS blocks per run of consecutive slots,
+or into staging buffers. Copying a device buffer piece by piece must leave every host
+block equal to its device block; the copies themselves run on CUDA (gpu_check saves)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ucm.integration.vllm import kv_saver
+from ucm.integration.vllm.kv_saver import STAGE_BLOCKS, host_targets
+from ucm.store.dram_store import UcmDramStore
+
+SHAPE = (2, 2, 4, 1, 8)  # [L, K/V, block_tokens, H, D]
+NBYTES = 2 * 2 * 4 * 1 * 8 * 2  # bf16
+
+
+def _copy(per_block: torch.Tensor, pieces: list) -> None:
+    for dst, first in pieces:  # what KVSaver._copy_to_host issues, minus the stream
+        dst.copy_(per_block[first:first + dst.shape[0]])
+
+
+def test_lent_slots_get_one_piece_per_run_and_hold_the_blocks(monkeypatch):
+    monkeypatch.setattr(kv_saver, "STAGE_BLOCKS", 4)
+    store = UcmDramStore(capacity_bytes=16 * NBYTES)
+    store.reserve(NBYTES)
+    early = store.lend_blocks(2, NBYTES)  # slots 0-1
+    store.return_blocks(early[:1])
+    del early  # slot 0 is free again, slot 1 stays lent: the next lend is not one run
+    lent = store.lend_blocks(15, NBYTES)
+    per_block = torch.randn((15,) + SHAPE).to(torch.bfloat16)
+    host, pieces = host_targets(15, SHAPE, torch.bfloat16, lent)
+    # slots 2..15 are taken first (free list order), then the returned slot 0: runs of
+    # 14 and 1, the run of 14 cut into pieces of at most 4.
+    assert [(first, dst.shape[0]) for dst, first in pieces] == [(0, 4), (4, 4), (8, 4), (12, 2), (14, 1)]
+    assert all(dst.shape[1:] == SHAPE for dst, _ in pieces)
+    _copy(per_block, pieces)
+    assert [h.data_ptr() for h in host] == [b.data_ptr() for b in lent]
+    assert all(torch.equal(h, per_block[i]) for i, h in enumerate(host))
+    keys = [bytes([i]) * 16 for i in range(15)]
+    assert store.wait(store.dump(keys, host, "x")) == 15
+    loaded = store.wait(store.load(keys, "x"))
+    assert all(torch.equal(t, per_block[i]) for i, t in enumerate(loaded))
+
+
+def test_without_lent_slots_blocks_go_to_full_size_staging_buffers(monkeypatch):
+    sizes = []
+
+    def fake_pinned(shape, dtype):
+        sizes.append(tuple(shape))
+        return torch.empty(tuple(shape), dtype=dtype)
+
+    monkeypatch.setattr(kv_saver.pinned, "empty", fake_pinned)
+    n = 2 * STAGE_BLOCKS + 3
+    per_block = torch.randn((n,) + SHAPE)
+    host, pieces = host_targets(n, SHAPE, torch.float32, None)
+    assert sizes == [(STAGE_BLOCKS,) + SHAPE] * 3
+    assert [(first, dst.shape[0]) for dst, first in pieces] == [(0, STAGE_BLOCKS), (STAGE_BLOCKS, STAGE_BLOCKS),
+                                                                (2 * STAGE_BLOCKS, 3)]
+    _copy(per_block, pieces)
+    assert len(host) == n and all(torch.equal(h, per_block[i]) for i, h in enumerate(host))
+
+
+def test_a_lend_of_the_wrong_count_is_refused():
+    store = UcmDramStore(capacity_bytes=4 * NBYTES)
+    store.reserve(NBYTES)
+    with pytest.raises(ValueError, match="2 lent blocks for 3"):
+        host_targets(3, SHAPE, torch.bfloat16, store.lend_blocks(2, NBYTES))
