@@ -485,6 +485,53 @@ def saves() -> dict:
     finally:
         kv_saver.COPIES_QUEUED = default
     out["behind_a_cold_8k_save"] = latency
+    del big
+    out["read_layers_8k"] = _save_gather_8k()
+    out["PASS_saves"] = out["PASS_saves"] and out["read_layers_8k"]["same"]
+    return out
+
+
+def _save_gather_8k() -> dict:
+    """The save's gather of a cold 8K-token Llama-3-8B prompt (1,030 blocks: prefix keys,
+    then the same slots under chunk keys rotated back by their chunk's position) from 32
+    vLLM 0.26 FLASH_ATTN caches: the Triton kernel against the per-layer torch path, equal
+    results and GPU time side by side (CUDA events, median of 10)."""
+    import torch
+
+    from ucm.integration.vllm import kv_load
+    from ucm.integration.vllm.kv_layout import flash_attn_view, token_slots
+    from ucm.sparse.blend.rope import RopeSpec
+
+    layers, heads, dim, bs, b = 32, 8, 128, 16, 16
+    spec = RopeSpec(head_dim=dim, rotary_dim=dim, base=500000.0, is_neox_style=True)
+    tokens = 515 * b
+    caches = [torch.randn(600, heads, bs, 2 * dim, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
+    views = [flash_attn_view(c, heads, dim) for c in caches]
+    table = torch.randperm(600)[:515]
+    position = torch.cat([torch.arange(tokens)] * 2)
+    chunk_start = (position // 512) * 512  # 512-token chunks stored as if at 0
+    delta = torch.cat([torch.zeros(tokens, dtype=torch.long), chunk_start[tokens:]])
+    rows = torch.stack([torch.arange(2 * tokens), token_slots(table, position, bs), position, delta]).cuda()
+    out: dict[str, Any] = {}
+    blocks = {}
+    for mode in ("triton", "torch"):
+        os.environ[kv_load.KERNEL_ENV] = mode
+        blocks[mode] = torch.empty(2 * 515, layers, 2, b, heads, dim, device="cuda", dtype=torch.bfloat16)
+        times = []
+        for _ in range(11):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            kv_load.read_layers(blocks[mode], views, rows, spec, True)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        out[f"{mode}_ms"] = round(sorted(times[1:])[5], 3)
+    os.environ.pop(kv_load.KERNEL_ENV)
+    diff = (blocks["triton"].float() - blocks["torch"].float()).abs()
+    out["max_abs_diff"] = float(diff.max())
+    out["prefix_rows_equal"] = bool(torch.equal(blocks["triton"][:515], blocks["torch"][:515]))
+    out["same"] = out["prefix_rows_equal"] and out["max_abs_diff"] <= 2 ** -6 * float(blocks["torch"].abs().max())
+    out["GBps_triton"] = round(2 * blocks["triton"].nbytes / out["triton_ms"] / 1e6, 1)
     return out
 
 

@@ -90,6 +90,24 @@ def _median_ms(xs: list[float]) -> float:
     return round(statistics.median(xs) * 1e3, 2)
 
 
+def _time_gc() -> None:
+    """Count Python's garbage-collector pauses as host phases ``gc0``/``gc1``/``gc2``: a
+    full collection stops every thread of the engine process, whatever it was doing."""
+    import gc
+
+    from ucm.integration.vllm.host_time import HOST_TIMES
+
+    started = [0.0]
+
+    def timer(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = HOST_TIMES.start()
+        else:
+            HOST_TIMES.add(f"gc{info['generation']}", started[0])
+
+    gc.callbacks.append(timer)
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, kind: str) -> None:
         self.args = args
@@ -101,6 +119,9 @@ class Bench:
         self.SamplingParams = SamplingParams
         self.results: dict[str, Any] = {"kind": kind, "modes": {}, "throughput": {}}
         self.host_times: list[dict[str, float]] = []  # ucm's host time per phase, per timed request
+        if args.host_times:
+            _time_gc()
+
 
     def _engine(self):
         from vllm import LLM
@@ -160,7 +181,8 @@ class Bench:
 
     def record(self, mode: str, n_chunks: int, times: list[float], stats: Optional[list[dict]] = None) -> None:
         entry: dict[str, Any] = {"median_ms": _median_ms(times), "min_ms": round(min(times) * 1e3, 2),
-                                 "max_ms": round(max(times) * 1e3, 2), "n": len(times)}
+                                 "max_ms": round(max(times) * 1e3, 2), "n": len(times),
+                                 "times_ms": [round(t * 1e3, 1) for t in times]}
         if stats:
             for key in ("chunk_hit_tokens", "prefix_hit_tokens", "recompute_ratio", "reusable_tokens"):
                 vals = [s.get(key) for s in stats if s.get(key) is not None]
@@ -170,6 +192,7 @@ class Bench:
         phases = sorted({p for h in hosts for p in h})
         if self.args.host_times and phases:
             entry["host_ms"] = {p: _median_ms([h.get(p, 0.0) for h in hosts]) for p in phases}
+            entry["host_ms_max"] = {p: round(max(h.get(p, 0.0) for h in hosts) * 1e3, 2) for p in phases}
             print(f"[{self.kind}] {n_chunks:2d} chunks {mode:>14}: host ms {entry['host_ms']}", flush=True)
         self.results["modes"].setdefault(str(n_chunks), {})[mode] = entry
         print(f"[{self.kind}] {n_chunks:2d} chunks {mode:>14}: median {entry['median_ms']:8.2f} ms "

@@ -155,6 +155,78 @@ def test_a_failing_kernel_falls_back_under_auto(monkeypatch, caplog):
     with pytest.raises(RuntimeError, match="no compiler"):
         _write("triton", monkeypatch, [c.clone() for c in want], staged, 0, rows, SPECS["neox"], True, True)
     _write("auto", monkeypatch, got, staged, 0, rows, SPECS["neox"], True, True)
-    assert kv_load._BROKEN and "load kernel failed" in caplog.text
+    assert kv_load._BROKEN and "load/save kernel failed" in caplog.text
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+    # Saves take the torch path from then on too (the kernel is not tried again).
+    monkeypatch.setattr(load_triton, "gather_blocks", broken)
+    views = [flash_attn_view(c, HEADS, DIM) for c in want]
+    saved = torch.zeros_like(staged)
+    kv_load.read_layers(saved, views, rows, SPECS["neox"], True)
+    monkeypatch.setenv(kv_load.KERNEL_ENV, "torch")
+    reference = torch.zeros_like(staged)
+    kv_load.read_layers(reference, views, rows, SPECS["neox"], True)
+    assert torch.equal(saved, reference) and len(kv_load._BROKEN) == 1
+
+
+def _save_rows(dtype: torch.dtype, seed: int):
+    """The [4, R] rows of a save: two prefix blocks (delta 0) and the same two blocks again
+    under chunk keys (a chunk at position 8 stored as if at 0, delta 8), one cache slot read
+    twice -- what a cold RAG prompt saves -- plus empty output blocks."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randperm(NUM_BLOCKS, generator=g)
+    position = torch.cat([torch.arange(8, 8 + 2 * T)] * 2)
+    slot = token_slots(table, position, BS)
+    delta = torch.cat([torch.zeros(2 * T, dtype=torch.long), torch.full((2 * T,), 8)])
+    rows = torch.stack([torch.arange(4 * T), slot, position, delta])
+    return torch.zeros(4, 3, 2, T, HEADS, DIM, dtype=dtype), rows
+
+
+@pytest.mark.parametrize("layout", ["packed", "planes"])
+@pytest.mark.parametrize("rope", ["neox", "gptj", "partial"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_kernel_equals_torch_path(monkeypatch, layout, rope, dtype):
+    spec = SPECS[rope]
+    caches = _caches(layout, 3, dtype, seed=11)
+    before = [c.clone() for c in caches]
+    views = [flash_attn_view(c, HEADS, DIM) for c in caches]
+    out = {}
+    for mode in ("triton", "torch"):
+        monkeypatch.setenv(kv_load.KERNEL_ENV, mode)
+        blocks, rows = _save_rows(dtype, seed=12)
+        kv_load.read_layers(blocks, views, rows, spec, True)
+        out[mode] = blocks
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(out["triton"], out["torch"], **tol)
+    assert all(torch.equal(c, b) for c, b in zip(caches, before))  # a save only reads
+    # Prefix rows (delta 0) are the cache's bytes exactly; V is never rotated.
+    k, v = views[2].gather(_save_rows(dtype, seed=12)[1][1])
+    assert torch.equal(out["triton"][:2, 2, 0].reshape(-1, HEADS, DIM), k[:2 * T])
+    assert torch.equal(out["triton"][:, 2, 1].reshape(-1, HEADS, DIM), v)
+
+
+def test_a_saved_key_stands_at_its_stored_position_and_loads_back(monkeypatch):
+    """Saving a key cached at position p with delta d stores rotate(raw, p - d); loading
+    that block at position q with delta q - (p - d) puts back rotate(raw, q)."""
+    monkeypatch.setenv(kv_load.KERNEL_ENV, "triton")
+    spec = SPECS["neox"]
+    g = torch.Generator().manual_seed(13)
+    raw = torch.randn(2 * T, HEADS, DIM, generator=g)
+    position = 500 + torch.arange(2 * T)
+    slot = token_slots(torch.tensor([3, 7, 1, 4]), position - 500, BS)
+    cache = _caches("planes", 1, torch.float32, seed=14)[0]
+    view = flash_attn_view(cache, HEADS, DIM)
+    view.scatter(slot, rotate(raw, position, spec), raw)
+    blocks = torch.zeros(2, 1, 2, T, HEADS, DIM)
+    kv_load.read_layers(blocks, [view], torch.stack([torch.arange(2 * T), slot, position,
+                                                     torch.full_like(position, 500)]), spec, True)
+    stored = blocks[:, 0, 0].reshape(-1, HEADS, DIM)
+    torch.testing.assert_close(stored, rotate(raw, position - 500, spec), rtol=1e-5, atol=1e-5)
+    other = _caches("packed", 1, torch.float32, seed=15)[0]
+    at = 2000 + torch.arange(2 * T)
+    new_slot = token_slots(torch.tensor([9, 0, 5, 2]), at - 2000, BS)
+    kv_load.write_layers(blocks, 0, [flash_attn_view(other, HEADS, DIM)],
+                         torch.stack([torch.arange(2 * T), new_slot, at, at - (position - 500)]), spec, True, True)
+    k, v = flash_attn_view(other, HEADS, DIM).gather(new_slot)
+    torch.testing.assert_close(k, rotate(raw, at, spec), rtol=1e-4, atol=1e-4)
+    assert torch.equal(v, raw)

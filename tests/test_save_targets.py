@@ -25,10 +25,10 @@ def test_lent_slots_get_one_piece_per_run_and_hold_the_blocks(monkeypatch):
     monkeypatch.setattr(kv_saver, "STAGE_BLOCKS", 4)
     store = UcmDramStore(capacity_bytes=16 * NBYTES)
     store.reserve(NBYTES)
-    early = store.lend_blocks(2, NBYTES)  # slots 0-1
+    early = store.lend_blocks(2, SHAPE, torch.bfloat16)  # slots 0-1
     store.return_blocks(early[:1])
     del early  # slot 0 is free again, slot 1 stays lent: the next lend is not one run
-    lent = store.lend_blocks(15, NBYTES)
+    lent = store.lend_blocks(15, SHAPE, torch.bfloat16)
     per_block = torch.randn((15,) + SHAPE).to(torch.bfloat16)
     host, pieces = host_targets(15, SHAPE, torch.bfloat16, lent)
     # slots 2..15 are taken first (free list order), then the returned slot 0: runs of
@@ -66,4 +66,4 @@ def test_a_lend_of_the_wrong_count_is_refused():
     store = UcmDramStore(capacity_bytes=4 * NBYTES)
     store.reserve(NBYTES)
     with pytest.raises(ValueError, match="2 lent blocks for 3"):
-        host_targets(3, SHAPE, torch.bfloat16, store.lend_blocks(2, NBYTES))
+        host_targets(3, SHAPE, torch.bfloat16, store.lend_blocks(2, SHAPE, torch.bfloat16))

@@ -250,10 +250,10 @@ def test_lent_blocks_are_adopted_by_dump_without_a_copy():
     from ucm.store.arena import coalesce_runs
 
     store = _arena_store(8)
-    lent = store.lend_blocks(3, 1024)
-    assert lent is not None and [b.shape for b in lent] == [(1024,)] * 3
+    lent = store.lend_blocks(3, (256,), torch.float32)
+    assert lent is not None and [b.shape for b in lent] == [(256,)] * 3
     assert store.stats()["arena_free_slots"] == 5
-    blocks = [b.view(torch.float32) for b in lent]
+    blocks = lent
     for i, b in enumerate(blocks):
         b.fill_(i + 1.0)
     keys = make_keys(3)
@@ -270,14 +270,14 @@ def test_lent_blocks_dumped_under_present_keys_or_returned_free_their_slots():
     store = _arena_store(4)
     key = make_keys(1)
     store.wait(store.dump(key, [_block(7)], LAYOUT))
-    lent = store.lend_blocks(2, 1024)
+    lent = store.lend_blocks(2, (256,), torch.float32)
     assert store.stats()["arena_free_slots"] == 1
-    dup = lent[0].view(torch.float32).fill_(9.0)
+    dup = lent[0].fill_(9.0)
     assert store.wait(store.dump(key, [dup], LAYOUT)) == 0  # present: skipped, slot given back
     assert torch.equal(store.wait(store.load(key, LAYOUT))[0], _block(7))
     store.return_blocks(lent[1:])
     del lent, dup  # the slots are reused once the caller lets go of its tensors
-    assert len(store.lend_blocks(3, 1024)) == 3
+    assert len(store.lend_blocks(3, (256,), torch.float32)) == 3
     assert store.stats()["num_blocks"] == 1
 
 
@@ -286,15 +286,15 @@ def test_lending_evicts_lru_blocks_and_refuses_what_it_cannot_give():
     keys = make_keys(4)
     store.wait(store.dump(keys, [_block(i) for i in range(4)], LAYOUT))
     held = store.wait(store.load(keys[3:], LAYOUT))[0]  # a reader holds the newest block
-    lent = store.lend_blocks(3, 1024)  # evicts the three oldest
+    lent = store.lend_blocks(3, (256,), torch.float32)  # evicts the three oldest
     assert lent is not None and store.lookup(keys) == [False, False, False, True]
     assert store.stats()["evictions"] == 3
-    assert store.lend_blocks(1, 1024) is None  # the last slot's block is held by a reader...
+    assert store.lend_blocks(1, (256,), torch.float32) is None  # the last slot's block is held by a reader...
     assert store.lookup(keys[3:]) == [False]  # ...evicted for room, but its slot stays parked
     assert torch.equal(held, _block(3))
-    assert store.lend_blocks(1, 2048) is None  # another size: no arena slots
-    assert store.lend_blocks(5, 1024) is None  # more than the arena holds
-    assert UcmDramStore(capacity_bytes=4096).lend_blocks(1, 1024) is None  # no arena (no reserve)
+    assert store.lend_blocks(1, (512,), torch.float32) is None  # another size: no arena slots
+    assert store.lend_blocks(5, (256,), torch.float32) is None  # more than the arena holds
+    assert UcmDramStore(capacity_bytes=4096).lend_blocks(1, (256,), torch.float32) is None  # no arena (no reserve)
 
 
 def test_a_pipeline_lends_its_fastest_tier_and_writes_lent_blocks_through(tmp_path):
@@ -304,9 +304,9 @@ def test_a_pipeline_lends_its_fastest_tier_and_writes_lent_blocks_through(tmp_pa
     dram = _arena_store(4)
     files = UcmNfsStore(storage_backends=str(tmp_path))
     pipe = UcmPipelineStore([dram, files])
-    lent = pipe.lend_blocks(2, 1024)
+    lent = pipe.lend_blocks(2, (256,), torch.float32)
     assert lent is not None and dram.stats()["arena_free_slots"] == 2
-    blocks = [b.view(torch.float32).fill_(i + 3.0) for i, b in enumerate(lent)]
+    blocks = [b.fill_(i + 3.0) for i, b in enumerate(lent)]
     keys = make_keys(2)
     assert pipe.wait(pipe.dump(keys, blocks, LAYOUT)) == 2
     for tier in (dram, files):

@@ -58,6 +58,21 @@ class BlockArena:
         flat = self.memory[start:start + self.slot_nbytes].view(dtype)
         return flat.view(tuple(shape))
 
+    def blocks(self, slots: Sequence[int], shape: Sequence[int], dtype: torch.dtype) -> list[torch.Tensor]:
+        """The slots as tensors of ``shape``/``dtype``, one view per run of consecutive
+        slots split in C++ (a view per slot in Python costs ~5 us each: 1,030 blocks per
+        cold 8K-token save)."""
+        typed = self.memory.view(dtype).view((self.num_slots,) + tuple(shape))
+        out: list[torch.Tensor] = []
+        i = 0
+        while i < len(slots):
+            j = i + 1
+            while j < len(slots) and slots[j] == slots[j - 1] + 1:
+                j += 1
+            out.extend(typed[slots[i]:slots[j - 1] + 1].unbind(0))
+            i = j
+        return out
+
     def release(self, slot: int, handed_out: "Optional[weakref.ref[torch.Tensor]]") -> None:
         """Give ``slot`` back. ``handed_out``: a weak reference to the tensor readers got
         for it (the caller has dropped its own), None if it was never handed out. Reused

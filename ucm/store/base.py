@@ -205,9 +205,9 @@ class KVStoreBase(ABC):
         CUDA hosts, so no save ever waits for the driver to page-lock memory).
         """
 
-    def lend_blocks(self, count: int, block_nbytes: int) -> Optional[List[torch.Tensor]]:
-        """``count`` writable host blocks of ``block_nbytes`` bytes (flat uint8) that a
-        later :meth:`dump` takes over without copying them; None: this store lends none.
+    def lend_blocks(self, count: int, shape: Sequence[int], dtype: torch.dtype) -> Optional[List[torch.Tensor]]:
+        """``count`` writable host blocks of ``shape``/``dtype`` that a later :meth:`dump`
+        takes over without copying them; None: this store lends none.
 
         Why: a saver copying KV off the GPU can then land it straight in the tier's own
         (pinned) memory, instead of in a staging buffer that the tier copies again. A

@@ -9,6 +9,7 @@ return already-completed tasks; a thread pool would only add latency.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import weakref
@@ -99,17 +100,19 @@ class UcmDramStore(KVStoreBase):
             stage_blocks = max(1, stage_blocks)
             self._pin_blocks(block_nbytes * stage_blocks, -(-in_flight_blocks // stage_blocks))
 
-    def lend_blocks(self, count: int, block_nbytes: int) -> Optional[List[torch.Tensor]]:
+    def lend_blocks(self, count: int, shape: Sequence[int], dtype: torch.dtype) -> Optional[List[torch.Tensor]]:
         """``count`` free arena slots (evicting least-recently-used blocks for room), as
-        flat uint8 tensors a later :meth:`dump` adopts without a copy. None without an
-        arena of that slot size, or when readers still hold too many slots.
+        tensors of ``shape``/``dtype`` that a later :meth:`dump` adopts without a copy.
+        None without an arena of that slot size, or when readers still hold too many slots.
 
         Why: the saver's device->host copy then lands in pinned arena memory directly;
         a staging buffer would cost a second host copy of every saved byte (2 GiB for a
         cold 8K-token prompt) and pinned buffers of its own.
         """
         arena = self._arena
-        if arena is None or block_nbytes != arena.slot_nbytes or not 0 < count <= arena.num_slots or self._closed:
+        shape = tuple(shape)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if arena is None or nbytes != arena.slot_nbytes or not 0 < count <= arena.num_slots or self._closed:
             return None
         slots: List[int] = []
         with self._lock:
@@ -128,7 +131,7 @@ class UcmDramStore(KVStoreBase):
                 for slot in slots:
                     arena.release(slot, None)
                 return None
-            blocks = [arena.tensor(slot, (block_nbytes,), torch.uint8) for slot in slots]
+            blocks = arena.blocks(slots, shape, dtype)
             for slot, block in zip(slots, blocks):
                 self._lent[block.data_ptr()] = slot
         return blocks
@@ -206,9 +209,14 @@ class UcmDramStore(KVStoreBase):
         if self._closed:
             return Task.failed(StoreError("UcmDramStore is closed"), "dram dump")
         written = 0
+        with self._lock:
+            lent = [self._lent.pop(t.data_ptr(), None) for t in tensors] if self._lent else [None] * len(keys)
         try:
-            for key, tensor in zip(keys, tensors):
-                written += self._put(key, tensor, layout)
+            if any(slot is not None for slot in lent):
+                written += self._adopt([(k, t, s) for k, t, s in zip(keys, tensors, lent) if s is not None], layout)
+            for key, tensor, slot in zip(keys, tensors, lent):
+                if slot is None:
+                    written += self._put(key, tensor, layout)
         except RuntimeError as exc:  # e.g. host OOM while cloning
             self._stats.incr("errors")
             return Task.failed(StoreError(f"dram dump failed: {exc}"), "dram dump")
@@ -217,10 +225,6 @@ class UcmDramStore(KVStoreBase):
     def _put(self, key: bytes, tensor: torch.Tensor, layout: str) -> int:
         """Insert one block; returns 1 if written, 0 if skipped."""
         nbytes = tensor.numel() * tensor.element_size()
-        with self._lock:
-            lent_slot = self._lent.pop(tensor.data_ptr(), None)
-        if lent_slot is not None:
-            return self._adopt(key, tensor, layout, nbytes, lent_slot)
         if nbytes > self.capacity_bytes:
             logger.warning(
                 "block %s (%d bytes) exceeds dram capacity %d; not cached",
@@ -264,23 +268,29 @@ class UcmDramStore(KVStoreBase):
         self._stats.incr("bytes_written", nbytes)
         return 1
 
-    def _adopt(self, key: bytes, tensor: torch.Tensor, layout: str, nbytes: int, slot: int) -> int:
-        """Insert a block the caller wrote into a lent slot: no copy, the tensor is kept."""
+    def _adopt(self, items: List[Tuple[bytes, torch.Tensor, int]], layout: str) -> int:
+        """Insert blocks the caller wrote into lent slots ``(key, tensor, slot)``: no copy,
+        the tensors are kept. Returns how many were new."""
+        written = nbytes = 0
         with self._lock:
             arena = self._arena
-            if key in self._blocks or arena is None:  # present already, or closed meanwhile
-                self._stats.incr("blocks_skipped")
-                if arena is not None:
-                    arena.release(slot, weakref.ref(tensor))
-                return 0
-            self._blocks[key] = (tensor.detach(), layout, nbytes, slot)
-            self._used += nbytes
+            for key, tensor, slot in items:
+                if key in self._blocks or arena is None:  # present already, or closed meanwhile
+                    if arena is not None:
+                        arena.release(slot, weakref.ref(tensor))
+                    continue
+                size = tensor.numel() * tensor.element_size()
+                self._blocks[key] = (tensor.detach(), layout, size, slot)
+                self._used += size
+                written += 1
+                nbytes += size
             while self._used > self.capacity_bytes:
                 self._remove_locked(next(iter(self._blocks)))
                 self._stats.incr("evictions")
-        self._stats.incr("blocks_written")
+        self._stats.incr("blocks_skipped", len(items) - written)
+        self._stats.incr("blocks_written", written)
         self._stats.incr("bytes_written", nbytes)
-        return 1
+        return written
 
     def _take_slot(self, arena: Optional[BlockArena], nbytes: int) -> Optional[int]:
         """An arena slot for a block of ``nbytes``, evicting the least-recently-used

@@ -156,9 +156,9 @@ class UcmPipelineStore(KVStoreBase):
         for tier in self.tiers:
             tier.reserve(block_nbytes, in_flight_blocks, stage_blocks)
 
-    def lend_blocks(self, count: int, block_nbytes: int) -> Optional[List[torch.Tensor]]:
+    def lend_blocks(self, count: int, shape: Sequence[int], dtype: torch.dtype) -> Optional[List[torch.Tensor]]:
         """The fastest tier's lent blocks: a dump writes them through to the slower tiers."""
-        return self.tiers[0].lend_blocks(count, block_nbytes)
+        return self.tiers[0].lend_blocks(count, shape, dtype)
 
     def return_blocks(self, blocks: Sequence[torch.Tensor]) -> None:
         self.tiers[0].return_blocks(blocks)

@@ -1,14 +1,16 @@
-"""Write staged KV blocks into the paged caches of several layers.
+"""Move KV blocks between a staged ``[blocks, layers, 2, T, H, D]`` tensor and the paged
+caches of several layers: loads write staged rows into the caches, saves read them out.
 
-A load stages its stored blocks on the device as ``[blocks, layers, 2, T, H, D]``
-(:meth:`WorkerSide._stage`); every loaded token row then goes to its slot in each
-layer's paged cache, K re-rotated from the position it was saved at to its position
-in this prompt. Two implementations of that one step:
+A load stages its stored blocks on the device (:meth:`WorkerSide._stage`); every loaded
+token row then goes to its slot in each layer's paged cache, K re-rotated from the
+position it was saved at to its position in this prompt. A save is the inverse: every
+saved token row is read from its slot in each layer, K rotated back to the position its
+key stands for. Two implementations of each:
 
-* ``triton`` -- :func:`ucm.sparse.blend.load_triton.scatter_blocks`: every layer in one
-  launch, each element read and written once;
-* ``torch`` -- per layer a K slice, one rotation per slice of layers and two
-  index_put_ scatters; any layout (the probed CPU_ATTN one too).
+* ``triton`` -- :mod:`ucm.sparse.blend.load_triton` (``scatter_blocks`` /
+  ``gather_blocks``): every layer in one launch, each element read and written once;
+* ``torch`` -- per layer gathers or scatters and rotations; any layout (the probed
+  CPU_ATTN one too).
 
 ``UCM_LOAD_KERNEL=auto`` (default) takes the kernel for CUDA caches it supports;
 ``torch`` never; ``triton`` insists (CPU tensors need ``TRITON_INTERPRET=1``).
@@ -25,7 +27,7 @@ import torch
 
 from ucm.config import env_choice
 from ucm.integration.vllm.kv_layout import PagedKV
-from ucm.sparse.blend.rope import RopeSpec, _delta_cos_sin, apply_rotation
+from ucm.sparse.blend.rope import RopeSpec, _delta_cos_sin, apply_rotation, delta_rotate
 
 logger = logging.getLogger(__name__)
 
@@ -76,18 +78,58 @@ def write_layers(staged: torch.Tensor, first: int, views: Sequence[PagedKV], row
     every staged row in order (no gather needed). ``located``: slot addresses per
     layout, shared between calls of one load (torch path). Ordered on the current stream.
     """
+    if not _ran_kernel("scatter_blocks", staged, views, first, rows, rope, rotate):
+        _write_torch(staged, first, views, rows, rope, rotate, full_rows, {} if located is None else located)
+
+
+def read_layers(blocks: torch.Tensor, views: Sequence[PagedKV], rows: torch.Tensor,
+                rope: Optional[RopeSpec], rotate: bool) -> None:
+    """Fill ``blocks`` (``[n, len(views), 2, T, H, D]``) from ``views``, a save.
+
+    ``rows``: int64 ``[4, n * T]`` on the device (:data:`ROWS`): every block row in order,
+    its cache slot, the token's prompt position, and its RoPE delta (the stored key
+    stands at ``position - delta``). Ordered on the current stream, after pending loads.
+    """
+    for view in views:
+        view.wait_ready()
+    if not _ran_kernel("gather_blocks", blocks, views, None, rows, rope, rotate):
+        _read_torch(blocks, views, rows, rope, rotate)
+
+
+def _ran_kernel(name: str, staged: torch.Tensor, views: Sequence[PagedKV], first: Optional[int],
+                rows: torch.Tensor, rope: Optional[RopeSpec], rotate: bool) -> bool:
+    """Run the kernel's ``name`` when it should; False: use the torch path. In auto mode a
+    kernel failure is logged once and the torch path is used from then on."""
     kernel = None if _BROKEN else _kernel_for(staged, views)
-    if kernel is not None:
-        try:
-            kernel.scatter_blocks(staged, first, [v.k for v in views], [v.v for v in views], rows, rope, rotate)
-            return
-        except Exception as exc:  # noqa: BLE001 - e.g. a Triton that cannot compile for this GPU
-            if _mode() == "triton":
-                raise
-            _BROKEN.append(f"{type(exc).__name__}: {exc}")
-            logger.warning("ucm: the Triton load kernel failed (%s); writing loads with torch ops from now on",
-                           _BROKEN[0][:500])
-    _write_torch(staged, first, views, rows, rope, rotate, full_rows, {} if located is None else located)
+    if kernel is None:
+        return False
+    ks, vs = [v.k for v in views], [v.v for v in views]
+    try:
+        if first is None:
+            getattr(kernel, name)(staged, ks, vs, rows, rope, rotate)
+        else:
+            getattr(kernel, name)(staged, first, ks, vs, rows, rope, rotate)
+        return True
+    except Exception as exc:  # noqa: BLE001 - e.g. a Triton that cannot compile for this GPU
+        if _mode() == "triton":
+            raise
+        _BROKEN.append(f"{type(exc).__name__}: {exc}")
+        logger.warning("ucm: the Triton load/save kernel failed (%s); moving blocks with torch ops from now on",
+                       _BROKEN[0][:500])
+        return False
+
+
+def _read_torch(blocks: torch.Tensor, views: Sequence[PagedKV], rows: torch.Tensor,
+                rope: Optional[RopeSpec], rotate: bool) -> None:
+    _, slot, position, delta = rows
+    n, b = blocks.shape[0], blocks.shape[3]
+    for i, view in enumerate(views):
+        k, v = view.gather(slot)
+        if rotate:
+            assert rope is not None
+            k = delta_rotate(k, -delta, rope, from_positions=position)
+        blocks[:, i, 0] = k.view(n, b, *k.shape[1:])
+        blocks[:, i, 1] = v.view(n, b, *v.shape[1:])
 
 
 def _write_torch(staged: torch.Tensor, first: int, views: Sequence[PagedKV], rows: torch.Tensor,

@@ -1,8 +1,9 @@
 """Saves of one worker: KV blocks from the paged cache into the store.
 
-After a forward, each block to save is gathered from the paged cache (every layer),
-its K rotated back to the positions its key stands for (a chunk block computed at
-position p is stored as if at 0), and dumped. On CUDA the request that produced the
+After a forward, each block to save is gathered from the paged cache (every layer, in
+one Triton launch on CUDA: ``kv_load.read_layers``), its K rotated back to the positions
+its key stands for (a chunk block computed at position p is stored as if at 0), and
+dumped. On CUDA the request that produced the
 KV does not wait for any of it: a background thread copies the blocks to the host on a
 side stream -- straight into slots the store lends (the DRAM tier's pinned arena), else
 into pinned staging buffers -- and then inserts them; ``inflight.INFLIGHT`` makes a
@@ -21,8 +22,9 @@ import torch
 from ucm.hashing import rank_key
 from ucm.integration.vllm.inflight import INFLIGHT
 from ucm.integration.vllm.kv_layout import PagedKV, token_slots
+from ucm.integration.vllm.kv_load import read_layers
 from ucm.integration.vllm.metadata import UcmConnectorMetadata
-from ucm.sparse.blend.rope import RopeSpec, delta_rotate
+from ucm.sparse.blend.rope import RopeSpec
 from ucm.store import pinned
 from ucm.store.arena import coalesce_runs
 from ucm.store.base import KVStoreBase, StoreError, Task
@@ -54,6 +56,7 @@ class KVSaver:
         self.tp_rank = tp_rank
         self.rope = rope
         self.block_nbytes = 0  # one stored block, set by reserve()
+        self.block_shape: tuple[int, ...] = ()  # [L, 2, block_tokens, H, D], set by reserve()
         self.saved_blocks = 0
         self.failed_saves = 0
         self.pending: list[Task] = []
@@ -62,6 +65,7 @@ class KVSaver:
 
     def reserve(self, num_layers: int, num_kv_heads: int, head_dim: int, element_size: int) -> None:
         """Tell the store the size of our blocks and how many one step may stage."""
+        self.block_shape = (num_layers, 2, self.block_tokens, num_kv_heads, head_dim)
         self.block_nbytes = num_layers * 2 * self.block_tokens * num_kv_heads * head_dim * element_size
         self.store.reserve(self.block_nbytes, in_flight_blocks=self.max_step_tokens // self.block_tokens,
                            stage_blocks=STAGE_BLOCKS)
@@ -88,26 +92,19 @@ class KVSaver:
             table = torch.tensor(req.block_ids, dtype=torch.long)
             slots.append(token_slots(table, tokens[i * b:j * b], vllm_block_size))
             i = j
-        slot = to_device(torch.cat(slots), device)
-        delta = torch.tensor([-s.rope_delta for _, s in saves], dtype=torch.long).repeat_interleave(b)
+        delta = torch.tensor([s.rope_delta for _, s in saves], dtype=torch.long).repeat_interleave(b)
         rotate = bool((delta != 0).any())
-        if rotate:
-            delta, tokens = to_device(delta, device), to_device(tokens, device)
-        # [blocks, L, 2, b, H, D], written layer by layer: each block one contiguous piece.
-        per_block: Optional[torch.Tensor] = None
-        for i, name in enumerate(layer_names):
-            k, v = views[name].gather(slot)
-            if rotate:
-                k = delta_rotate(k, delta, self.rope, from_positions=tokens)
-            if per_block is None:
-                per_block = torch.empty((len(saves), len(layer_names), 2, b) + tuple(v.shape[1:]),
-                                        dtype=v.dtype, device=v.device)
-            per_block[:, i, 0] = k.view(len(saves), b, *k.shape[1:])
-            per_block[:, i, 1] = v.view(len(saves), b, *v.shape[1:])
-        assert per_block is not None
-        if per_block[0].nbytes != self.block_nbytes:  # the store reserved blocks of another size
+        # One host->device copy of the [4, blocks * b] rows (kv_load.ROWS): block row,
+        # slot, prompt position, and the delta to the position the stored key stands at.
+        rows = to_device(torch.stack([torch.arange(tokens.shape[0]), torch.cat(slots), tokens, delta]), device)
+        if not self.block_shape or self.block_shape[0] != len(layer_names):
+            raise RuntimeError(f"ucm: saving {len(layer_names)} layers, blocks of shape {self.block_shape} "
+                               "were reserved")
+        per_block = torch.empty((len(saves),) + self.block_shape, dtype=views[layer_names[0]].k.dtype, device=device)
+        if per_block[0].nbytes != self.block_nbytes:  # the store reserved blocks of another dtype
             raise RuntimeError(f"ucm: saved blocks have {per_block[0].nbytes} bytes, "
                                f"{self.block_nbytes} were reserved")
+        read_layers(per_block, [views[name] for name in layer_names], rows, self.rope, rotate)
         keys = [rank_key(s.key, self.tp_rank) for _, s in saves]
         self.saved_blocks += len(saves)
         if per_block.is_cuda:
@@ -134,9 +131,9 @@ class KVSaver:
 
         def copy_and_dump() -> Any:
             # per_block stays referenced here until every copy has landed, so its device
-            # memory cannot be reused under a copy issued late. Lending runs here too:
-            # a view per block, 1,030 for a cold 8K prompt, is ~6 ms of host time (2-core VM).
-            lent = self.store.lend_blocks(len(keys), self.block_nbytes)
+            # memory cannot be reused under a copy issued late. Lending runs here too
+            # (evictions and a view per block: 1,030 for a cold 8K prompt).
+            lent = self.store.lend_blocks(len(keys), tuple(per_block.shape[1:]), per_block.dtype)
             try:
                 host = self._copy_to_host(per_block, lent, stream)
             except BaseException:
@@ -193,7 +190,7 @@ def host_targets(n: int, shape: tuple[int, ...], dtype: torch.dtype, lent: Optio
     """Where ``n`` saved blocks of ``shape`` go on the host: one tensor per block, and the
     copy pieces ``(destination [count, *shape], first block)`` of at most STAGE_BLOCKS.
 
-    Into ``lent`` store blocks (flat uint8) when given, a piece per run of blocks lying
+    Into ``lent`` store blocks (of ``shape``) when given, a piece per run of blocks lying
     back to back (consecutive arena slots); else into pinned staging buffers of
     STAGE_BLOCKS blocks, always full-size so that every save reuses the same cached
     pinned size.
@@ -202,7 +199,7 @@ def host_targets(n: int, shape: tuple[int, ...], dtype: torch.dtype, lent: Optio
     if lent is not None:
         if len(lent) != n:
             raise ValueError(f"ucm: {len(lent)} lent blocks for {n} saved blocks")
-        host = [b.view(dtype).view(shape) for b in lent]
+        host = list(lent)
         for first, count, run in coalesce_runs(host):
             pieces += [(run[k:k + STAGE_BLOCKS], first + k) for k in range(0, count, STAGE_BLOCKS)]
         return host, pieces
