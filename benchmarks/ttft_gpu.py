@@ -108,6 +108,17 @@ def _time_gc() -> None:
     gc.callbacks.append(timer)
 
 
+def _allocator_counts() -> dict[str, int]:
+    """Device segments the caching allocator allocated/freed and its retries (a retry
+    frees cached segments, which synchronises the device: a host stall)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {k: int(stats.get(k, 0)) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")}
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, kind: str) -> None:
         self.args = args
@@ -121,6 +132,7 @@ class Bench:
         self.host_times: list[dict[str, float]] = []  # ucm's host time per phase, per timed request
         if args.host_times:
             _time_gc()
+        self.allocator = _allocator_counts()
 
 
     def _engine(self):
@@ -188,6 +200,9 @@ class Bench:
                 vals = [s.get(key) for s in stats if s.get(key) is not None]
                 if vals:
                     entry[key] = round(statistics.mean(vals), 3)
+        allocator = _allocator_counts()  # the CUDA caching allocator's cudaMalloc/cudaFree since the last mode
+        entry["allocator"] = {k: v - self.allocator.get(k, 0) for k, v in allocator.items()}
+        self.allocator = allocator
         hosts, self.host_times = self.host_times[-len(times):], []
         phases = sorted({p for h in hosts for p in h})
         if self.args.host_times and phases:
