@@ -430,8 +430,9 @@ def saves() -> dict:
     lends (its arena) and into pinned staging buffers (a store that lends none): 70 blocks
     (two full pieces and a partial one), read back. Then the latency of a small
     device->host copy on the compute stream issued right behind a cold 8K prompt's save
-    (1,030 blocks of 2 MiB), with COPIES_QUEUED pieces queued at a time against all of them
-    queued at once: what the next step's sampled tokens wait for."""
+    (1,030 blocks of 2 MiB), with 1 and 2 pieces queued at a time against all of them queued
+    at once: what the step's sampled tokens wait for (GPU time from the end of the
+    "sampler" to the end of its copy)."""
     import torch
 
     from ucm.integration.vllm import kv_saver
@@ -464,24 +465,27 @@ def saves() -> dict:
     saver = KVSaver(store, block_tokens=16, tp_rank=0, rope=None, max_step_tokens=8192)
     saver.reserve(num_layers=32, num_kv_heads=8, head_dim=128, element_size=2)
     small = torch.ones(64, device="cuda")
+    small_host = torch.empty(64, pin_memory=True)
     latency = {}
     default = kv_saver.COPIES_QUEUED
     try:
-        for label, depth in (("queued_%d" % default, default), ("queued_all", 10**9), ("queued_%d_again" % default,
-                                                                                      default)):
+        for label, depth in (("queued_1", 1), ("queued_2", 2), ("queued_all", 10**9), ("queued_1_again", 1)):
             kv_saver.COPIES_QUEUED = depth
             keys = [hashlib.sha256(f"{label}-{i}".encode()).digest() for i in range(big.shape[0])]
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            task = saver._dump_when_copied(keys, big)
-            time.sleep(0.005)  # the save thread issues its first pieces
-            t1 = time.perf_counter()
-            small.cpu()
-            small_ms = (time.perf_counter() - t1) * 1e3
+            torch.cuda._sleep(20_000_000)  # "the forward": ~10 ms of work on the compute stream
+            task = saver._dump_when_copied(keys, big)  # its copies wait for the forward
+            time.sleep(0.002)  # the host moves on to the sampler while the forward runs
+            torch.cuda._sleep(1_000_000)  # "the sampler"
+            ready, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            ready.record()
+            small_host.copy_(small, non_blocking=True)  # "the sampled tokens", as vLLM copies them
+            done.record()
+            done.synchronize()
             store.wait(task)
-            latency[label] = {"small_copy_ms": round(small_ms, 2),
-                              "save_ms": round((time.perf_counter() - t0) * 1e3, 1),
-                              "GBps": round(big.nbytes / (time.perf_counter() - t0) / 1e9, 1)}
+            latency[label] = {"small_copy_ms": round(ready.elapsed_time(done), 2),
+                              "save_ms": round((time.perf_counter() - t0) * 1e3, 1)}
     finally:
         kv_saver.COPIES_QUEUED = default
     out["behind_a_cold_8k_save"] = latency

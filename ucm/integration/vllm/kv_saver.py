@@ -41,8 +41,13 @@ for a cold 8K prompt) filled CUDA's queue of pending work, and the host then wai
 the copies themselves: 128 ms of host time per request on an H100 (cProfile,
 ``ttft_gpu.py --host-profile-cold``)."""
 
-COPIES_QUEUED = 2
-"""Device->host copies of a save queued on the stream at a time (see ``_copy_to_host``)."""
+COPIES_QUEUED = 1
+"""Device->host copies of a save queued on the stream at a time (see ``_copy_to_host``).
+
+One: the copy engine let the step's own small device->host copy (the sampled tokens) wait
+behind every piece of a save as long as the next piece was already queued -- 38.9 ms for a
+cold 8K prompt on an H100 with two queued (torch.profiler trace, ``ttft_gpu.py --trace``).
+With one, the engine is idle for a moment between pieces and serves that copy first."""
 
 
 class KVSaver:
@@ -153,8 +158,8 @@ class KVSaver:
         (:func:`host_targets`), with at most COPIES_QUEUED pieces queued at a time;
         returns one host tensor per block.
 
-        Why only a few at a time: copies queued up front (2 GiB for a cold 8K-token prompt) sit
-        ahead of every later device-to-host copy -- the next step's sampled tokens too.
+        Why so few at a time: copies queued ahead (2 GiB for a cold 8K-token prompt) delay
+        every later device-to-host copy -- the step's sampled tokens too.
         """
         host, pieces = host_targets(per_block.shape[0], tuple(per_block.shape[1:]), per_block.dtype, lent)
         queued: list[torch.cuda.Event] = []
