@@ -143,7 +143,9 @@ class WorkerSide:
 
     # ---- load ------------------------------------------------------------------------
     def start_load(self, meta: UcmConnectorMetadata) -> None:
+        start = HOST_TIMES.start()
         self._release_inflight()
+        HOST_TIMES.add("load_release", start)
         self.reusable = {rid: torch.zeros(r.num_scheduled, dtype=torch.bool) for rid, r in meta.requests.items()}
         items = [(req, load) for req in meta.requests.values() for load in req.loads]
         if not items:
@@ -247,6 +249,7 @@ class WorkerSide:
         if not loads or not layers:
             return
         device = self.device
+        start = HOST_TIMES.start()
         idx = self._indices(loads)
         rotate = bool((idx["delta"] != 0).any())  # host tensors: no device read
         cuda = device.type == "cuda"
@@ -260,6 +263,7 @@ class WorkerSide:
         with torch.cuda.stream(stream) if stream is not None else _nullcontext():
             # One host->device copy for all four index vectors.
             rows = to_device(torch.stack([idx[name] for name in ROWS]), device)
+            HOST_TIMES.add("load_index", start)
             full_rows = bool(len(loads) * self.block_tokens == rows.shape[1])
             position_of = {info.name: p for p, info in enumerate(self.layers)}
             located: dict[tuple, tuple[torch.Tensor, ...]] = {}  # slot addresses per layout
@@ -271,11 +275,15 @@ class WorkerSide:
                 p1 = position_of[group[-1].name] + 1
                 assert p1 - p0 == len(group), "chunk layers must be consecutive"
                 s0, s1 = (0, len(self.layers)) if whole else (p0, p1)
+                start = HOST_TIMES.start()
                 staged = self._stage(runs, len(sources), s0, s1, device, pinned_runs)  # [n, s1-s0, 2, T, H, D]
+                HOST_TIMES.add("load_copy", start)
                 views = [self.views[info.name] for info in group]
                 for view in views:
                     view.ready = None  # this write is ordered on `stream` itself
+                start = HOST_TIMES.start()
                 write_layers(staged, p0 - s0, views, rows, self.rope, rotate, full_rows, located)
+                HOST_TIMES.add("load_write", start)
                 if stream is not None:
                     event = torch.cuda.Event()
                     event.record(stream)
