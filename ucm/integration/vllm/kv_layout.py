@@ -14,8 +14,9 @@ writes land in place.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
+import numpy as np
 import torch
 
 
@@ -203,8 +204,25 @@ LAYOUTS = {
 }
 
 
-def token_slots(block_ids: torch.Tensor, tokens: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Paged-cache slot of each prompt token index."""
+def owner_runs(owners: Sequence[object]) -> list[tuple[int, int]]:
+    """``[i, j)`` ranges of consecutive items with the same owner (by identity): the loads
+    or saves of one request lie together, and each request needs one block-table lookup."""
+    runs = []
+    i = 0
+    while i < len(owners):
+        j = i + 1
+        while j < len(owners) and owners[j] is owners[i]:
+            j += 1
+        runs.append((i, j))
+        i = j
+    return runs
+
+
+_Ints = TypeVar("_Ints", torch.Tensor, np.ndarray)
+
+
+def token_slots(block_ids: _Ints, tokens: _Ints, block_size: int) -> _Ints:
+    """Paged-cache slot of each prompt token index (torch tensors or numpy arrays)."""
     return block_ids[tokens // block_size] * block_size + tokens % block_size
 
 

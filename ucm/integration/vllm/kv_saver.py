@@ -17,11 +17,12 @@ import concurrent.futures as cf
 import logging
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from ucm.hashing import rank_key
 from ucm.integration.vllm.inflight import INFLIGHT
-from ucm.integration.vllm.kv_layout import PagedKV, token_slots
+from ucm.integration.vllm.kv_layout import PagedKV, owner_runs, token_slots
 from ucm.integration.vllm.kv_load import read_layers
 from ucm.integration.vllm.metadata import UcmConnectorMetadata
 from ucm.sparse.blend.rope import RopeSpec
@@ -83,25 +84,22 @@ class KVSaver:
             return
         b = self.block_tokens
         device = views[layer_names[0]].k.device
-        # Token indices of every saved block, [saves * b], built in one op (1,030 blocks
+        # The [4, saves * b] rows (kv_load.ROWS) in numpy (torch's CPU ops go through the
+        # OpenMP pool, which stalled requests for tens of ms on an H100 host; see
+        # WorkerSide._indices): block row, slot, prompt position, and the delta to the
+        # position the stored key stands at. Tokens of all blocks in one op (1,030 blocks
         # for a cold 8K prompt: per-block tensor ops cost ~20 ms of host time).
-        starts = torch.tensor([s.token_start for _, s in saves], dtype=torch.long)
-        tokens = (starts[:, None] + torch.arange(b)[None, :]).reshape(-1)
-        slots = []
-        i = 0
-        while i < len(saves):  # saves are grouped by request: one slot lookup per request
-            req = saves[i][0]
-            j = i
-            while j < len(saves) and saves[j][0] is req:
-                j += 1
-            table = torch.tensor(req.block_ids, dtype=torch.long)
-            slots.append(token_slots(table, tokens[i * b:j * b], vllm_block_size))
-            i = j
-        delta = torch.tensor([s.rope_delta for _, s in saves], dtype=torch.long).repeat_interleave(b)
-        rotate = bool((delta != 0).any())
-        # One host->device copy of the [4, blocks * b] rows (kv_load.ROWS): block row,
-        # slot, prompt position, and the delta to the position the stored key stands at.
-        rows = to_device(torch.stack([torch.arange(tokens.shape[0]), torch.cat(slots), tokens, delta]), device)
+        n = len(saves)
+        rows = np.empty((4, n * b), dtype=np.int64)
+        rows[0] = np.arange(n * b)
+        tokens = (np.fromiter((s.token_start for _, s in saves), np.int64, n)[:, None] + np.arange(b)).reshape(-1)
+        rows[2] = tokens
+        rows[3] = np.repeat(np.fromiter((s.rope_delta for _, s in saves), np.int64, n), b)
+        for i, j in owner_runs([req for req, _ in saves]):  # one slot lookup per request
+            table = np.asarray(saves[i][0].block_ids, dtype=np.int64)
+            rows[1, i * b:j * b] = token_slots(table, tokens[i * b:j * b], vllm_block_size)
+        rotate = bool((rows[3] != 0).any())
+        rows_dev = to_device(torch.from_numpy(rows), device)
         if not self.block_shape or self.block_shape[0] != len(layer_names):
             raise RuntimeError(f"ucm: saving {len(layer_names)} layers, blocks of shape {self.block_shape} "
                                "were reserved")
@@ -109,7 +107,7 @@ class KVSaver:
         if per_block[0].nbytes != self.block_nbytes:  # the store reserved blocks of another dtype
             raise RuntimeError(f"ucm: saved blocks have {per_block[0].nbytes} bytes, "
                                f"{self.block_nbytes} were reserved")
-        read_layers(per_block, [views[name] for name in layer_names], rows, self.rope, rotate)
+        read_layers(per_block, [views[name] for name in layer_names], rows_dev, self.rope, rotate)
         keys = [rank_key(s.key, self.tp_rank) for _, s in saves]
         self.saved_blocks += len(saves)
         if per_block.is_cuda:

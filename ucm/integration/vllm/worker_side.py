@@ -25,14 +25,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
 from ucm.hashing import rank_key
 from ucm.integration.vllm.host_time import HOST_TIMES
-from ucm.integration.vllm.kv_layout import PagedKV, ProbedPagedKV, paged_kv_view, token_slots
+from ucm.integration.vllm.kv_layout import PagedKV, ProbedPagedKV, owner_runs, paged_kv_view, token_slots
 from ucm.integration.vllm.kv_saver import BLOCK_LAYOUT, KVSaver
 from ucm.integration.vllm.metadata import BlockLoad, RequestStep, UcmConnectorMetadata
-from ucm.integration.vllm.kv_load import ROWS, write_layers
+from ucm.integration.vllm.kv_load import write_layers
 from ucm.sparse.blend.rope import RopeSpec
 from ucm.sparse.blend.transfer import copy_pitched, copy_rows_to_device, strided_copies_available, to_device
 from ucm.store.arena import coalesce_runs
@@ -196,43 +197,39 @@ class WorkerSide:
         first, last = load.lo // self.vllm_block_size, (load.hi - 1) // self.vllm_block_size
         self.load_errors.update(req.block_ids[first:last + 1])
 
-    def _indices(self, loads: list[tuple[RequestStep, BlockLoad, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Host-side (vectorised) index tensors of one group of loads.
+    def _indices(self, loads: list[tuple[RequestStep, BlockLoad, torch.Tensor]]) -> torch.Tensor:
+        """Host-side index rows of one group of loads, int64 ``[4, R]`` in
+        ``kv_load.ROWS`` order: ``source`` (row of each loaded token in the staged ``[num_loads *
+        block_tokens]`` rows), ``slot`` (its paged-cache slot), ``position`` (its prompt
+        position), ``delta`` (its RoPE shift).
 
-        ``source``: row of each loaded token in the staged ``[num_loads * block_tokens]``
-        rows; ``slot``: its paged-cache slot; ``position``: its prompt position;
-        ``delta``: its RoPE shift.
+        Built with numpy, not torch: torch's CPU ops here (``repeat_interleave`` runs a
+        parallel loop even for a few hundred loads) went through the OpenMP pool, and on a
+        16-core H100 host some requests stalled 35-52 ms in this function (HOST_TIMES
+        ``load_index`` maximum, 30 requests at 4K and 8K).
         """
         b = self.block_tokens
-        lo = torch.tensor([load.lo for _, load, _ in loads], dtype=torch.long)
-        hi = torch.tensor([load.hi for _, load, _ in loads], dtype=torch.long)
-        start = torch.tensor([load.token_start for _, load, _ in loads], dtype=torch.long)
-        delta = torch.tensor([load.rope_delta for _, load, _ in loads], dtype=torch.long)
+        n_loads = len(loads)
+        lo = np.fromiter((load.lo for _, load, _ in loads), np.int64, n_loads)
+        hi = np.fromiter((load.hi for _, load, _ in loads), np.int64, n_loads)
+        start = np.fromiter((load.token_start for _, load, _ in loads), np.int64, n_loads)
+        delta = np.fromiter((load.rope_delta for _, load, _ in loads), np.int64, n_loads)
         counts = hi - lo
-        which = torch.repeat_interleave(torch.arange(len(loads)), counts)
-        offset = torch.cumsum(counts, 0) - counts
-        within = torch.arange(int(counts.sum())) - offset[which]
+        which = np.repeat(np.arange(n_loads), counts)
+        offset = np.cumsum(counts) - counts
+        within = np.arange(int(counts.sum())) - offset[which]
         position = lo[which] + within
-        source = which * b + (lo - start)[which] + within
-        slot = torch.empty_like(position)
-        tables: dict[str, torch.Tensor] = {}
-        req_of = [req for req, _, _ in loads]
-        for i, req in enumerate(req_of):  # one table per request, reused by its loads
-            if req.req_id not in tables:
-                tables[req.req_id] = torch.tensor(req.block_ids, dtype=torch.long)
-        # Group token rows by request (loads of one request are contiguous in `loads`).
+        rows = np.empty((4, position.shape[0]), dtype=np.int64)
+        rows[0] = which * b + (lo - start)[which] + within
+        rows[2] = position
+        rows[3] = delta[which]
         row = 0
-        i = 0
-        while i < len(loads):
-            j = i
-            while j < len(loads) and req_of[j] is req_of[i]:
-                j += 1
+        for i, j in owner_runs([req for req, _, _ in loads]):
             n = int(counts[i:j].sum())
-            tokens = position[row:row + n]
-            slot[row:row + n] = token_slots(tables[req_of[i].req_id], tokens, self.vllm_block_size)
+            table = np.asarray(loads[i][0].block_ids, dtype=np.int64)
+            rows[1, row:row + n] = token_slots(table, position[row:row + n], self.vllm_block_size)
             row += n
-            i = j
-        return {"source": source, "slot": slot, "position": position, "delta": delta[which]}
+        return torch.from_numpy(rows)
 
     def _layer_groups(self, layers: list[LayerInfo]) -> list[list[LayerInfo]]:
         if not layers:
@@ -251,7 +248,8 @@ class WorkerSide:
         device = self.device
         start = HOST_TIMES.start()
         idx = self._indices(loads)
-        rotate = bool((idx["delta"] != 0).any())  # host tensors: no device read
+        rotate = bool((idx[3] != 0).any())  # host tensors: no device read
+        HOST_TIMES.add("load_index", start)
         cuda = device.type == "cuda"
         stream = None
         if cuda and side_stream:
@@ -262,8 +260,9 @@ class WorkerSide:
         sources = [block for _, _, block in loads]
         with torch.cuda.stream(stream) if stream is not None else _nullcontext():
             # One host->device copy for all four index vectors.
-            rows = to_device(torch.stack([idx[name] for name in ROWS]), device)
-            HOST_TIMES.add("load_index", start)
+            start = HOST_TIMES.start()
+            rows = to_device(idx, device)
+            HOST_TIMES.add("load_rows", start)
             full_rows = bool(len(loads) * self.block_tokens == rows.shape[1])
             position_of = {info.name: p for p, info in enumerate(self.layers)}
             located: dict[tuple, tuple[torch.Tensor, ...]] = {}  # slot addresses per layout
