@@ -356,6 +356,8 @@ class Bench:
         import torch
         from torch.profiler import ProfilerActivity, profile
 
+        from ucm.integration.vllm.inflight import INFLIGHT
+
         n = max(self.args.chunks)
         acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
         out_dir = Path(self.args.work_dir)
@@ -364,6 +366,8 @@ class Bench:
             # Warm-up of the same kind; a cold one under its own salt, or the profiled
             # request would hit the blocks it saved.
             self.one(self.prompts.rag(n), ratio=ratio, salt=salt and salt + "-warm-up")
+            while len(INFLIGHT):  # earlier saves' copies would land in this profile
+                time.sleep(0.05)
             with profile(activities=acts, record_shapes=False) as prof:
                 dt, _ = self.one(ids, ratio=ratio, salt=salt)
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)
