@@ -518,6 +518,7 @@ def _save_gather_8k() -> dict:
     rows = torch.stack([torch.arange(2 * tokens), token_slots(table, position, bs), position, delta]).cuda()
     out: dict[str, Any] = {}
     blocks = {}
+    user_setting = os.environ.get(kv_load.KERNEL_ENV)
     for mode in ("triton", "torch"):
         os.environ[kv_load.KERNEL_ENV] = mode
         blocks[mode] = torch.empty(2 * 515, layers, 2, b, heads, dim, device="cuda", dtype=torch.bfloat16)
@@ -530,7 +531,10 @@ def _save_gather_8k() -> dict:
             end.synchronize()
             times.append(start.elapsed_time(end))
         out[f"{mode}_ms"] = round(sorted(times[1:])[5], 3)
-    os.environ.pop(kv_load.KERNEL_ENV)
+    if user_setting is None:
+        os.environ.pop(kv_load.KERNEL_ENV)
+    else:
+        os.environ[kv_load.KERNEL_ENV] = user_setting
     diff = (blocks["triton"].float() - blocks["torch"].float()).abs()
     out["max_abs_diff"] = float(diff.max())
     out["prefix_rows_equal"] = bool(torch.equal(blocks["triton"][:515], blocks["torch"][:515]))

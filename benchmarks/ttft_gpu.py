@@ -108,6 +108,14 @@ def _time_gc() -> None:
     gc.callbacks.append(timer)
 
 
+def _wait_saves(inflight: Any, limit_s: float = 30.0) -> None:
+    """Wait (at most ``limit_s``) until this process has no save in flight. With
+    ``--tp`` > 1 the saves run in the worker processes and this returns at once."""
+    deadline = time.perf_counter() + limit_s
+    while len(inflight) and time.perf_counter() < deadline:
+        time.sleep(0.05)
+
+
 def _allocator_counts() -> dict[str, int]:
     """Device segments the caching allocator allocated/freed and its retries (a retry
     frees cached segments, which synchronises the device: a host stall)."""
@@ -322,8 +330,7 @@ class Bench:
         n = max(self.args.chunks)
         reps = max(1, self.args.host_profile_reps)
         self.one(self.prompts.rag(n), ratio=0.15)
-        while len(INFLIGHT):  # saves of earlier (cold) requests would compete for the GIL
-            time.sleep(0.05)
+        _wait_saves(INFLIGHT)  # saves of earlier (cold) requests would compete for the GIL
         prof = cProfile.Profile()
         walls = []
         cold = self.args.host_profile_cold
@@ -336,8 +343,8 @@ class Bench:
                 dt, _ = self.one(ids, ratio=0.15)
             prof.disable()
             walls.append(dt)
-            while cold and len(INFLIGHT):  # the next request starts as the cold reps do
-                time.sleep(0.05)
+            if cold:  # the next request starts as the cold reps do
+                _wait_saves(INFLIGHT)
         what = "ucm_cold" if cold else "blend_0.15"
         text = io.StringIO()
         text.write(f"host profile, {reps} {what} requests of {n} chunks; wall under cProfile per request: "
@@ -366,8 +373,7 @@ class Bench:
             # Warm-up of the same kind; a cold one under its own salt, or the profiled
             # request would hit the blocks it saved.
             self.one(self.prompts.rag(n), ratio=ratio, salt=salt and salt + "-warm-up")
-            while len(INFLIGHT):  # earlier saves' copies would land in this profile
-                time.sleep(0.05)
+            _wait_saves(INFLIGHT)  # earlier saves' copies would land in this profile
             with profile(activities=acts, record_shapes=False) as prof:
                 dt, _ = self.one(ids, ratio=ratio, salt=salt)
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)

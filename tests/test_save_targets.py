@@ -67,3 +67,68 @@ def test_a_lend_of_the_wrong_count_is_refused():
     store.reserve(NBYTES)
     with pytest.raises(ValueError, match="2 lent blocks for 3"):
         host_targets(3, SHAPE, torch.bfloat16, store.lend_blocks(2, SHAPE, torch.bfloat16))
+
+
+class _FakeStream:
+    def wait_event(self, event) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _FakeEvent:
+    def record(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+@pytest.fixture
+def cuda_as_cpu(monkeypatch):
+    """Run KVSaver's CUDA save path on CPU tensors: streams and events do nothing (a CPU
+    copy is done when it returns), so the thread's lend / copy / dump logic is what runs."""
+    import contextlib
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+
+
+def _saver(store):
+    saver = kv_saver.KVSaver(store, block_tokens=4, tp_rank=0, rope=None, max_step_tokens=64)
+    saver.reserve(num_layers=2, num_kv_heads=1, head_dim=8, element_size=2)
+    return saver
+
+
+def test_the_save_thread_lands_blocks_in_lent_slots(cuda_as_cpu):
+    store = UcmDramStore(capacity_bytes=8 * NBYTES)
+    saver = _saver(store)
+    per_block = torch.randn((5,) + SHAPE).to(torch.bfloat16)
+    keys = [bytes([i]) * 16 for i in range(5)]
+    assert store.wait(saver._dump_when_copied(keys, per_block)) == 5
+    got = store.wait(store.load(keys, kv_saver.BLOCK_LAYOUT))
+    arena = store._arena
+    assert all(torch.equal(g, per_block[i]) for i, g in enumerate(got))
+    assert all(arena.memory.data_ptr() <= g.data_ptr() < arena.memory.data_ptr() + arena.memory.numel() for g in got)
+    assert store.stats()["arena_free_slots"] == 3
+
+
+def test_a_failed_dump_gives_the_lent_slots_back(cuda_as_cpu):
+    class RefusingStore(UcmDramStore):
+        def dump(self, keys, tensors, layout):
+            raise ValueError("bad layout")
+
+    store = RefusingStore(capacity_bytes=4 * NBYTES)
+    saver = _saver(store)
+    task = saver._dump_when_copied([bytes([i]) * 16 for i in range(4)], torch.zeros((4,) + SHAPE, dtype=torch.bfloat16))
+    with pytest.raises(Exception, match="bad layout"):
+        store.wait(task)
+    del task
+    import gc
+
+    gc.collect()  # the failed future's traceback held the lent tensors
+    assert store.lend_blocks(4, SHAPE, torch.bfloat16) is not None  # every slot is free again

@@ -313,3 +313,21 @@ def test_a_pipeline_lends_its_fastest_tier_and_writes_lent_blocks_through(tmp_pa
         got = tier.wait(tier.load(keys, LAYOUT))
         assert all(torch.equal(g, _block(i + 3.0)) for i, g in enumerate(got))
     pipe.close()
+
+
+def test_an_adopted_block_evicted_while_its_lender_still_holds_it_is_not_overwritten():
+    """A lent block outlives its eviction in the hands of whoever still has it (the saver,
+    or a slower tier writing it to disk): its slot stays parked until they let go."""
+    store = _arena_store(2)
+    lent = store.lend_blocks(2, (256,), torch.float32)
+    for i, block in enumerate(lent):
+        block.fill_(i + 1.0)
+    a, b, c, d = make_keys(4)
+    store.wait(store.dump([a, b], lent, LAYOUT))
+    held = lent[0]  # e.g. the file tier still writing block a
+    del lent
+    store.wait(store.dump([c, d], [_block(3), _block(4)], LAYOUT))  # evicts a and b
+    assert store.lookup([a, b, c, d]) == [False, False, True, True]
+    assert torch.equal(held, _block(1))  # a's slot was not reused under it
+    assert torch.equal(store.wait(store.load([c, d], LAYOUT))[1], _block(4))
+    assert store.stats()["arena_free_slots"] == 0

@@ -40,7 +40,9 @@ class UcmDramStore(KVStoreBase):
     """Thread-safe in-memory LRU of KV blocks.
 
     ``dump`` stores a private clone, so the caller may reuse its staging
-    buffer as soon as the (already finished) task is returned. ``load`` by
+    buffer as soon as the (already finished) task is returned -- except for blocks
+    the store lent (:meth:`lend_blocks`): those are adopted as they are, and the
+    caller must not write them after ``dump``. ``load`` by
     default returns the stored tensor itself, without a copy: the connector
     only copies it onward to the device, and cloning would halve the hit
     bandwidth. Callers must treat such tensors as read-only -- writing into
@@ -109,14 +111,14 @@ class UcmDramStore(KVStoreBase):
         a staging buffer would cost a second host copy of every saved byte (2 GiB for a
         cold 8K-token prompt) and pinned buffers of its own.
         """
-        arena = self._arena
         shape = tuple(shape)
         nbytes = math.prod(shape) * dtype.itemsize
-        if arena is None or nbytes != arena.slot_nbytes or not 0 < count <= arena.num_slots or self._closed:
-            return None
         slots: List[int] = []
         with self._lock:
-            evictions_left = count
+            arena = self._arena
+            if self._closed or arena is None or nbytes != arena.slot_nbytes or not 0 < count <= arena.num_slots:
+                return None
+            evictions_left = count - arena.free_slots  # never more than the shortfall
             while len(slots) < count:
                 slot = arena.take()
                 if slot is not None:
@@ -131,7 +133,10 @@ class UcmDramStore(KVStoreBase):
                 for slot in slots:
                     arena.release(slot, None)
                 return None
-            blocks = arena.blocks(slots, shape, dtype)
+        blocks = arena.blocks(slots, shape, dtype)  # the slots are ours: views outside the lock
+        with self._lock:
+            if self._arena is not arena:  # closed meanwhile: nothing to lend from
+                return None
             for slot, block in zip(slots, blocks):
                 self._lent[block.data_ptr()] = slot
         return blocks
@@ -280,7 +285,9 @@ class UcmDramStore(KVStoreBase):
                         arena.release(slot, weakref.ref(tensor))
                     continue
                 size = tensor.numel() * tensor.element_size()
-                self._blocks[key] = (tensor.detach(), layout, size, slot)
+                # The caller's own object, not a detached alias: eviction parks the slot on
+                # a weak reference to it, and slower tiers may still be writing it out.
+                self._blocks[key] = (tensor, layout, size, slot)
                 self._used += size
                 written += 1
                 nbytes += size

@@ -204,9 +204,23 @@ LAYOUTS = {
 }
 
 
+def request_slots(owners: Sequence[Any], rows_per_item: np.ndarray, positions: np.ndarray,
+                  block_size: int) -> np.ndarray:
+    """Paged-cache slots of ``positions``, whose rows come item by item (``rows_per_item``
+    rows each) from the requests in ``owners`` (objects with ``block_ids``; the items of
+    one request lie together, so each request's block table is looked up once)."""
+    out = np.empty_like(positions)
+    row = 0
+    for i, j in owner_runs(owners):
+        n = int(rows_per_item[i:j].sum())
+        table = np.asarray(owners[i].block_ids, dtype=np.int64)
+        out[row:row + n] = token_slots(table, positions[row:row + n], block_size)
+        row += n
+    return out
+
+
 def owner_runs(owners: Sequence[object]) -> list[tuple[int, int]]:
-    """``[i, j)`` ranges of consecutive items with the same owner (by identity): the loads
-    or saves of one request lie together, and each request needs one block-table lookup."""
+    """``[i, j)`` ranges of consecutive items with the same owner (by identity)."""
     runs = []
     i = 0
     while i < len(owners):

@@ -78,7 +78,8 @@ def write_layers(staged: torch.Tensor, first: int, views: Sequence[PagedKV], row
     every staged row in order (no gather needed). ``located``: slot addresses per
     layout, shared between calls of one load (torch path). Ordered on the current stream.
     """
-    if not _ran_kernel("scatter_blocks", staged, views, first, rows, rope, rotate):
+    ks, vs = [v.k for v in views], [v.v for v in views]
+    if not _ran_kernel("scatter_blocks", staged, views, (staged, first, ks, vs, rows, rope, rotate)):
         _write_torch(staged, first, views, rows, rope, rotate, full_rows, {} if located is None else located)
 
 
@@ -90,25 +91,23 @@ def read_layers(blocks: torch.Tensor, views: Sequence[PagedKV], rows: torch.Tens
     its cache slot, the token's prompt position, and its RoPE delta (the stored key
     stands at ``position - delta``). Ordered on the current stream, after pending loads.
     """
+    if blocks.shape[1] != len(views):
+        raise ValueError(f"ucm: {blocks.shape[1]} layers of blocks to fill from {len(views)} layers")
     for view in views:
         view.wait_ready()
-    if not _ran_kernel("gather_blocks", blocks, views, None, rows, rope, rotate):
+    ks, vs = [v.k for v in views], [v.v for v in views]
+    if not _ran_kernel("gather_blocks", blocks, views, (blocks, ks, vs, rows, rope, rotate)):
         _read_torch(blocks, views, rows, rope, rotate)
 
 
-def _ran_kernel(name: str, staged: torch.Tensor, views: Sequence[PagedKV], first: Optional[int],
-                rows: torch.Tensor, rope: Optional[RopeSpec], rotate: bool) -> bool:
-    """Run the kernel's ``name`` when it should; False: use the torch path. In auto mode a
-    kernel failure is logged once and the torch path is used from then on."""
+def _ran_kernel(name: str, staged: torch.Tensor, views: Sequence[PagedKV], args: tuple) -> bool:
+    """Run the kernel module's ``name(*args)`` when it should; False: use the torch path.
+    In auto mode a kernel failure is logged once and the torch path is used from then on."""
     kernel = None if _BROKEN else _kernel_for(staged, views)
     if kernel is None:
         return False
-    ks, vs = [v.k for v in views], [v.v for v in views]
     try:
-        if first is None:
-            getattr(kernel, name)(staged, ks, vs, rows, rope, rotate)
-        else:
-            getattr(kernel, name)(staged, first, ks, vs, rows, rope, rotate)
+        getattr(kernel, name)(*args)
         return True
     except Exception as exc:  # noqa: BLE001 - e.g. a Triton that cannot compile for this GPU
         if _mode() == "triton":

@@ -22,7 +22,7 @@ import torch
 
 from ucm.hashing import rank_key
 from ucm.integration.vllm.inflight import INFLIGHT
-from ucm.integration.vllm.kv_layout import PagedKV, owner_runs, token_slots
+from ucm.integration.vllm.kv_layout import PagedKV, request_slots
 from ucm.integration.vllm.kv_load import read_layers
 from ucm.integration.vllm.metadata import UcmConnectorMetadata
 from ucm.sparse.blend.rope import RopeSpec
@@ -95,9 +95,7 @@ class KVSaver:
         tokens = (np.fromiter((s.token_start for _, s in saves), np.int64, n)[:, None] + np.arange(b)).reshape(-1)
         rows[2] = tokens
         rows[3] = np.repeat(np.fromiter((s.rope_delta for _, s in saves), np.int64, n), b)
-        for i, j in owner_runs([req for req, _ in saves]):  # one slot lookup per request
-            table = np.asarray(saves[i][0].block_ids, dtype=np.int64)
-            rows[1, i * b:j * b] = token_slots(table, tokens[i * b:j * b], vllm_block_size)
+        rows[1] = request_slots([req for req, _ in saves], np.full(n, b), tokens, vllm_block_size)
         rotate = bool((rows[3] != 0).any())
         rows_dev = to_device(torch.from_numpy(rows), device)
         if not self.block_shape or self.block_shape[0] != len(layer_names):
@@ -129,21 +127,28 @@ class KVSaver:
             self._stream = torch.cuda.Stream(device=device)
             self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ucm-save")
         stream = self._stream
-        stream.wait_stream(torch.cuda.current_stream(device))  # the gather ran on the compute stream
+        # The gather ran on the compute stream. An event, waited on right before this
+        # save's first copy: a stream.wait_stream here would also hold back the pieces of
+        # an earlier save the thread has not issued yet, behind this step's forward.
+        gathered = torch.cuda.Event()
+        gathered.record(torch.cuda.current_stream(device))
         per_block.record_stream(stream)
+        device_blocks = [per_block]  # the thread's only reference, dropped once copied
 
         def copy_and_dump() -> Any:
-            # per_block stays referenced here until every copy has landed, so its device
-            # memory cannot be reused under a copy issued late. Lending runs here too
-            # (evictions and a view per block: 1,030 for a cold 8K prompt).
-            lent = self.store.lend_blocks(len(keys), tuple(per_block.shape[1:]), per_block.dtype)
+            blocks = device_blocks.pop()
+            # Lending runs here (evictions and a view per block: 1,030 for a cold 8K prompt).
+            lent = self.store.lend_blocks(len(keys), tuple(blocks.shape[1:]), blocks.dtype)
             try:
-                host = self._copy_to_host(per_block, lent, stream)
+                stream.wait_event(gathered)
+                host = self._copy_to_host(blocks, lent, stream)
+                del blocks  # copies landed: free the device memory before slower tiers write
+                return self.store.wait(self.store.dump(keys, host, BLOCK_LAYOUT))
             except BaseException:
                 if lent is not None:
-                    self.store.return_blocks(lent)
+                    stream.synchronize()  # no copy may still be writing a slot handed back
+                    self.store.return_blocks(lent)  # a no-op for blocks the dump adopted
                 raise
-            return self.store.wait(self.store.dump(keys, host, BLOCK_LAYOUT))
 
         assert self._pool is not None
         future = self._pool.submit(copy_and_dump)

@@ -30,7 +30,7 @@ import torch
 
 from ucm.hashing import rank_key
 from ucm.integration.vllm.host_time import HOST_TIMES
-from ucm.integration.vllm.kv_layout import PagedKV, ProbedPagedKV, owner_runs, paged_kv_view, token_slots
+from ucm.integration.vllm.kv_layout import PagedKV, ProbedPagedKV, paged_kv_view, request_slots
 from ucm.integration.vllm.kv_saver import BLOCK_LAYOUT, KVSaver
 from ucm.integration.vllm.metadata import BlockLoad, RequestStep, UcmConnectorMetadata
 from ucm.integration.vllm.kv_load import write_layers
@@ -223,12 +223,7 @@ class WorkerSide:
         rows[0] = which * b + (lo - start)[which] + within
         rows[2] = position
         rows[3] = delta[which]
-        row = 0
-        for i, j in owner_runs([req for req, _, _ in loads]):
-            n = int(counts[i:j].sum())
-            table = np.asarray(loads[i][0].block_ids, dtype=np.int64)
-            rows[1, row:row + n] = token_slots(table, position[row:row + n], self.vllm_block_size)
-            row += n
+        rows[1] = request_slots([req for req, _, _ in loads], counts, position, self.vllm_block_size)
         return torch.from_numpy(rows)
 
     def _layer_groups(self, layers: list[LayerInfo]) -> list[list[LayerInfo]]:
