@@ -293,9 +293,13 @@ class Bench:
                            "shared_top5": len(shared), "chunk_hit_tokens": st.get("chunk_hit_tokens")})
         self.results["ratio1_check"] = checks
         print(f"[{self.kind}] ratio 1.0 vs plain path: {checks}", flush=True)
-        for n in a.chunks:  # warm-up (also saves the system-prompt blocks once)
-            for r in (0.15, 0.0):
-                self.one(self.prompts.rag(n), ratio=r)
+        # Warm-up (also saves the system-prompt blocks once). Several rounds over every
+        # size: with one, the first size timed after engine start ran 5-15 ms slower per
+        # request with a wide spread (BENCHMARKS.md, sixth session, "the 3K column").
+        for _ in range(a.warmup_rounds):
+            for n in a.chunks:
+                for r in (0.15, 0.0):
+                    self.one(self.prompts.rag(n), ratio=r)
         ratios = {"dram": a.ratios, "dram_b64": a.b64_ratios}.get(self.kind, a.file_ratios)
         if self.kind.startswith("file") and a.file_cold:
             os.sync()
@@ -558,8 +562,8 @@ def driver(args: argparse.Namespace) -> None:
               str(args.max_model_len), "--max-batched-tokens", str(args.max_batched_tokens), "--gpu-mem",
               str(args.gpu_mem), "--block-tokens", str(args.block_tokens), "--check-layer", str(args.check_layer),
               "--file-dir", args.file_dir, "--dram-gib", str(args.dram_gib), "--tp", str(args.tp),
-              "--cold-reps", str(args.cold_reps), "--seed", str(args.seed), "--io-threads", str(args.io_threads),
-              "--dtype", args.dtype]
+              "--cold-reps", str(args.cold_reps), "--warmup-rounds", str(args.warmup_rounds), "--seed", str(args.seed),
+              "--io-threads", str(args.io_threads), "--dtype", args.dtype]
     if args.load_group is not None:
         common += ["--load-group", str(args.load_group)]
     common += ["--engines", *args.engines, "--b64-ratios", *map(str, args.b64_ratios),
@@ -641,6 +645,8 @@ def main() -> None:
     ap.add_argument("--profile-engines", nargs="*", default=["dram"])
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--cold-reps", type=int, default=3)
+    ap.add_argument("--warmup-rounds", type=int, default=3,
+                    help="warm-up rounds over every size and ratio 0/0.15 before timing ucm engines")
     ap.add_argument("--max-model-len", type=int, default=10240)
     ap.add_argument("--max-batched-tokens", type=int, default=32768)
     ap.add_argument("--gpu-mem", type=float, default=0.85)
