@@ -445,7 +445,6 @@ def saves() -> dict:
     for case, reserve in (("lent", True), ("staged", False)):
         store = UcmDramStore(capacity_bytes=1 << 30)
         saver = KVSaver(store, block_tokens=16, tp_rank=0, rope=None, max_step_tokens=4096)
-        saver.block_nbytes = blocks[0].nbytes
         if reserve:
             saver.reserve(num_layers=4, num_kv_heads=2, head_dim=128, element_size=2)
         t0 = time.perf_counter()

@@ -113,25 +113,12 @@ class UcmDramStore(KVStoreBase):
         """
         shape = tuple(shape)
         nbytes = math.prod(shape) * dtype.itemsize
-        slots: List[int] = []
         with self._lock:
             arena = self._arena
             if self._closed or arena is None or nbytes != arena.slot_nbytes or not 0 < count <= arena.num_slots:
                 return None
-            evictions_left = count - arena.free_slots  # never more than the shortfall
-            while len(slots) < count:
-                slot = arena.take()
-                if slot is not None:
-                    slots.append(slot)
-                elif self._blocks and evictions_left > 0:
-                    self._remove_locked(next(iter(self._blocks)))
-                    self._stats.incr("evictions")
-                    evictions_left -= 1
-                else:
-                    break
-            if len(slots) < count:
-                for slot in slots:
-                    arena.release(slot, None)
+            slots = self._take_slots_locked(arena, count)
+            if slots is None:
                 return None
         blocks = arena.blocks(slots, shape, dtype)  # the slots are ours: views outside the lock
         with self._lock:
@@ -265,10 +252,7 @@ class UcmDramStore(KVStoreBase):
                 return 0
             self._blocks[key] = (copy, layout, nbytes, slot)
             self._used += nbytes
-            while self._used > self.capacity_bytes:
-                old_key = next(iter(self._blocks))
-                self._remove_locked(old_key)
-                self._stats.incr("evictions")
+            self._evict_over_budget_locked()
         self._stats.incr("blocks_written")
         self._stats.incr("bytes_written", nbytes)
         return 1
@@ -291,9 +275,7 @@ class UcmDramStore(KVStoreBase):
                 self._used += size
                 written += 1
                 nbytes += size
-            while self._used > self.capacity_bytes:
-                self._remove_locked(next(iter(self._blocks)))
-                self._stats.incr("evictions")
+            self._evict_over_budget_locked()
         self._stats.incr("blocks_skipped", len(items) - written)
         self._stats.incr("blocks_written", written)
         self._stats.incr("bytes_written", nbytes)
@@ -307,12 +289,34 @@ class UcmDramStore(KVStoreBase):
         if arena is None or nbytes != arena.slot_nbytes:
             return None
         with self._lock:
+            slots = self._take_slots_locked(arena, 1)
+        return slots[0] if slots else None
+
+    def _take_slots_locked(self, arena: BlockArena, count: int) -> Optional[List[int]]:
+        """``count`` arena slots, evicting least-recently-used blocks for at most the
+        shortfall of free slots; None (nothing taken) if readers still hold too many.
+        Caller holds the lock."""
+        slots: List[int] = []
+        evictions_left = count - arena.free_slots
+        while len(slots) < count:
             slot = arena.take()
-            if slot is None and self._blocks:
+            if slot is not None:
+                slots.append(slot)
+            elif self._blocks and evictions_left > 0:
                 self._remove_locked(next(iter(self._blocks)))
                 self._stats.incr("evictions")
-                slot = arena.take()
-            return slot
+                evictions_left -= 1
+            else:
+                for taken in slots:
+                    arena.release(taken, None)
+                return None
+        return slots
+
+    def _evict_over_budget_locked(self) -> None:
+        """Drop least-recently-used blocks until the byte budget holds; caller holds the lock."""
+        while self._used > self.capacity_bytes:
+            self._remove_locked(next(iter(self._blocks)))
+            self._stats.incr("evictions")
 
     def _remove_locked(self, key: bytes) -> None:
         """Drop one entry; caller holds the lock. An arena slot is reused once no reader

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import math
 from typing import Any, Optional
 
 import numpy as np
@@ -61,8 +62,8 @@ class KVSaver:
         self.max_step_tokens = max_step_tokens  # tokens one forward may save: the staging headroom
         self.tp_rank = tp_rank
         self.rope = rope
-        self.block_nbytes = 0  # one stored block, set by reserve()
         self.block_shape: tuple[int, ...] = ()  # [L, 2, block_tokens, H, D], set by reserve()
+        self.element_size = 0  # bytes per element of a stored block, set by reserve()
         self.saved_blocks = 0
         self.failed_saves = 0
         self.pending: list[Task] = []
@@ -72,9 +73,14 @@ class KVSaver:
     def reserve(self, num_layers: int, num_kv_heads: int, head_dim: int, element_size: int) -> None:
         """Tell the store the size of our blocks and how many one step may stage."""
         self.block_shape = (num_layers, 2, self.block_tokens, num_kv_heads, head_dim)
-        self.block_nbytes = num_layers * 2 * self.block_tokens * num_kv_heads * head_dim * element_size
+        self.element_size = element_size
         self.store.reserve(self.block_nbytes, in_flight_blocks=self.max_step_tokens // self.block_tokens,
                            stage_blocks=STAGE_BLOCKS)
+
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes of one stored block (0 before :meth:`reserve`)."""
+        return math.prod(self.block_shape) * self.element_size if self.block_shape else 0
 
     def save(self, meta: UcmConnectorMetadata, views: dict[str, PagedKV], layer_names: list[str],
              vllm_block_size: int) -> None:

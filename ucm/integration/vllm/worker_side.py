@@ -318,7 +318,7 @@ class WorkerSide:
                         pinned_runs[view.data_ptr()] = pinned
                 if not (pinned and copy_pitched(dst + first * width, width, view.data_ptr() + s0 * layer_bytes,
                                                 view.stride(0) * view.element_size(), width, n, stream)):
-                    copy_rows_to_device(staged[first:first + n], view[:, s0:s1])
+                    copy_rows_to_device(staged[first:first + n], view[:, s0:s1], try_pitched=False)
             return staged
         targets = [staged[first:first + n] for first, n, _ in runs]
         sources = [view for _, _, view in runs]

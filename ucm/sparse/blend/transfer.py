@@ -83,13 +83,14 @@ def copy_pitched(dst_ptr: int, dst_pitch: int, src_ptr: int, src_pitch: int, wid
     return True
 
 
-def copy_rows_to_device(dst: torch.Tensor, src: torch.Tensor) -> None:
+def copy_rows_to_device(dst: torch.Tensor, src: torch.Tensor, try_pitched: bool = True) -> None:
     """``dst.copy_(src)`` for a pinned host ``src`` whose rows ``src[i]`` are contiguous
     and equally spaced (e.g. a range of layers of blocks lying back to back), into a
     contiguous CUDA ``dst``: one pitched copy on the current stream, asynchronous.
-    Falls back to one copy per row."""
+    Falls back to one copy per row (at once with ``try_pitched=False``: the caller
+    already knows the pitched copy cannot run)."""
     n = src.shape[0]
-    if (n > 0 and dst.is_cuda and dst.is_contiguous() and src.is_pinned() and src[0].is_contiguous()
+    if (try_pitched and n > 0 and dst.is_cuda and dst.is_contiguous() and src.is_pinned() and src[0].is_contiguous()
             and dst.dtype == src.dtype and dst.shape == src.shape):
         row_bytes = src[0].numel() * src.element_size()
         stream = torch.cuda.current_stream(dst.device).cuda_stream
