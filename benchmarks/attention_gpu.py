@@ -238,6 +238,62 @@ def run_paged(case: dict, timer: Timer, ref: Optional[torch.Tensor], block_size:
     return res
 
 
+def run_batch(spec: str, args: argparse.Namespace, device: torch.device, timer: Timer, dtype: torch.dtype) -> dict:
+    """A step of several requests (``spec`` = "4x8192/0.15"): their selected rows
+    through the paged kernel one launch per request (rows in order: the fifth and
+    sixth sessions' engine), one launch per request heaviest program first, and one
+    launch for the whole batch (what the engine runs now). Every output is checked
+    against the per-request reference."""
+    from ucm.sparse.blend.paged_attention import PagedBatch, paged_attention, paged_attention_batch
+
+    count, _, rest = spec.partition("x")
+    nk, _, frac = rest.partition("/")
+    cases = [make_case(int(nk), frac, args.hq, args.hkv, args.d, dtype, device, seed=500 + i)
+             for i in range(int(count))]
+    caches = [paged_cache(c["k"], c["v"]) for c in cases]
+    # one shared cache as in the engine: request i's blocks follow request i-1's
+    blocks = caches[0][0].shape[1]
+    cache = torch.cat([c[0] for c in caches], dim=1)
+    tables = torch.stack([c[1] + i * blocks for i, c in enumerate(caches)]).to(torch.int32)
+    q = torch.cat([c["q"] for c in cases])
+    q_pos = torch.cat([c["q_pos"] for c in cases])
+    rows = [c["nq"] for c in cases]
+    scale = cases[0]["scale"]
+    group = args.hq // args.hkv
+    batch = PagedBatch.build(tables, [c["nk"] for c in cases], rows, group)
+    starts = [sum(rows[:i]) for i in range(len(rows))]
+
+    def per_request(heaviest_first: bool) -> Callable[[], Any]:
+        def call() -> None:
+            for i, c in enumerate(cases):
+                paged_attention(c["q"], c["q_pos"], cache[0], cache[1], tables[i], c["nk"], scale,
+                                heaviest_first=heaviest_first)
+        return call
+
+    variants = {"per_request_in_order": per_request(False), "per_request_heaviest_first": per_request(True),
+                "one_launch": lambda: paged_attention_batch(q, q_pos, cache[0], cache[1], batch, scale)}
+    res: dict[str, Any] = {"spec": spec, "rows": rows}
+    out = paged_attention_batch(q, q_pos, cache[0], cache[1], batch, scale)
+    errs = []
+    for i, c in enumerate(cases):
+        ref = attn.causal_attention_by_position(c["q"], c["q_pos"], c["k"], c["v"], c["k_pos"], scale,
+                                                backend="sdpa")
+        errs.append(relerr(out[starts[i]:starts[i] + rows[i]], ref))
+        one = paged_attention(c["q"], c["q_pos"], cache[0], cache[1], tables[i], c["nk"], scale, heaviest_first=False)
+        errs.append(relerr(one, ref))
+    res["max_relerr_vs_ref"] = max(errs)
+    res["ok"] = res["max_relerr_vs_ref"] <= TOL
+    for name, fn in variants.items():
+        res[name] = {"ms": round(timer(fn), 4), "host_ms": timer.host(fn)}
+    base = res["per_request_in_order"]["ms"]
+    for name in variants:
+        res[name]["speedup_vs_in_order"] = round(base / res[name]["ms"], 3)
+    del cases, caches, cache
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
 def run_exact(name: str, case: dict, device: torch.device, timer: Timer, ref: Optional[torch.Tensor],
               compile_flex: Optional[bool]) -> dict:
     """Time one ExactMaskAttention backend; report a fallback or mismatch as an error."""
@@ -459,6 +515,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help=f"comma list from {','.join(FLEX_VARIANTS)}, or 'all'")
     p.add_argument("--variant-configs", default="8192/0.15,8192/last",
                    help="context/fraction pairs on which to run the flex variants")
+    p.add_argument("--batch-configs", default="1x8192/0.15,1x4096/0.15,4x8192/0.15,4x4096/0.15",
+                   help="steps of several requests, COUNTxCONTEXT/FRACTION: per-request launches vs one")
     p.add_argument("--hq", type=int, default=32)
     p.add_argument("--hkv", type=int, default=8)
     p.add_argument("--d", type=int, default=128)
@@ -468,6 +526,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.contexts, args.fractions = "300,520", "0.15,last"
         args.backends, args.reps, args.warmup = "sdpa,flex,triton", 3, 1
         args.hq, args.hkv, args.d = 4, 2, 32
+        args.batch_configs = "3x300/0.15"
         args.compile_flex = False  # eager flex: compiling on a small CPU takes minutes
         args.flex_variants = ""
     args.backends = [b for b in args.backends.split(",") if b]
@@ -507,6 +566,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 row = run_config(nk, frac, args, device, timer, dtype, seed=100 * i + j)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+        results["batches"] = []
+        for spec in [b for b in args.batch_configs.split(",") if b]:
+            res = guarded(lambda: run_batch(spec, args, device, timer, dtype))
+            print(json.dumps(res), flush=True)
+            results["batches"].append(res)
     results["rows"] = rows
     results["summary"] = summary(rows, args.backends, args.target)
     results["broken_backends"] = dict(attn._BROKEN)

@@ -3,13 +3,15 @@ run on CPU by Triton's interpreter (on the GPU host: benchmarks/attention_gpu.py
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from ucm.integration.vllm.kv_layout import flash_attn_view
 from ucm.sparse.blend import attention, paged_backend
 from ucm.sparse.blend.attention import causal_attention_by_position
-from ucm.sparse.blend.paged_attention import paged_attention, supports
+from ucm.sparse.blend.paged_attention import (PagedBatch, paged_attention, paged_attention_batch, program_table,
+                                              supports)
 
 BS, NUM_BLOCKS = 8, 12
 
@@ -111,8 +113,8 @@ def test_a_wrong_kernel_is_given_up_not_used(monkeypatch, fresh_backends, caplog
     from ucm.sparse.blend import paged_attention as module
 
     monkeypatch.setenv(attention.ENV_VAR, "triton")
-    real = module.paged_attention
-    monkeypatch.setattr(module, "paged_attention", lambda *a, **kw: real(*a, **kw) * 1.5)
+    real = module.paged_attention_batch
+    monkeypatch.setattr(module, "paged_attention_batch", lambda *a, **kw: real(*a, **kw) * 1.5)
     q, positions, view, table = _case(4, 2, 16, 30, 5, "planes", seed=7)
     assert paged_backend.run_paged(q, positions, view.k, view.v, table, 30, 0.25, _gathered(view, table, 30)) is None
     assert "differs from the reference" in attention._BROKEN[attention.PAGED]
@@ -123,3 +125,47 @@ def test_a_wrong_kernel_is_given_up_not_used(monkeypatch, fresh_backends, caplog
 def test_auto_on_cpu_gathers(monkeypatch, fresh_backends):
     monkeypatch.delenv(attention.ENV_VAR, raising=False)
     assert not paged_backend.paged_kernel_wanted(torch.device("cpu"))
+
+
+def test_one_launch_serves_requests_with_their_own_keys():
+    """Three requests in one shared cache (one with no rows): each row equals the
+    reference over its own request's keys, whatever order the programs run in."""
+    g = torch.Generator().manual_seed(11)
+    cache = torch.randn(2, NUM_BLOCKS, BS, 2, 16, generator=g)
+    view = flash_attn_view(cache, 2, 16)
+    blocks = torch.randperm(NUM_BLOCKS, generator=g)
+    reqs = [(blocks[:5], 37, 11), (blocks[5:6], 8, 0), (blocks[6:12], 45, 23)]  # (table, seq_len, rows)
+    tables = torch.zeros(3, 6, dtype=torch.int32)
+    qs, positions = [], []
+    for r, (table, seq_len, rows) in enumerate(reqs):
+        tables[r, :len(table)] = table
+        positions.append(torch.randperm(seq_len, generator=g)[:rows].sort().values)
+        qs.append(torch.randn(rows, 8, 16, generator=g))
+    q, pos = torch.cat(qs), torch.cat(positions)
+    for heaviest_first in (True, False):
+        batch = PagedBatch.build(tables, [r[1] for r in reqs], [r[2] for r in reqs], group=4, block_q=16,
+                                 heaviest_first=heaviest_first)
+        got = paged_attention_batch(q, pos, view.k, view.v, batch, 0.25, block_n=16)
+        start = 0
+        for (table, seq_len, rows), q_r, pos_r in zip(reqs, qs, positions):
+            want = _reference(q_r, pos_r, view, table, seq_len, 0.25)
+            torch.testing.assert_close(got[start:start + rows], want, rtol=1e-5, atol=1e-5)
+            start += rows
+    with pytest.raises(ValueError, match="rows of q for a batch of"):
+        paged_attention_batch(q[:-1], pos[:-1], view.k, view.v, batch, 0.25)
+
+
+def test_program_table_covers_every_row_once_heaviest_first():
+    counts, seq_lens, block_m = [10, 0, 7, 3], [4000, 50, 9000, 120], 4
+    table = program_table(counts, seq_lens, block_m)
+    assert table.dtype == np.int32 and table.shape[1] == 3
+    covered = sorted(row for _, first, rows in table for row in range(first, first + rows))
+    assert covered == list(range(sum(counts)))
+    assert (table[:, 2] >= 1).all() and (table[:, 2] <= block_m).all()
+    starts = np.cumsum([0] + counts)
+    for req, first, rows in table:  # a program stays inside its request's stretch
+        assert starts[req] <= first and first + rows <= starts[req + 1]
+    est = [seq_lens[r] * (f + n - starts[r]) / counts[r] for r, f, n in table]
+    assert est == sorted(est, reverse=True) and table[0].tolist() == [2, 14, 3]  # c's last rows first
+    in_order = program_table(counts, seq_lens, block_m, heaviest_first=False)
+    assert in_order[:, 1].tolist() == sorted(in_order[:, 1].tolist())

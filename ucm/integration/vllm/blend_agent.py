@@ -24,6 +24,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
 from ucm.integration.vllm import stats
@@ -80,17 +81,12 @@ class _RequestAttention:
         return self._plan
 
     def __call__(self, q: torch.Tensor, view: PagedKV, scale: float) -> torch.Tensor:
-        """Attention of the rows ``q`` over the request's context in ``view``: the paged
-        kernel where it applies, else the gathered context through the prepared plan."""
-        if view.strided and paged_backend.paged_kernel_wanted(q.device):
-            out = paged_backend.run_paged(q, self.q_pos, view.k, view.v, self.ctx.block_ids, self.ctx.seq_len,
-                                      scale, lambda: self._gathered(view))
-            if out is not None:
-                return out
-        k_ctx, v_ctx, _ = self._gathered(view)
+        """Attention of the rows ``q`` over the request's context in ``view``, gathered
+        (the path where the paged kernel does not apply)."""
+        k_ctx, v_ctx, _ = self.gathered(view)
         return self.gathered_plan()(q, k_ctx.to(q.dtype), v_ctx.to(q.dtype), scale)
 
-    def _gathered(self, view: PagedKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def gathered(self, view: PagedKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         k_ctx, v_ctx = view.context(self.ctx.block_ids, self.ctx.seq_len)
         return k_ctx, v_ctx, torch.arange(self.ctx.seq_len, device=k_ctx.device)
 
@@ -100,6 +96,7 @@ class _Part:
     """One request's share of the rows computed in a layer."""
 
     local: torch.Tensor  # device: indices into the current rows
+    span: slice  # its stretch of the plan's rows
     attend: _RequestAttention
 
 
@@ -114,9 +111,11 @@ class _RowPlan:
 
     kept: torch.Tensor  # device: indices into the current rows that are computed
     slots: torch.Tensor  # device: their paged-cache slots
+    q_pos: torch.Tensor  # device: their positions
     parts: list[_Part]
     every_row: bool  # kept is all current rows in order: indexing by it would only copy
     located: dict[tuple, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # slots per layout
+    paged: Any = None  # the paged kernel's launch plan (a PagedBatch), None where it does not apply
 
 
 class VllmBlendAgent(UcmSparseBase):
@@ -153,7 +152,9 @@ class VllmBlendAgent(UcmSparseBase):
         requests, contexts, slots = [], {}, []
         row = 0
         device = batch.positions.device
-        for req_id in batch.req_ids:
+        width = max((len(r.block_ids) for r in meta.requests.values()), default=0)
+        tables = np.zeros((len(batch.req_ids), max(width, 1)), dtype=np.int32)  # row r: contexts' r-th
+        for index, req_id in enumerate(batch.req_ids):
             req = meta.requests.get(req_id)
             if req is None:
                 raise RuntimeError(f"ucm Blend: request {req_id} is scheduled but missing from the "
@@ -161,6 +162,7 @@ class VllmBlendAgent(UcmSparseBase):
             reusable = self.worker.reusable.get(req_id, torch.zeros(req.num_scheduled, dtype=torch.bool))
             requests.append(RequestRows(req_id, row, req.num_scheduled, reusable, ratio=req.ratio))
             block_ids = torch.tensor(req.block_ids, dtype=torch.long)
+            tables[index, :len(req.block_ids)] = req.block_ids
             tokens = torch.arange(req.num_computed, req.num_computed + req.num_scheduled)
             slots.append(token_slots(block_ids, tokens, self.worker.vllm_block_size))
             contexts[req_id] = _ReqContext(row, req.num_scheduled, to_device(block_ids, device),
@@ -179,6 +181,7 @@ class VllmBlendAgent(UcmSparseBase):
             return
         self.step = step
         self.contexts = contexts
+        self.tables = to_device(torch.from_numpy(tables), device)
         self.positions = batch.positions
         self.slots = to_device(torch.cat(slots), device)
         self.rows_dev = torch.arange(row, device=device)
@@ -289,16 +292,32 @@ class VllmBlendAgent(UcmSparseBase):
             view.scatter_at(where, k, v)
         else:
             view.scatter_at(where, k[plan.kept], v[plan.kept])
-        scale = layer.impl.scale
         view.wait_ready()
-        if plan.every_row and len(plan.parts) == 1:  # one request computes every row: no gather/scatter
-            out = plan.parts[0].attend(q, view, scale)
-        else:
-            out = q.new_zeros(q.shape)
-            for part in plan.parts:
-                out[part.local] = part.attend(q[part.local], view, scale)
+        out = self._attend(plan, q, view, layer.impl.scale)
         HOST_TIMES.add("blend_attention", start)
         return out.reshape(-1, heads * dim)
+
+    def _attend(self, plan: _RowPlan, q: torch.Tensor, view: PagedKV, scale: float) -> torch.Tensor:
+        """Attention output for every current row (zeros where the plan computes none):
+        the paged kernel once for all requests where it applies, else each request
+        over its gathered context."""
+        if plan.paged is not None and view.strided and paged_backend.paged_kernel_wanted(q.device):
+            rows_q = q if plan.every_row else q[plan.kept]
+            done = paged_backend.run_paged_batch(
+                rows_q, plan.q_pos, view.k, view.v, plan.paged, scale,
+                lambda: [(part.span, part.attend.gathered(view)) for part in plan.parts])
+            if done is not None:
+                if plan.every_row:
+                    return done
+                out = q.new_zeros(q.shape)
+                out[plan.kept] = done
+                return out
+        if plan.every_row and len(plan.parts) == 1:  # one request computes every row: no gather/scatter
+            return plan.parts[0].attend(q, view, scale)
+        out = q.new_zeros(q.shape)
+        for part in plan.parts:
+            out[part.local] = part.attend(q[part.local], view, scale)
+        return out
 
     def _row_plan(self, local: torch.Tensor, rows: torch.Tensor, device: torch.device, heads: tuple[int, int],
                   every_row: bool, like: Optional[_RowPlan] = None) -> _RowPlan:
@@ -310,6 +329,7 @@ class VllmBlendAgent(UcmSparseBase):
         assert self.step is not None
         local = to_device(local, device)
         rows = to_device(rows, device)
+        q_pos = self.positions[rows]
         shared = {id(p.attend.ctx): p.attend for p in like.parts} if like is not None else {}
         parts = []
         start = 0
@@ -321,9 +341,17 @@ class VllmBlendAgent(UcmSparseBase):
                 continue
             attend = shared.get(id(ctx))
             if attend is None:
-                attend = _RequestAttention(ctx, self.positions[rows[mine]], heads)
-            parts.append(_Part(local[mine], attend))
-        return _RowPlan(local, self.slots[rows], parts, every_row)
+                attend = _RequestAttention(ctx, q_pos[mine], heads)
+            parts.append(_Part(local[mine], mine, attend))
+        if like is not None:
+            paged = like.paged
+        elif paged_backend.paged_kernel_wanted(device):
+            paged = paged_backend.plan_batch(self.tables, [ctx.seq_len for ctx in self.contexts.values()],
+                                             [self.step.row_counts[req_id] for req_id in self.contexts],
+                                             heads[0] // heads[1])
+        else:
+            paged = None
+        return _RowPlan(local, self.slots[rows], q_pos, parts, every_row, paged=paged)
 
 
 def _check_layer_supported(name: str, layer: Any) -> None:

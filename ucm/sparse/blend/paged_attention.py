@@ -8,12 +8,18 @@ a padded copy of Q, and ~0.3 ms of host time in torch.compile's call path (guard
 wrappers). This kernel reads K and V where they are, through the request's block
 table, and costs one Triton launch per layer.
 
-One program handles ``BLOCK_M`` rows x all query heads of one KV head (GQA: the group's
-heads share every K/V tile it loads) and walks the keys up to its last row's position
-in ``BLOCK_N`` steps with an online softmax (FlashAttention-2). Key tiles wholly
-visible to every row in the program skip the mask; the rest apply ``key <= position``.
-Keys are the request's tokens ``0..seq_len-1``; key ``j`` lives in block
-``block_table[j // block_size]`` at offset ``j % block_size``.
+One launch serves every request of a step. One program handles ``BLOCK_M`` rows of one
+request x all query heads of one KV head (GQA: the group's heads share every K/V tile it
+loads) and walks that request's keys up to its last row's position in ``BLOCK_N`` steps
+with an online softmax (FlashAttention-2). Key tiles wholly visible to every row in the
+program skip the mask; the rest apply ``key <= position``. Key ``j`` of request ``r``
+lives in block ``tables[r, j // block_size]`` at offset ``j % block_size``.
+
+Programs differ a lot in cost (a program of rows near a prompt's end walks all its keys,
+one near its start a few), so :class:`PagedBatch` lists them heaviest first: the GPU
+starts blocks in launch order, and the long ones then no longer trail behind a finished
+grid. Its program table ``(request, first row, rows)`` is built once per selection on
+the host; rows of request ``r`` are the ``r``-th stretch of ``q``.
 
 Rows need not be sorted, but sorted rows (Blend keeps them in prompt order) make each
 program's key range tight. Decorated lazily per interpreter mode like :mod:`rope_triton`,
@@ -23,31 +29,41 @@ so CPU tests run it under ``TRITON_INTERPRET=1``.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from .rope_triton import _next_pow2, interpreting
+from .transfer import to_device
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BLOCK_Q = 128  # query vectors (rows x heads of a group) per program
 
 
 def _paged_attention_kernel(
-    q_ptr, pos_ptr, k_ptr, v_ptr, table_ptr, out_ptr,
-    n_rows, seq_len, block_size, sm_scale,
+    q_ptr, pos_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, programs_ptr, out_ptr,
+    table_stride, block_size, sm_scale,
     q_sn, q_sh, o_sn, o_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    kv_head = tl.program_id(1).to(tl.int64)
+    kv_head = tl.program_id(0).to(tl.int64)  # fastest axis: a program's KV heads start together
+    program = programs_ptr + tl.program_id(1) * 3
+    req = tl.load(program).to(tl.int64)
+    first = tl.load(program + 1).to(tl.int64)
+    count = tl.load(program + 2)
+    seq_len = tl.load(seq_lens_ptr + req).to(tl.int64)
+    table_ptr = tables_ptr + req * table_stride
     M: tl.constexpr = BLOCK_M * GROUP_P
     i = tl.arange(0, M)
-    row = (pid * BLOCK_M + i // GROUP_P).to(tl.int64)
+    local = i // GROUP_P
+    row = first + local
     g = i % GROUP_P
-    ok = (row < n_rows) & (g < GROUP)
+    ok = (local < count) & (g < GROUP)
     head = kv_head * GROUP + g
     d = tl.arange(0, DIM_P)
     d_ok = d < HEAD_DIM
@@ -90,7 +106,7 @@ def _paged_attention_kernel(
 @functools.lru_cache(maxsize=2)
 def _jit(interpret: bool) -> Any:
     del interpret  # cache key only: triton.jit reads TRITON_INTERPRET when it decorates
-    return triton.jit(_paged_attention_kernel, do_not_specialize=["n_rows", "seq_len"])
+    return triton.jit(_paged_attention_kernel, do_not_specialize=["table_stride"])
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
@@ -102,36 +118,101 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> b
             and q.device == k_cache.device and (q.is_cuda or interpreting()))
 
 
-def paged_attention(q: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    block_table: torch.Tensor, seq_len: int, scale: float,
-                    out: Optional[torch.Tensor] = None, block_q: int = 128, block_n: int = 64,
-                    num_warps: int = 8, num_stages: int = 2) -> torch.Tensor:
-    """Attention of rows ``q [n, Hq, D]`` at ``positions [n]`` over one request's keys
-    ``0..seq_len-1`` in the paged ``k_cache``/``v_cache [num_blocks, block_size, Hkv, D]``
-    (any strides with a contiguous last dim) through ``block_table``; key ``j`` is
-    visible to a row iff ``j <= position``. Returns ``[n, Hq, D]`` in q's dtype.
-    ``block_q``: query vectors (rows x heads of a group) per program. Defaults: the
-    fastest of the settings tried on an H100 (Llama-3-8B layer, bf16, 4K-16K keys,
-    5-30% rows; docs/BENCHMARKS.md), 10-15% faster than 64 vectors on 4 warps."""
+def rows_per_program(group: int, block_q: int = BLOCK_Q) -> int:
+    """Rows one program computes: ``block_q`` query vectors over the group's heads."""
+    return max(1, block_q // _next_pow2(group))
+
+
+@dataclass(frozen=True)
+class PagedBatch:
+    """The requests one launch serves, on the device: block tables, key counts and the
+    program table (request, first row, rows), heaviest program first."""
+
+    tables: torch.Tensor  # [requests, max blocks] block ids
+    seq_lens: torch.Tensor  # [requests] keys of each request
+    programs: torch.Tensor  # [programs, 3] int32
+    num_rows: int
+    block_m: int
+
+    @classmethod
+    def build(cls, tables: torch.Tensor, seq_lens: Sequence[int], row_counts: Sequence[int], group: int,
+              block_q: int = BLOCK_Q, heaviest_first: bool = True) -> "PagedBatch":
+        """``tables``: ``[requests, max blocks]`` block ids on the device (rows past a
+        request's blocks unused); ``row_counts[r]`` rows of request ``r`` follow those of
+        ``r - 1`` in ``q``. Host work only, plus two small host->device copies."""
+        if len(seq_lens) != len(row_counts) or tables.dim() != 2 or tables.shape[0] != len(seq_lens):
+            raise ValueError(f"PagedBatch: {tables.shape[0] if tables.dim() else '?'} block tables, "
+                             f"{len(seq_lens)} key counts, {len(row_counts)} row counts")
+        block_m = rows_per_program(group, block_q)
+        programs = program_table(row_counts, seq_lens, block_m, heaviest_first)
+        device = tables.device
+        return cls(tables, to_device(torch.tensor(list(seq_lens), dtype=torch.int32), device),
+                   to_device(torch.from_numpy(programs), device), int(sum(row_counts)), block_m)
+
+
+def program_table(row_counts: Sequence[int], seq_lens: Sequence[int], block_m: int,
+                  heaviest_first: bool = True) -> np.ndarray:
+    """``[programs, 3]`` int32 rows (request, first row, rows), ordered by the estimated
+    keys the program walks, most first (``heaviest_first=False``: in row order, only for
+    comparison). The estimate takes a request's rows as spread evenly over its keys
+    (Blend's rows are in prompt order): a program ending at row ``e`` of ``n`` walks
+    about ``seq_len * e / n`` keys."""
+    entries: list[tuple[float, int, int, int]] = []
+    first = 0
+    for req, (count, seq_len) in enumerate(zip(row_counts, seq_lens)):
+        for start in range(0, count, block_m):
+            rows = min(block_m, count - start)
+            entries.append((seq_len * (start + rows) / count, req, first + start, rows))
+        first += count
+    if heaviest_first:
+        entries.sort(key=lambda e: -e[0])  # stable: ties keep request order
+    return np.array([e[1:] for e in entries], dtype=np.int32).reshape(-1, 3)
+
+
+def paged_attention_batch(q: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          batch: PagedBatch, scale: float, out: Optional[torch.Tensor] = None,
+                          block_n: int = 64, num_warps: int = 8, num_stages: int = 2) -> torch.Tensor:
+    """Attention of rows ``q [n, Hq, D]`` at ``positions [n]``, the rows of ``batch``'s
+    requests one request after another, each over its own keys in the paged
+    ``k_cache``/``v_cache [num_blocks, block_size, Hkv, D]`` (any strides with a
+    contiguous last dim); key ``j`` is visible to a row iff ``j <= position``.
+    Returns ``[n, Hq, D]`` in q's dtype. Defaults: the fastest settings tried on an
+    H100 (Llama-3-8B layer, bf16, 4K-16K keys, 5-30% rows; docs/BENCHMARKS.md)."""
     if not supports(q, k_cache, v_cache):
         raise ValueError(f"paged_attention cannot take q {tuple(q.shape)} {q.dtype} on {q.device} with caches "
                          f"{tuple(k_cache.shape)} {k_cache.dtype}")
     n, heads, dim = q.shape
+    if n != batch.num_rows:
+        raise ValueError(f"paged_attention: {n} rows of q for a batch of {batch.num_rows}")
     kv_heads = k_cache.shape[2]
     group = heads // kv_heads
     out = torch.empty_like(q) if out is None else out
-    if n == 0:
+    programs = batch.programs.shape[0]
+    if programs == 0:
         return out
-    block_m = max(1, block_q // _next_pow2(group))  # rows per program
-    grid = (triton.cdiv(n, block_m), kv_heads)
-    _jit(interpreting())[grid](
-        q, positions, k_cache, v_cache, block_table, out,
-        n, seq_len, k_cache.shape[1], scale,
+    _jit(interpreting())[(kv_heads, programs)](
+        q, positions, k_cache, v_cache, batch.tables, batch.seq_lens, batch.programs, out,
+        batch.tables.stride(0), k_cache.shape[1], scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         GROUP=group, GROUP_P=_next_pow2(group), HEAD_DIM=dim, DIM_P=_next_pow2(dim),
-        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_M=batch.block_m, BLOCK_N=block_n, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
+
+
+def paged_attention(q: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_table: torch.Tensor, seq_len: int, scale: float,
+                    out: Optional[torch.Tensor] = None, block_q: int = BLOCK_Q, heaviest_first: bool = True,
+                    **launch: int) -> torch.Tensor:
+    """:func:`paged_attention_batch` for one request: rows ``q`` over keys
+    ``0..seq_len-1`` through ``block_table``. ``block_q``: query vectors (rows x heads
+    of a group) per program; 128 on 8 warps was 10-15% faster than 64 on 4 on an H100."""
+    if not supports(q, k_cache, v_cache):
+        raise ValueError(f"paged_attention cannot take q {tuple(q.shape)} {q.dtype} on {q.device} with caches "
+                         f"{tuple(k_cache.shape)} {k_cache.dtype}")
+    group = q.shape[1] // k_cache.shape[2]
+    batch = PagedBatch.build(block_table.reshape(1, -1), [seq_len], [q.shape[0]], group, block_q, heaviest_first)
+    return paged_attention_batch(q, positions, k_cache, v_cache, batch, scale, out, **launch)

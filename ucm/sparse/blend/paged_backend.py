@@ -11,7 +11,7 @@ module because importing that one needs a working Triton.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -42,21 +42,34 @@ def paged_kernel_wanted(device: torch.device) -> bool:
     return mod is not None and mod.interpreting()
 
 
-def run_paged(q: torch.Tensor, q_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              block_table: torch.Tensor, seq_len: int, scale: float,
-              gathered: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Optional[torch.Tensor]:
-    """The paged kernel's output, or None when it cannot run (the caller then gathers
-    the context and uses :class:`ExactMaskAttention`). The first call in a process is
-    checked against the reference on ``gathered()`` = (k, v, k_pos) of the context; a
-    failure or mismatch gives the kernel up for the process (logged once)."""
+def plan_batch(tables: torch.Tensor, seq_lens: list[int], row_counts: list[int], group: int) -> Any:
+    """The paged kernel's launch plan for these requests (a ``PagedBatch``; see
+    :mod:`paged_attention`), or None when the kernel module is unavailable."""
+    mod = _paged_module()
+    return None if mod is None else mod.PagedBatch.build(tables, seq_lens, row_counts, group)
+
+
+References = Callable[[], Iterable[tuple[slice, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]]
+"""Per request of a batch: its rows' slice of ``q`` and its gathered context (k, v, k_pos)."""
+
+
+def run_paged_batch(q: torch.Tensor, q_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    batch: Any, scale: float, references: References) -> Optional[torch.Tensor]:
+    """The paged kernel's output for every request of ``batch`` (a
+    :class:`~ucm.sparse.blend.paged_attention.PagedBatch`) in one launch, or None when it
+    cannot run (the caller then gathers each context and uses
+    :class:`ExactMaskAttention`). The first call in a process is checked, request by
+    request, against the reference on ``references()``; a failure or mismatch gives the
+    kernel up for the process (logged once)."""
     mod = _paged_module()
     if mod is None or not mod.supports(q, k_cache, v_cache):
         return None
     try:
-        out = mod.paged_attention(q, q_pos, k_cache, v_cache, block_table, seq_len, scale)
+        out = mod.paged_attention_batch(q, q_pos, k_cache, v_cache, batch, scale)
         if PAGED not in attention._VERIFIED:
-            k, v, k_pos = gathered()
-            attention._check_against_reference(PAGED, out, q, q_pos, k.to(q.dtype), v.to(q.dtype), k_pos, scale)
+            for rows, (k, v, k_pos) in references():
+                attention._check_against_reference(PAGED, out[rows], q[rows], q_pos[rows], k.to(q.dtype),
+                                                   v.to(q.dtype), k_pos, scale)
             attention._VERIFIED.add(PAGED)
         return out
     except Exception as exc:  # noqa: BLE001 - never silently wrong: fall back, say so once
@@ -64,3 +77,16 @@ def run_paged(q: torch.Tensor, q_pos: torch.Tensor, k_cache: torch.Tensor, v_cac
         attention._warn_once(f"broken:{PAGED}", "ucm Blend attention: paged kernel failed (%s); using the "
                              "gathered context", attention._BROKEN[PAGED][:500])
         return None
+
+
+def run_paged(q: torch.Tensor, q_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              block_table: torch.Tensor, seq_len: int, scale: float,
+              gathered: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Optional[torch.Tensor]:
+    """:func:`run_paged_batch` for one request's rows over keys ``0..seq_len-1`` through
+    ``block_table``; ``gathered()`` = (k, v, k_pos) of that context."""
+    mod = _paged_module()
+    if mod is None or not mod.supports(q, k_cache, v_cache):
+        return None
+    group = q.shape[1] // k_cache.shape[2]
+    batch = mod.PagedBatch.build(block_table.reshape(1, -1), [seq_len], [q.shape[0]], group)
+    return run_paged_batch(q, q_pos, k_cache, v_cache, batch, scale, lambda: [(slice(None), gathered())])
