@@ -372,17 +372,29 @@ class Bench:
         n = max(self.args.chunks)
         acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
         out_dir = Path(self.args.work_dir)
-        for label, ratio, salt in (("blend_0.15", 0.15, None), ("ucm_cold", None, f"prof{random.random()}")):
+        cases = [("blend_0.15", 0.15, None), ("ucm_cold", None, f"prof{random.random()}")]
+        if self.args.concurrency:
+            cases.append(("throughput_0.15", 0.15, None))
+        for label, ratio, salt in cases:
             ids = self.prompts.rag(n)
             # Warm-up of the same kind; a cold one under its own salt, or the profiled
             # request would hit the blocks it saved.
             self.one(self.prompts.rag(n), ratio=ratio, salt=salt and salt + "-warm-up")
             _wait_saves(INFLIGHT)  # earlier saves' copies would land in this profile
             with profile(activities=acts, record_shapes=False) as prof:
-                dt, _ = self.one(ids, ratio=ratio, salt=salt)
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)
-            cpu_table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70)
-            text = f"{label} {n} chunks: wall {dt * 1e3:.1f} ms (under the profiler)\n{table}\n\n{cpu_table}\n"
+                if label.startswith("throughput"):  # --concurrency requests at once, as in throughput()
+                    t0 = time.perf_counter()
+                    self.llm.generate([{"prompt_token_ids": self.prompts.rag(n)} for _ in range(self.args.concurrency)],
+                                      [self.params(ratio)] * self.args.concurrency, use_tqdm=False)
+                    dt = time.perf_counter() - t0
+                else:
+                    dt, _ = self.one(ids, ratio=ratio, salt=salt)
+            averages = prof.key_averages()
+            table = averages.table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)
+            cpu_table = averages.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70)
+            gpu_ms = sum(getattr(e, "self_device_time_total", 0.0) for e in averages) / 1e3
+            text = (f"{label} {n} chunks: wall {dt * 1e3:.1f} ms (under the profiler), GPU time of all kernels and "
+                    f"copies {gpu_ms:.1f} ms\n{table}\n\n{cpu_table}\n")
             (out_dir / f"profile_{safe(self.kind)}_{label}.txt").write_text(text)
             print(text[:7000], flush=True)
             if self.args.trace:
