@@ -153,7 +153,7 @@ class Bench:
             enforce_eager=True, max_model_len=a.max_model_len, max_num_batched_tokens=a.max_batched_tokens,
             max_num_seqs=max(64, a.concurrency), gpu_memory_utilization=a.gpu_mem, seed=0,
             disable_log_stats=False, enable_prefix_caching=self.kind == "plain",
-            tensor_parallel_size=a.tp, async_scheduling=False)
+            tensor_parallel_size=a.tp, async_scheduling=a.async_scheduling)
         if self.kind != "plain":
             if self.kind.startswith("dram"):
                 stores = [{"ucm_connector_name": "UcmDramStore",
@@ -592,6 +592,8 @@ def driver(args: argparse.Namespace) -> None:
         common.append("--host-times")
     if args.file_cold:
         common.append("--file-cold")
+    if args.async_scheduling:
+        common.append("--async-scheduling")
     if args.pool is not None:
         common += ["--pool", str(args.pool)]
     results = []
@@ -609,6 +611,7 @@ def finish(results: list[dict], args: argparse.Namespace, out_dir: Path) -> None
 
     merged = merge(results)
     meta = {"date": datetime.date.today().isoformat(), "concurrency": args.concurrency,
+            "async_scheduling": args.async_scheduling,
             "argv": " ".join(sys.argv), "engines": {r.get("kind"): {k: r.get(k) for k in
                                                                  ("engine_start_s", "precompute_s", "error")}
                                                     for r in results}}
@@ -671,6 +674,9 @@ def main() -> None:
     ap.add_argument("--file-cold", action="store_true")
     ap.add_argument("--io-threads", type=int, default=8)
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="vLLM's async scheduling in every engine (default off: the next step's host work then "
+                         "overlaps this step's GPU work, which helps batches and can cost a lone request)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model-dir", default="/tmp/llama3-8b-shape")
     ap.add_argument("--out-dir", default="ttft_out", help="results: ttft_gpu.json/.md/.png, extras.tgz")
