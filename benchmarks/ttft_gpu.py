@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,7 +153,7 @@ class Bench:
             enforce_eager=True, max_model_len=a.max_model_len, max_num_batched_tokens=a.max_batched_tokens,
             max_num_seqs=max(64, a.concurrency), gpu_memory_utilization=a.gpu_mem, seed=0,
             disable_log_stats=False, enable_prefix_caching=self.kind == "plain",
-            tensor_parallel_size=a.tp, async_scheduling=a.async_scheduling)
+            tensor_parallel_size=a.tp, async_scheduling=a.scheduling == "async")
         if self.kind != "plain":
             if self.kind.startswith("dram"):
                 stores = [{"ucm_connector_name": "UcmDramStore",
@@ -199,7 +199,27 @@ class Bench:
 
         return request_stats(out.request_id)
 
-    def record(self, mode: str, n_chunks: int, times: list[float], stats: Optional[list[dict]] = None) -> None:
+    def _interleaved(self, modes: list[tuple[tuple[str, int], Callable[[], tuple[float, Any]]]],
+                     label: str) -> dict[tuple[str, int], tuple[list[float], list[Any], list[dict]]]:
+        """``--reps`` rounds, each timing one request of every mode in turn: a drift of
+        the host's speed over the run (seen on the GPU host: 15-20 ms per request for
+        tens of seconds) then lands on every mode alike, not on whichever ran first.
+        Returns per mode the times, the outputs and ucm's host times per request."""
+        samples: dict[tuple[str, int], tuple[list[float], list[Any], list[dict]]] = {
+            key: ([], [], []) for key, _ in modes}
+        for _ in _progress(range(self.args.reps), f"{label} rounds"):
+            for key, run in modes:
+                dt, out = run()
+                times, outs, hosts = samples[key]
+                times.append(dt)
+                outs.append(out)
+                if self.args.host_times:
+                    hosts.append(self.host_times[-1])
+        self.host_times = []
+        return samples
+
+    def record(self, mode: str, n_chunks: int, times: list[float], stats: Optional[list[dict]] = None,
+               hosts: Optional[list[dict]] = None) -> None:
         entry: dict[str, Any] = {"median_ms": _median_ms(times), "min_ms": round(min(times) * 1e3, 2),
                                  "max_ms": round(max(times) * 1e3, 2), "n": len(times),
                                  "times_ms": [round(t * 1e3, 1) for t in times]}
@@ -211,7 +231,8 @@ class Bench:
         allocator = _allocator_counts()  # the CUDA caching allocator's cudaMalloc/cudaFree since the last mode
         entry["allocator"] = {k: v - self.allocator.get(k, 0) for k, v in allocator.items()}
         self.allocator = allocator
-        hosts, self.host_times = self.host_times[-len(times):], []
+        if hosts is None:
+            hosts, self.host_times = self.host_times[-len(times):], []
         phases = sorted({p for h in hosts for p in h})
         if self.args.host_times and phases:
             entry["host_ms"] = {p: _median_ms([h.get(p, 0.0) for h in hosts]) for p in phases}
@@ -246,14 +267,15 @@ class Bench:
         a = self.args
         for _ in range(3):  # warm-up
             self.one(self.prompts.rag(min(a.chunks)), salt=f"warm{random.random()}")
-        for n in a.chunks:
-            times = [self.one(self.prompts.rag(n), salt=f"full-{n}-{i}-{random.random()}")[0]
-                     for i in _progress(range(a.reps), f"full {n}")]
-            self.record("full_prefill", n, times)
-            ids = self.prompts.rag(n)
-            self.one(ids)
-            times = [self.one(ids)[0] for _ in _progress(range(a.reps), f"hit {n}")]
-            self.record("prefix_hit", n, times)
+        hit_ids = {n: self.prompts.rag(n) for n in a.chunks}
+        for ids in hit_ids.values():
+            self.one(ids)  # cached from here on
+        samples = self._interleaved(
+            [(("full_prefill", n), lambda n=n: self.one(self.prompts.rag(n), salt=f"full-{n}-{random.random()}"))
+             for n in a.chunks]
+            + [(("prefix_hit", n), lambda n=n: self.one(hit_ids[n])) for n in a.chunks], "plain")
+        for (mode, n), (times, _, hosts) in samples.items():
+            self.record(mode, n, times, hosts=hosts)
         if a.concurrency:
             for n in a.chunks:
                 self.throughput("full_prefill", n, None, salted=True)
@@ -303,16 +325,15 @@ class Bench:
         ratios = {"dram": a.ratios, "dram_b64": a.b64_ratios}.get(self.kind, a.file_ratios)
         if self.kind.startswith("file") and a.file_cold:
             os.sync()
-        for n in a.chunks:
-            for r in ratios:
-                times, stats = [], []
-                for _ in _progress(range(a.reps), f"{self.kind} {n} r={r:g}"):
-                    if self.kind.startswith("file") and a.file_cold:
-                        self._drop_page_cache()
-                    dt, out = self.one(self.prompts.rag(n), ratio=r)
-                    times.append(dt)
-                    stats.append(self.stats(out))
-                self.record(f"blend_{r:g}", n, times, stats)
+        def blend(n: int, r: float) -> tuple[float, Any]:
+            if self.kind.startswith("file") and a.file_cold:
+                self._drop_page_cache()
+            return self.one(self.prompts.rag(n), ratio=r)
+
+        samples = self._interleaved([((f"blend_{r:g}", n), lambda n=n, r=r: blend(n, r))
+                                     for n in a.chunks for r in ratios], self.kind)
+        for (mode, n), (times, outs, hosts) in samples.items():
+            self.record(mode, n, times, [self.stats(o) for o in outs], hosts=hosts)
         if a.concurrency and self.kind == "dram":
             for n in a.chunks:
                 self.throughput("blend_0.15", n, 0.15, salted=False)
@@ -592,8 +613,7 @@ def driver(args: argparse.Namespace) -> None:
         common.append("--host-times")
     if args.file_cold:
         common.append("--file-cold")
-    if args.async_scheduling:
-        common.append("--async-scheduling")
+    common += ["--scheduling", args.scheduling]
     if args.pool is not None:
         common += ["--pool", str(args.pool)]
     results = []
@@ -611,7 +631,7 @@ def finish(results: list[dict], args: argparse.Namespace, out_dir: Path) -> None
 
     merged = merge(results)
     meta = {"date": datetime.date.today().isoformat(), "concurrency": args.concurrency,
-            "async_scheduling": args.async_scheduling,
+            "scheduling": args.scheduling,
             "argv": " ".join(sys.argv), "engines": {r.get("kind"): {k: r.get(k) for k in
                                                                  ("engine_start_s", "precompute_s", "error")}
                                                     for r in results}}
@@ -674,9 +694,9 @@ def main() -> None:
     ap.add_argument("--file-cold", action="store_true")
     ap.add_argument("--io-threads", type=int, default=8)
     ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--async-scheduling", action="store_true",
-                    help="vLLM's async scheduling in every engine (default off: the next step's host work then "
-                         "overlaps this step's GPU work, which helps batches and can cost a lone request)")
+    ap.add_argument("--scheduling", choices=["async", "sync"], default="async",
+                    help="vLLM's scheduling in every engine: async (vLLM 0.26's default on CUDA: the next step's "
+                         "host work overlaps this step's GPU work) or sync (the earlier sessions' runs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model-dir", default="/tmp/llama3-8b-shape")
     ap.add_argument("--out-dir", default="ttft_out", help="results: ttft_gpu.json/.md/.png, extras.tgz")
