@@ -10,7 +10,8 @@ import torch
 from ucm.integration.vllm.kv_layout import flash_attn_view
 from ucm.sparse.blend import attention, paged_backend
 from ucm.sparse.blend.attention import causal_attention_by_position
-from ucm.sparse.blend.paged_attention import (PagedBatch, paged_attention, paged_attention_batch, program_table,
+from ucm.sparse.blend.paged_attention import (PagedBatch, launch_tiles, paged_attention, paged_attention_batch,
+                                              program_table,
                                               supports)
 
 BS, NUM_BLOCKS = 8, 12
@@ -169,3 +170,8 @@ def test_program_table_covers_every_row_once_heaviest_first():
     assert est == sorted(est, reverse=True) and table[0].tolist() == [2, 14, 3]  # c's last rows first
     in_order = program_table(counts, seq_lens, block_m, heaviest_first=False)
     assert in_order[:, 1].tolist() == sorted(in_order[:, 1].tolist())
+
+
+def test_large_tiles_only_on_a_gpu_with_room_for_them():
+    q = torch.zeros(4, 8, 128, dtype=torch.bfloat16)
+    assert launch_tiles(q) == (64, 2)  # CPU (the interpreter): the small tiles

@@ -169,15 +169,32 @@ def program_table(row_counts: Sequence[int], seq_lens: Sequence[int], block_m: i
     return np.array([e[1:] for e in entries], dtype=np.int32).reshape(-1, 3)
 
 
+@functools.lru_cache(maxsize=8)
+def _large_tiles_fit(device_index: int) -> bool:
+    """Whether 128-key tiles in 3 pipeline stages fit the device's shared memory
+    (~190 KiB for 16-bit, head_dim 128: Hopper's 228 KiB yes, Ampere's 164 KiB no)."""
+    return torch.cuda.get_device_properties(device_index).shared_memory_per_multiprocessor >= 200 * 1024
+
+
+def launch_tiles(q: torch.Tensor) -> tuple[int, int]:
+    """(keys per tile, pipeline stages): 128 and 3 where they fit (4-11% faster than 64
+    and 2 on an H100 at 4K-16K keys, docs/BENCHMARKS.md seventh session), else 64 and 2."""
+    if q.is_cuda and q.element_size() == 2 and q.shape[-1] <= 128 and _large_tiles_fit(q.device.index or 0):
+        return 128, 3
+    return 64, 2
+
+
 def paged_attention_batch(q: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           batch: PagedBatch, scale: float, out: Optional[torch.Tensor] = None,
-                          block_n: int = 64, num_warps: int = 8, num_stages: int = 2) -> torch.Tensor:
+                          block_n: Optional[int] = None, num_warps: int = 8,
+                          num_stages: Optional[int] = None) -> torch.Tensor:
     """Attention of rows ``q [n, Hq, D]`` at ``positions [n]``, the rows of ``batch``'s
     requests one request after another, each over its own keys in the paged
     ``k_cache``/``v_cache [num_blocks, block_size, Hkv, D]`` (any strides with a
     contiguous last dim); key ``j`` is visible to a row iff ``j <= position``.
     Returns ``[n, Hq, D]`` in q's dtype. Defaults: the fastest settings tried on an
-    H100 (Llama-3-8B layer, bf16, 4K-16K keys, 5-30% rows; docs/BENCHMARKS.md)."""
+    H100 (Llama-3-8B layer, bf16, 4K-16K keys, 5-30% rows; docs/BENCHMARKS.md);
+    ``block_n``/``num_stages`` None: :func:`launch_tiles`."""
     if not supports(q, k_cache, v_cache):
         raise ValueError(f"paged_attention cannot take q {tuple(q.shape)} {q.dtype} on {q.device} with caches "
                          f"{tuple(k_cache.shape)} {k_cache.dtype}")
@@ -188,6 +205,10 @@ def paged_attention_batch(q: torch.Tensor, positions: torch.Tensor, k_cache: tor
     group = heads // kv_heads
     out = torch.empty_like(q) if out is None else out
     programs = batch.programs.shape[0]
+    if block_n is None or num_stages is None:
+        tiles = launch_tiles(q)
+        block_n = tiles[0] if block_n is None else block_n
+        num_stages = tiles[1] if num_stages is None else num_stages
     if programs == 0:
         return out
     _jit(interpreting())[(kv_heads, programs)](
