@@ -11,8 +11,7 @@ from ucm.integration.vllm.kv_layout import flash_attn_view
 from ucm.sparse.blend import attention, paged_backend
 from ucm.sparse.blend.attention import causal_attention_by_position
 from ucm.sparse.blend.paged_attention import (PagedBatch, launch_tiles, paged_attention, paged_attention_batch,
-                                              program_table,
-                                              supports)
+                                              program_table, supports)
 
 BS, NUM_BLOCKS = 8, 12
 
