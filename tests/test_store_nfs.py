@@ -380,3 +380,44 @@ def test_eacces_on_create_for_dump_fails_with_path(store, monkeypatch):
         store.wait(store.dump([key], [block(0)], LAYOUT), timeout=10)
     assert "EACCES" in str(info.value) and store.path_for(key) in str(info.value)
     assert store.lookup([key]) == [False]
+
+
+def test_blocks_of_one_load_lie_back_to_back_in_one_buffer(store):
+    """A loader can move a load's blocks in one copy: they are consecutive views of one
+    buffer in key order, whatever order the I/O threads read them in; a block of another
+    size, a missing one and a corrupt one do not disturb the others."""
+    from ucm.store.arena import coalesce_runs
+
+    keys = make_keys(7, "slab")
+    blocks = [block(i) for i in range(7)]
+    odd = block(99, shape=(3, 5))
+    store.wait(store.dump(keys[:5] + [keys[6]], blocks[:5] + [odd], LAYOUT))
+    path = store.path_for(keys[3])
+    with open(path, "r+b") as f:  # corrupt the payload of block 3
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\xff\xff\xff\xff")
+    got = store.wait(store.load(keys, LAYOUT))
+    assert got[3] is None and got[5] is None  # corrupt, missing
+    for i in (0, 1, 2, 4):
+        assert torch.equal(got[i], blocks[i])
+    assert torch.equal(got[6], odd)
+    storage = got[0].untyped_storage().data_ptr()
+    nbytes = blocks[0].numel() * blocks[0].element_size()
+    for i in (1, 2, 4):  # slot i of the shared buffer
+        assert got[i].untyped_storage().data_ptr() == storage
+        assert got[i].data_ptr() == got[0].data_ptr() + i * nbytes
+    assert got[6].untyped_storage().data_ptr() != storage  # another size: its own tensor
+    assert [(first, n) for first, n, _ in coalesce_runs([got[0], got[1], got[2]])] == [(0, 3)]
+
+
+def test_read_buffer_is_pinned_only_with_cuda(monkeypatch):
+    monkeypatch.setattr(nfs_store.pinned, "AVAILABLE", False)
+    assert not nfs_store._host_buffer(64).is_pinned()
+
+    def refuse(shape, dtype):
+        raise RuntimeError("cudaHostAlloc failed")
+
+    monkeypatch.setattr(nfs_store.pinned, "AVAILABLE", True)
+    monkeypatch.setattr(nfs_store.pinned, "empty", refuse)
+    buf = nfs_store._host_buffer(64)  # falls back to pageable memory
+    assert buf.numel() == 64 and not buf.is_pinned()

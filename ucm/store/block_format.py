@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from typing import BinaryIO, Dict, List, Tuple
+from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -155,13 +155,18 @@ def _parse_var(var: bytes) -> Tuple[bytes, str, str, List[int]]:
         raise BlockFormatError("header", f"non-ASCII header text: {exc}") from exc
 
 
-def read_block(f: BinaryIO, key: bytes, layout: str) -> torch.Tensor:
+Allocator = Callable[[Tuple[int, ...], torch.dtype], torch.Tensor]
+"""Where a block's payload is read into: a contiguous tensor of that shape and dtype."""
+
+
+def read_block(f: BinaryIO, key: bytes, layout: str, alloc: Optional[Allocator] = None) -> torch.Tensor:
     """Read and fully verify one block from an open unbuffered binary file.
 
     Cheap checks (magic, version, header CRC, key, layout, sizes) run before
     the payload is read, so a wrong file costs one small read. The payload is
-    read straight into a freshly allocated tensor and its CRC checked before
-    the tensor is returned. Raises :class:`BlockFormatError` for any mismatch.
+    read straight into ``alloc(shape, dtype)`` (default: a fresh tensor) and its
+    CRC checked before the tensor is returned. Raises :class:`BlockFormatError`
+    for any mismatch.
     """
     fixed = bytearray(FIXED_HEADER_BYTES)
     got = _read_exact(f, memoryview(fixed))
@@ -201,7 +206,7 @@ def read_block(f: BinaryIO, key: bytes, layout: str) -> torch.Tensor:
         raise BlockFormatError("truncated", f"{file_size} bytes, expected {header_len + payload_len}")
     if file_size > header_len + payload_len:
         raise BlockFormatError("size", f"{file_size} bytes, expected {header_len + payload_len}")
-    tensor = torch.empty(shape, dtype=dtype)
+    tensor = torch.empty(shape, dtype=dtype) if alloc is None else alloc(tuple(shape), dtype)
     view = tensor_bytes(tensor)
     if _read_exact(f, view) < payload_len:
         raise BlockFormatError("truncated", "payload cut short")

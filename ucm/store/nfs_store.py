@@ -52,7 +52,8 @@ from ucm.store.base import (
     check_layout,
     check_tensors,
 )
-from ucm.store.block_format import DTYPES, BlockFormatError, read_block, write_block
+from ucm.store import pinned
+from ucm.store.block_format import DTYPES, Allocator, BlockFormatError, read_block, write_block
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,55 @@ def describe_oserror(exc: OSError) -> str:
     text = exc.strerror or os.strerror(exc.errno or 0)
     where = f" ({exc.filename})" if exc.filename else ""
     return f"{name}: {text}{where}"
+
+
+class _ReadSlab:
+    """One host buffer for all blocks of a load call, in key order.
+
+    Why: blocks read into tensors of their own reach the GPU with one copy each, and
+    from pageable memory synchronously (thousands of small blocking copies per 8K-token
+    prompt, which made the file tier slower than recomputing). Back to back in one
+    buffer -- pinned where CUDA is available -- a chunk's blocks form one run that a
+    loader moves with one asynchronous copy (:func:`ucm.store.arena.coalesce_runs`).
+    The buffer is sized from the first header read; a block of another size gets a
+    tensor of its own. It lives as long as any block read into it; pinned buffers come
+    from torch's caching host allocator, so later loads of a similar size reuse them.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._lock = threading.Lock()
+        self._slot_nbytes = 0
+        self._memory: Optional[torch.Tensor] = None
+
+    def allocator(self, index: int) -> Allocator:
+        """Where block ``index`` of the call is read into."""
+
+        def take(shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            nbytes = dtype.itemsize
+            for dim in shape:
+                nbytes *= dim
+            with self._lock:
+                if self._memory is None:
+                    self._slot_nbytes = nbytes
+                    self._memory = _host_buffer(self.count * nbytes)
+            if nbytes != self._slot_nbytes or nbytes == 0:
+                return torch.empty(shape, dtype=dtype)
+            start = index * nbytes
+            return self._memory[start:start + nbytes].view(dtype).view(shape)
+
+        return take
+
+
+def _host_buffer(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of host memory, pinned where CUDA is available (pageable if pinning fails)."""
+    if pinned.AVAILABLE:
+        try:
+            return pinned.empty((nbytes,), torch.uint8)
+        except RuntimeError as exc:  # e.g. the locked-memory limit
+            logger.warning("ucm nfs store: cannot pin a %d-byte read buffer (%s); reading into pageable memory",
+                           nbytes, exc)
+    return torch.empty(nbytes, dtype=torch.uint8)
 
 
 class UcmNfsStore(KVStoreBase):
@@ -218,12 +268,14 @@ class UcmNfsStore(KVStoreBase):
         return [os.path.exists(self.path_for(key)) for key in check_keys(keys)]
 
     def load(self, keys: Sequence[bytes], layout: str) -> Task:
-        """Read blocks in the I/O pool; each missing or rejected block yields None."""
+        """Read blocks in the I/O pool; each missing or rejected block yields None.
+        Blocks of one call are read back to back into one host buffer (:class:`_ReadSlab`)."""
         keys = check_keys(keys)
         layout = check_layout(layout)
         description = f"nfs load of {len(keys)} blocks from {self.root}"
+        slab = _ReadSlab(len(keys))
         try:
-            futures = [self._submit(self._load_one, key, layout) for key in keys]
+            futures = [self._submit(self._load_one, key, layout, slab.allocator(i)) for i, key in enumerate(keys)]
         except StoreError as exc:
             return Task.failed(exc, description)
         return Task(futures, list, description)
@@ -265,7 +317,7 @@ class UcmNfsStore(KVStoreBase):
 
     # ----- workers (run in the I/O pool) -------------------------------------
 
-    def _load_one(self, key: bytes, layout: str) -> Optional[torch.Tensor]:
+    def _load_one(self, key: bytes, layout: str, alloc: Optional[Allocator] = None) -> Optional[torch.Tensor]:
         path = self.path_for(key)
         try:
             f = open(path, "rb", buffering=0)
@@ -281,7 +333,7 @@ class UcmNfsStore(KVStoreBase):
             raise StoreError(f"load of block {key.hex()}: cannot open {path}: {describe_oserror(exc)}") from exc
         with f:
             try:
-                tensor = read_block(f, key, layout)
+                tensor = read_block(f, key, layout, alloc)
             except BlockFormatError as exc:
                 self._reject(key, path, f, exc)
                 return None
