@@ -240,11 +240,12 @@ def run_paged(case: dict, timer: Timer, ref: Optional[torch.Tensor], block_size:
 
 def run_batch(spec: str, args: argparse.Namespace, device: torch.device, timer: Timer, dtype: torch.dtype) -> dict:
     """A step of several requests (``spec`` = "4x8192/0.15"): their selected rows
-    through the paged kernel one launch per request (rows in order: the fifth and
-    sixth sessions' engine), one launch per request heaviest program first, and one
-    launch for the whole batch (what the engine runs now). Every output is checked
-    against the per-request reference."""
-    from ucm.sparse.blend.paged_attention import PagedBatch, paged_attention, paged_attention_batch
+    through the paged kernel one launch per request with programs in row order (how the
+    fifth and sixth sessions' engine ordered them), one launch per request heaviest
+    program first, and one launch for the whole batch (what the engine runs now). All
+    three use the same tiles and launch plans built before the timing. Every output is
+    checked against the per-request reference."""
+    from ucm.sparse.blend.paged_attention import PagedBatch, launch_tiles, paged_attention, paged_attention_batch
 
     count, _, rest = spec.partition("x")
     nk, _, frac = rest.partition("/")
@@ -263,16 +264,22 @@ def run_batch(spec: str, args: argparse.Namespace, device: torch.device, timer: 
     batch = PagedBatch.build(tables, [c["nk"] for c in cases], rows, group)
     starts = [sum(rows[:i]) for i in range(len(rows))]
 
+    block_n, num_stages = launch_tiles(q)
+
     def per_request(heaviest_first: bool) -> Callable[[], Any]:
+        plans = [PagedBatch.build(tables[i:i + 1], [c["nk"]], [c["nq"]], group, heaviest_first=heaviest_first)
+                 for i, c in enumerate(cases)]
+
         def call() -> None:
-            for i, c in enumerate(cases):
-                paged_attention(c["q"], c["q_pos"], cache[0], cache[1], tables[i], c["nk"], scale,
-                                heaviest_first=heaviest_first)
+            for c, plan in zip(cases, plans):
+                paged_attention_batch(c["q"], c["q_pos"], cache[0], cache[1], plan, scale,
+                                      block_n=block_n, num_stages=num_stages)
         return call
 
     variants = {"per_request_in_order": per_request(False), "per_request_heaviest_first": per_request(True),
-                "one_launch": lambda: paged_attention_batch(q, q_pos, cache[0], cache[1], batch, scale)}
-    res: dict[str, Any] = {"spec": spec, "rows": rows}
+                "one_launch": lambda: paged_attention_batch(q, q_pos, cache[0], cache[1], batch, scale,
+                                                            block_n=block_n, num_stages=num_stages)}
+    res: dict[str, Any] = {"spec": spec, "rows": rows, "tiles": [block_n, num_stages]}
     out = paged_attention_batch(q, q_pos, cache[0], cache[1], batch, scale)
     errs = []
     for i, c in enumerate(cases):
@@ -288,9 +295,6 @@ def run_batch(spec: str, args: argparse.Namespace, device: torch.device, timer: 
     base = res["per_request_in_order"]["ms"]
     for name in variants:
         res[name]["speedup_vs_in_order"] = round(base / res[name]["ms"], 3)
-    del cases, caches, cache
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return res
 
 
@@ -569,6 +573,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         results["batches"] = []
         for spec in [b for b in args.batch_configs.split(",") if b]:
             res = guarded(lambda: run_batch(spec, args, device, timer, dtype))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the step's caches went with run_batch's frame
             print(json.dumps(res), flush=True)
             results["batches"].append(res)
     results["rows"] = rows

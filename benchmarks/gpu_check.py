@@ -312,7 +312,7 @@ def run_engine(spec: dict, workdir: Path, enable_sparse: bool) -> dict:
     (workdir / "stderr.txt").write_text(proc.stderr[-20000:])
     backend = [ln for ln in proc.stderr.splitlines() if "backend" in ln.lower() and "attention" in ln.lower()]
     result = json.loads(out_path.read_text())
-    scheduling = [ln[-60:] for ln in (proc.stdout + proc.stderr).splitlines() if "synchronous scheduling is" in ln]
+    scheduling = [ln[-60:] for ln in (proc.stdout + "\n" + proc.stderr).splitlines() if "synchronous scheduling is" in ln]
     result["_log"] = backend[:3] + scheduling[:1] + [ln[-300:] for ln in proc.stderr.splitlines()
                                                      if "ucm" in ln and ("WARN" in ln or "ERROR" in ln)][:8]
     result["_seconds"] = round(time.time() - t0, 1)

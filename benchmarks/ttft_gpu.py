@@ -141,6 +141,7 @@ class Bench:
         if args.host_times:
             _time_gc()
         self.allocator = _allocator_counts()
+        self.allocator_by_mode: dict[tuple[str, int], dict[str, int]] = {}  # filled by _interleaved
 
 
     def _engine(self):
@@ -201,21 +202,32 @@ class Bench:
 
     def _interleaved(self, modes: list[tuple[tuple[str, int], Callable[[], tuple[float, Any]]]],
                      label: str) -> dict[tuple[str, int], tuple[list[float], list[Any], list[dict]]]:
-        """``--reps`` rounds, each timing one request of every mode in turn: a drift of
-        the host's speed over the run (seen on the GPU host: 15-20 ms per request for
-        tens of seconds) then lands on every mode alike, not on whichever ran first.
-        Returns per mode the times, the outputs and ucm's host times per request."""
+        """``--reps`` rounds, each timing one request of every mode in an order shuffled per
+        round: a drift of the host's speed over the run (seen on the GPU host: 15-20 ms
+        per request for tens of seconds) then lands on every mode alike, not on whichever
+        ran first. Returns per mode the times, the outputs and ucm's host times per
+        request; the CUDA allocator's counts per mode go to ``allocator_by_mode``."""
         samples: dict[tuple[str, int], tuple[list[float], list[Any], list[dict]]] = {
             key: ([], [], []) for key, _ in modes}
+        self.allocator_by_mode = {key: {} for key, _ in modes}
+        order = list(modes)
+        shuffle = random.Random(self.args.seed)
         for _ in _progress(range(self.args.reps), f"{label} rounds"):
-            for key, run in modes:
+            shuffle.shuffle(order)  # no mode always follows the same one (e.g. a save's tail)
+            for key, run in order:
+                before = _allocator_counts()
                 dt, out = run()
+                after = _allocator_counts()
+                counts = self.allocator_by_mode[key]
+                for name, value in after.items():
+                    counts[name] = counts.get(name, 0) + value - before.get(name, 0)
                 times, outs, hosts = samples[key]
                 times.append(dt)
                 outs.append(out)
                 if self.args.host_times:
                     hosts.append(self.host_times[-1])
         self.host_times = []
+        self.allocator = _allocator_counts()
         return samples
 
     def record(self, mode: str, n_chunks: int, times: list[float], stats: Optional[list[dict]] = None,
@@ -228,9 +240,13 @@ class Bench:
                 vals = [s.get(key) for s in stats if s.get(key) is not None]
                 if vals:
                     entry[key] = round(statistics.mean(vals), 3)
-        allocator = _allocator_counts()  # the CUDA caching allocator's cudaMalloc/cudaFree since the last mode
-        entry["allocator"] = {k: v - self.allocator.get(k, 0) for k, v in allocator.items()}
-        self.allocator = allocator
+        by_mode = self.allocator_by_mode.get((mode, n_chunks))
+        if by_mode is not None:  # counted around each of this mode's requests (interleaved modes)
+            entry["allocator"] = by_mode
+        else:  # the CUDA caching allocator's cudaMalloc/cudaFree since the last mode
+            allocator = _allocator_counts()
+            entry["allocator"] = {k: v - self.allocator.get(k, 0) for k, v in allocator.items()}
+            self.allocator = allocator
         if hosts is None:
             hosts, self.host_times = self.host_times[-len(times):], []
         phases = sorted({p for h in hosts for p in h})
@@ -413,7 +429,12 @@ class Bench:
             averages = prof.key_averages()
             table = averages.table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)
             cpu_table = averages.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70)
-            gpu_ms = sum(getattr(e, "self_device_time_total", 0.0) for e in averages) / 1e3
+            from torch.autograd import DeviceType
+
+            # Device-side events only: a CPU event such as cudaLaunchKernel carries its
+            # kernel's time too (the same rule as the profiler's own table total).
+            gpu_ms = sum(getattr(e, "self_device_time_total", 0.0) for e in averages
+                         if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)) / 1e3
             text = (f"{label} {n} chunks: wall {dt * 1e3:.1f} ms (under the profiler), GPU time of all kernels and "
                     f"copies {gpu_ms:.1f} ms\n{table}\n\n{cpu_table}\n")
             (out_dir / f"profile_{safe(self.kind)}_{label}.txt").write_text(text)

@@ -19,7 +19,7 @@ from ucm.integration.vllm.blend_agent import BatchInfo, VllmBlendAgent
 from ucm.integration.vllm.kv_layout import flash_attn_view
 from ucm.integration.vllm.metadata import RequestStep, UcmConnectorMetadata
 from ucm.sparse.base import UcmSparseRole
-from ucm.sparse.blend import attention
+from ucm.sparse.blend import attention, paged_attention
 from ucm.sparse.blend.blend import Blend
 
 HEADS, KV_HEADS, DIM, BS, NUM_BLOCKS = 4, 2, 16, 8, 40
@@ -78,12 +78,37 @@ def _run(backend: str, monkeypatch) -> tuple[list[torch.Tensor], dict[str, int]]
     return outs, counts
 
 
+def _count_launches(monkeypatch) -> list[int]:
+    """Record the number of requests of every paged-kernel launch."""
+    launches: list[int] = []
+    real = paged_attention.paged_attention_batch
+
+    def counted(q, positions, k_cache, v_cache, batch, *args, **kwargs):
+        launches.append(batch.seq_lens.shape[0])
+        return real(q, positions, k_cache, v_cache, batch, *args, **kwargs)
+
+    monkeypatch.setattr(paged_attention, "paged_attention_batch", counted)
+    return launches
+
+
 def test_one_launch_for_the_batch_equals_each_request_gathered(monkeypatch):
     gathered, counts = _run("sdpa", monkeypatch)
+    launches = _count_launches(monkeypatch)
     paged, paged_counts = _run("triton", monkeypatch)
-    assert attention.PAGED in attention._VERIFIED and not attention._BROKEN  # the batch kernel ran
+    assert launches == [3, 3]  # one launch per layer, for all three requests
+    assert f"{attention.PAGED}:batch" in attention._VERIFIED and not attention._BROKEN
     assert paged_counts == counts
     assert counts["b"] == 20 and 0 < counts["a"] < 45 and 0 < counts["c"] < 37  # b has nothing to reuse
     assert gathered[0].shape == (102, HEADS * DIM) and gathered[1].shape[0] == sum(counts.values())
     for got, want in zip(paged, gathered):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_kernel_failing_its_check_mid_step_falls_back_to_the_gathered_path(monkeypatch):
+    gathered, _ = _run("sdpa", monkeypatch)
+    real = paged_attention.paged_attention_batch
+    monkeypatch.setattr(paged_attention, "paged_attention_batch", lambda *a, **kw: real(*a, **kw) * 1.5)
+    paged, _ = _run("triton", monkeypatch)
+    assert "differs from the reference" in attention._BROKEN[attention.PAGED]
+    for got, want in zip(paged, gathered):  # both layers: the wrong output was never used
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

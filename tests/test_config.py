@@ -84,6 +84,8 @@ BAD = [
      ["between 1 and 64"]),
     ("nfs-capacity-neg", store("UcmNfsStore", storage_backends="/kv", capacity_bytes=-1), f"{NFS0}.capacity_bytes",
      [">= 1"]),
+    ("nfs-pinned-read-neg", store("UcmNfsStore", storage_backends="/kv", pinned_read_bytes=-1),
+     f"{NFS0}.pinned_read_bytes", [">= 0"]),
     ("nfs-unknown-key", store("UcmNfsStore", storage_backends="/kv", capacity=5), f"{NFS0}.capacity",
      ["did you mean 'capacity_bytes'", "io_threads"]),
     ("dram-capacity-bool", store("UcmDramStore", capacity_bytes=True), f"{NFS0}.capacity_bytes",
@@ -170,7 +172,7 @@ def test_defaults() -> None:
     assert b.check_layers == (CheckLayer(1, L1, 0.15),) and b.first_check_layer == 1
     assert (b.deviation_target, b.deviation_norm, b.save_chunks, b.min_chunk_tokens) == ("k", "l2", True, 1)
     nfs = parse(store("UcmNfsStore", storage_backends="/kv")).stores[0].config
-    assert nfs == NfsStoreConfig("/kv", capacity_bytes=None, io_threads=4)
+    assert nfs == NfsStoreConfig("/kv", capacity_bytes=None, io_threads=4, pinned_read_bytes=4 * GiB)
 
 
 def test_design_example() -> None:

@@ -10,8 +10,8 @@ import torch
 from ucm.integration.vllm.kv_layout import flash_attn_view
 from ucm.sparse.blend import attention, paged_backend
 from ucm.sparse.blend.attention import causal_attention_by_position
-from ucm.sparse.blend.paged_attention import (PagedBatch, launch_tiles, paged_attention, paged_attention_batch,
-                                              program_table, supports)
+from ucm.sparse.blend.paged_attention import (LARGE_TILES, SMALL_TILES, PagedBatch, launch_tiles, paged_attention,
+                                              paged_attention_batch, program_table, supports, tiles_for)
 
 BS, NUM_BLOCKS = 8, 12
 
@@ -172,5 +172,36 @@ def test_program_table_covers_every_row_once_heaviest_first():
 
 
 def test_large_tiles_only_on_a_gpu_with_room_for_them():
-    q = torch.zeros(4, 8, 128, dtype=torch.bfloat16)
-    assert launch_tiles(q) == (64, 2)  # CPU (the interpreter): the small tiles
+    hopper, ampere = 228 * 1024, 164 * 1024
+    assert tiles_for(True, 2, 128, hopper) == LARGE_TILES
+    assert tiles_for(True, 2, 128, ampere) == SMALL_TILES
+    assert tiles_for(True, 4, 128, hopper) == SMALL_TILES  # float32 tiles are twice as large
+    assert tiles_for(True, 2, 256, hopper) == SMALL_TILES
+    assert tiles_for(False, 2, 128, hopper) == SMALL_TILES
+    assert launch_tiles(torch.zeros(4, 8, 128, dtype=torch.bfloat16)) == SMALL_TILES  # CPU: the interpreter
+
+
+def test_a_large_tile_launch_that_fails_is_retried_with_small_tiles(monkeypatch, caplog):
+    from ucm.sparse.blend import paged_attention as module
+
+    real_jit = module._jit
+
+    class Refusing:
+        def __init__(self, grid):
+            self.grid = grid
+
+        def __call__(self, *args, **kwargs):
+            if kwargs["BLOCK_N"] == LARGE_TILES[0]:
+                raise RuntimeError("out of resource: shared memory")
+            return real_jit(True)[self.grid](*args, **kwargs)
+
+    monkeypatch.setattr(module, "_jit", lambda interpret: type("J", (), {"__getitem__": lambda self, g: Refusing(g)})())
+    monkeypatch.setattr(module, "launch_tiles", lambda q: LARGE_TILES)
+    monkeypatch.setattr(module, "_LARGE_TILES_FAILED", set())
+    seq_len = 40
+    q, positions, view, table = _case(4, 2, 16, seq_len, 9, "planes", seed=12)
+    got = paged_attention(q, positions, view.k, view.v, table, seq_len, 0.2)
+    torch.testing.assert_close(got, _reference(q, positions, view, table, seq_len, 0.2), rtol=1e-5, atol=1e-5)
+    assert module._LARGE_TILES_FAILED == {q.device} and "failed on cpu" in caplog.text
+    with pytest.raises(RuntimeError, match="out of resource"):  # asked for explicitly: no silent retry
+        paged_attention(q, positions, view.k, view.v, table, seq_len, 0.2, block_n=128, num_stages=3)

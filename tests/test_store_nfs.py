@@ -384,8 +384,9 @@ def test_eacces_on_create_for_dump_fails_with_path(store, monkeypatch):
 
 def test_blocks_of_one_load_lie_back_to_back_in_one_buffer(store):
     """A loader can move a load's blocks in one copy: they are consecutive views of one
-    buffer in key order, whatever order the I/O threads read them in; a block of another
-    size, a missing one and a corrupt one do not disturb the others."""
+    buffer in key order, whatever order the I/O threads read them in; a missing block, a
+    corrupt one and one of another size (here not the first read, which sizes the
+    buffer) do not disturb the others."""
     from ucm.store.arena import coalesce_runs
 
     keys = make_keys(7, "slab")
@@ -410,14 +411,34 @@ def test_blocks_of_one_load_lie_back_to_back_in_one_buffer(store):
     assert [(first, n) for first, n, _ in coalesce_runs([got[0], got[1], got[2]])] == [(0, 3)]
 
 
-def test_read_buffer_is_pinned_only_with_cuda(monkeypatch):
-    monkeypatch.setattr(nfs_store.pinned, "AVAILABLE", False)
-    assert not nfs_store._host_buffer(64).is_pinned()
+def test_read_buffers_are_pinned_within_budget_and_never_after_a_failure(monkeypatch):
+    pinned_calls = []
+
+    def fake_pinned(shape, dtype):
+        pinned_calls.append(shape[0])
+        return torch.empty(shape, dtype=dtype)
+
+    monkeypatch.setattr(nfs_store.pinned, "AVAILABLE", True)
+    monkeypatch.setattr(nfs_store.pinned, "empty", fake_pinned)
+    reads = nfs_store._PinnedReads(budget_bytes=3000)
+    for nbytes in (1000, 1024, 900, 2000, 1000):  # classes 1024, 1024, 1024, 2048 (over budget), 1024
+        assert reads.buffer(nbytes).numel() == nbytes
+    assert pinned_calls == [1000, 1024, 900, 1000]  # the 2048 class would exceed the budget
+    assert nfs_store._PinnedReads(budget_bytes=0).buffer(8) is not None and pinned_calls[-1] == 1000
 
     def refuse(shape, dtype):
         raise RuntimeError("cudaHostAlloc failed")
 
-    monkeypatch.setattr(nfs_store.pinned, "AVAILABLE", True)
     monkeypatch.setattr(nfs_store.pinned, "empty", refuse)
-    buf = nfs_store._host_buffer(64)  # falls back to pageable memory
-    assert buf.numel() == 64 and not buf.is_pinned()
+    failing = nfs_store._PinnedReads(budget_bytes=1 << 20)
+    assert failing.buffer(64).numel() == 64  # pageable instead
+    monkeypatch.setattr(nfs_store.pinned, "empty", fake_pinned)
+    failing.buffer(64)
+    assert pinned_calls[-1] == 1000  # not tried again after the failure
+    monkeypatch.setattr(nfs_store.pinned, "AVAILABLE", False)
+    assert not nfs_store._PinnedReads(budget_bytes=1 << 20).buffer(64).is_pinned()
+
+
+def test_pinned_read_budget_is_validated(tmp_path):
+    with pytest.raises(ValueError, match="pinned_read_bytes"):
+        UcmNfsStore(storage_backends=str(tmp_path / "kv"), pinned_read_bytes=-1)

@@ -145,6 +145,7 @@ class NfsStoreConfig(_Section):
     storage_backends: str
     capacity_bytes: Optional[int] = None  # None: no limit, no eviction
     io_threads: int = 4
+    pinned_read_bytes: int = 4 << 30  # page-locked read buffers at most (0: never pin)
 
     def __post_init__(self) -> None:
         path = self.storage_backends
@@ -153,6 +154,7 @@ class NfsStoreConfig(_Section):
         if self.capacity_bytes is not None:
             _set(self, "capacity_bytes", _int("capacity_bytes", self.capacity_bytes, lo=1))
         _set(self, "io_threads", _int("io_threads", self.io_threads, lo=1, hi=64))
+        _set(self, "pinned_read_bytes", _int("pinned_read_bytes", self.pinned_read_bytes, lo=0))
 
 
 StoreConfig = Union[DramStoreConfig, NfsStoreConfig]

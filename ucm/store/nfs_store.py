@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -77,15 +77,17 @@ class _ReadSlab:
     Why: blocks read into tensors of their own reach the GPU with one copy each, and
     from pageable memory synchronously (thousands of small blocking copies per 8K-token
     prompt, which made the file tier slower than recomputing). Back to back in one
-    buffer -- pinned where CUDA is available -- a chunk's blocks form one run that a
-    loader moves with one asynchronous copy (:func:`ucm.store.arena.coalesce_runs`).
+    buffer -- pinned where CUDA is available, within the store's budget
+    (:class:`_PinnedReads`) -- a chunk's blocks form one run that a loader moves with one
+    asynchronous copy (:func:`ucm.store.arena.coalesce_runs`).
     The buffer is sized from the first header read; a block of another size gets a
     tensor of its own. It lives as long as any block read into it; pinned buffers come
     from torch's caching host allocator, so later loads of a similar size reuse them.
     """
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, host_buffer: Callable[[int], torch.Tensor]) -> None:
         self.count = count
+        self._host_buffer = host_buffer
         self._lock = threading.Lock()
         self._slot_nbytes = 0
         self._memory: Optional[torch.Tensor] = None
@@ -100,7 +102,7 @@ class _ReadSlab:
             with self._lock:
                 if self._memory is None:
                     self._slot_nbytes = nbytes
-                    self._memory = _host_buffer(self.count * nbytes)
+                    self._memory = self._host_buffer(self.count * nbytes)
             if nbytes != self._slot_nbytes or nbytes == 0:
                 return torch.empty(shape, dtype=dtype)
             start = index * nbytes
@@ -109,15 +111,43 @@ class _ReadSlab:
         return take
 
 
-def _host_buffer(nbytes: int) -> torch.Tensor:
-    """``nbytes`` of host memory, pinned where CUDA is available (pageable if pinning fails)."""
-    if pinned.AVAILABLE:
-        try:
-            return pinned.empty((nbytes,), torch.uint8)
-        except RuntimeError as exc:  # e.g. the locked-memory limit
-            logger.warning("ucm nfs store: cannot pin a %d-byte read buffer (%s); reading into pageable memory",
-                           nbytes, exc)
-    return torch.empty(nbytes, dtype=torch.uint8)
+class _PinnedReads:
+    """Decides which read buffers are page-locked, within a byte budget.
+
+    Pinned buffers come from torch's caching host allocator, which rounds a request up
+    to a power of two and keeps the memory for the life of the process to hand it out
+    again; so the budget counts each size class once. Page-locking is slow (~1 ms per
+    MiB on an H100 host, holding the CUDA driver's lock), so a class beyond the budget,
+    or any once pinning has failed, is read into pageable memory instead.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._classes: set[int] = set()
+        self._lock = threading.Lock()
+        self._failed = False
+
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        if pinned.AVAILABLE and self._admit(nbytes):
+            try:
+                return pinned.empty((nbytes,), torch.uint8)
+            except RuntimeError as exc:  # e.g. the locked-memory limit
+                self._failed = True
+                logger.warning("ucm nfs store: cannot pin a %d-byte read buffer (%s); reading into pageable "
+                               "memory from now on", nbytes, exc)
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def _admit(self, nbytes: int) -> bool:
+        size_class = 1 << max(0, nbytes - 1).bit_length()
+        with self._lock:
+            if self._failed:
+                return False
+            if size_class in self._classes:
+                return True
+            if sum(self._classes) + size_class > self.budget_bytes:
+                return False
+            self._classes.add(size_class)
+            return True
 
 
 class UcmNfsStore(KVStoreBase):
@@ -135,6 +165,7 @@ class UcmNfsStore(KVStoreBase):
         capacity_bytes: Optional[int] = None,
         io_threads: int = 4,
         stale_temp_seconds: float = 3600.0,
+        pinned_read_bytes: int = 4 << 30,
     ) -> None:
         if not storage_backends:
             raise ValueError("storage_backends (the root directory) must be given")
@@ -142,10 +173,13 @@ class UcmNfsStore(KVStoreBase):
             raise ValueError(f"capacity_bytes must be a positive int or None, got {capacity_bytes!r}")
         if not isinstance(io_threads, int) or io_threads < 1:
             raise ValueError(f"io_threads must be a positive int, got {io_threads!r}")
+        if not isinstance(pinned_read_bytes, int) or pinned_read_bytes < 0:
+            raise ValueError(f"pinned_read_bytes must be an int >= 0, got {pinned_read_bytes!r}")
         self.root = os.path.abspath(os.fspath(storage_backends))
         self.capacity_bytes = capacity_bytes
         self.io_threads = io_threads
         self.stale_temp_seconds = stale_temp_seconds
+        self._pinned_reads = _PinnedReads(pinned_read_bytes)
         try:
             os.makedirs(self.root, exist_ok=True)
         except OSError as exc:
@@ -273,7 +307,7 @@ class UcmNfsStore(KVStoreBase):
         keys = check_keys(keys)
         layout = check_layout(layout)
         description = f"nfs load of {len(keys)} blocks from {self.root}"
-        slab = _ReadSlab(len(keys))
+        slab = _ReadSlab(len(keys), self._pinned_reads.buffer)
         try:
             futures = [self._submit(self._load_one, key, layout, slab.allocator(i)) for i, key in enumerate(keys)]
         except StoreError as exc:

@@ -57,8 +57,14 @@ class BatchInfo:
 class _ReqContext:
     row_start: int
     num_rows: int
-    block_ids: torch.Tensor
+    block_ids: torch.Tensor  # host; the gathered path moves it to the device on first use
     seq_len: int
+    _block_ids_dev: Optional[torch.Tensor] = None
+
+    def device_block_ids(self, device: torch.device) -> torch.Tensor:
+        if self._block_ids_dev is None:
+            self._block_ids_dev = to_device(self.block_ids, device)
+        return self._block_ids_dev
 
 
 @dataclass
@@ -87,7 +93,7 @@ class _RequestAttention:
         return self.gathered_plan()(q, k_ctx.to(q.dtype), v_ctx.to(q.dtype), scale)
 
     def gathered(self, view: PagedKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        k_ctx, v_ctx = view.context(self.ctx.block_ids, self.ctx.seq_len)
+        k_ctx, v_ctx = view.context(self.ctx.device_block_ids(view.k.device), self.ctx.seq_len)
         return k_ctx, v_ctx, torch.arange(self.ctx.seq_len, device=k_ctx.device)
 
 
@@ -165,7 +171,7 @@ class VllmBlendAgent(UcmSparseBase):
             tables[index, :len(req.block_ids)] = req.block_ids
             tokens = torch.arange(req.num_computed, req.num_computed + req.num_scheduled)
             slots.append(token_slots(block_ids, tokens, self.worker.vllm_block_size))
-            contexts[req_id] = _ReqContext(row, req.num_scheduled, to_device(block_ids, device),
+            contexts[req_id] = _ReqContext(row, req.num_scheduled, block_ids,
                                            req.num_computed + req.num_scheduled)
             row += req.num_scheduled
         if row != batch.positions.shape[0]:
@@ -181,7 +187,7 @@ class VllmBlendAgent(UcmSparseBase):
             return
         self.step = step
         self.contexts = contexts
-        self.tables = to_device(torch.from_numpy(tables), device)
+        self._host_tables, self._tables = tables, None
         self.positions = batch.positions
         self.slots = to_device(torch.cat(slots), device)
         self.rows_dev = torch.arange(row, device=device)
@@ -346,7 +352,9 @@ class VllmBlendAgent(UcmSparseBase):
         if like is not None:
             paged = like.paged
         elif paged_backend.paged_kernel_wanted(device):
-            paged = paged_backend.plan_batch(self.tables, [ctx.seq_len for ctx in self.contexts.values()],
+            if self._tables is None:  # once per step, only where the paged kernel runs
+                self._tables = to_device(torch.from_numpy(self._host_tables), device)
+            paged = paged_backend.plan_batch(self._tables, [ctx.seq_len for ctx in self.contexts.values()],
                                              [self.step.row_counts[req_id] for req_id in self.contexts],
                                              heads[0] // heads[1])
         else:

@@ -21,9 +21,10 @@ Two entry points:
 Backends (``UCM_BLEND_ATTENTION`` = ``auto`` | ``triton`` | ``flex`` | ``cudnn`` | ``sdpa``,
 or the ``backend`` argument):
 
-* ``triton`` (:func:`ucm.sparse.blend.paged_backend.run_paged`): :mod:`paged_attention`, reading the paged cache through
-  the block table (no gathered context); ``auto`` takes it on CUDA where it applies,
-  and the plans below serve as its fallback.
+* ``triton`` (:func:`ucm.sparse.blend.paged_backend.run_paged_batch`): :mod:`paged_attention`,
+  reading the paged cache through the block tables (no gathered context), every request
+  of a step in one launch; ``auto`` takes it on CUDA where it applies, and the plans
+  below serve as its fallback.
 
 * ``flex``: ``torch.nn.attention.flex_attention``, compiled, with a block-sparse mask
   built from per-block position ranges (blocks entirely before the query block skip

@@ -29,6 +29,7 @@ so CPU tests run it under ``TRITON_INTERPRET=1``.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -40,8 +41,11 @@ import triton.language as tl
 from .rope_triton import _next_pow2, interpreting
 from .transfer import to_device
 
+logger = logging.getLogger(__name__)
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK_Q = 128  # query vectors (rows x heads of a group) per program
+MAX_PROGRAMS = 65535  # CUDA's limit on a launch grid's second axis, where the programs go
 
 
 def _paged_attention_kernel(
@@ -118,6 +122,12 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> b
             and q.device == k_cache.device and (q.is_cuda or interpreting()))
 
 
+def _check_supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if not supports(q, k_cache, v_cache):
+        raise ValueError(f"paged_attention cannot take q {tuple(q.shape)} {q.dtype} on {q.device} with caches "
+                         f"{tuple(k_cache.shape)} {k_cache.dtype}")
+
+
 def rows_per_program(group: int, block_q: int = BLOCK_Q) -> int:
     """Rows one program computes: ``block_q`` query vectors over the group's heads."""
     return max(1, block_q // _next_pow2(group))
@@ -145,6 +155,8 @@ class PagedBatch:
                              f"{len(seq_lens)} key counts, {len(row_counts)} row counts")
         block_m = rows_per_program(group, block_q)
         programs = program_table(row_counts, seq_lens, block_m, heaviest_first)
+        if programs.shape[0] > MAX_PROGRAMS:  # the launch grid's second axis
+            raise ValueError(f"PagedBatch: {programs.shape[0]} programs exceed the grid limit {MAX_PROGRAMS}")
         device = tables.device
         return cls(tables, to_device(torch.tensor(list(seq_lens), dtype=torch.int32), device),
                    to_device(torch.from_numpy(programs), device), int(sum(row_counts)), block_m)
@@ -169,19 +181,30 @@ def program_table(row_counts: Sequence[int], seq_lens: Sequence[int], block_m: i
     return np.array([e[1:] for e in entries], dtype=np.int32).reshape(-1, 3)
 
 
+SMALL_TILES = (64, 2)
+LARGE_TILES = (128, 3)
+_LARGE_TILES_FAILED: set = set()  # devices where a launch with LARGE_TILES failed once
+
+
+def tiles_for(is_cuda: bool, element_size: int, head_dim: int, shared_memory_per_sm: int) -> tuple[int, int]:
+    """(keys per tile, pipeline stages): 128 and 3 where they fit -- 16-bit, head_dim <= 128,
+    >= 200 KiB of shared memory per SM (Hopper's 228 yes, Ampere's 164 no); 4-11% faster
+    than 64 and 2 on an H100 at 4K-16K keys (docs/BENCHMARKS.md, seventh session)."""
+    if is_cuda and element_size == 2 and head_dim <= 128 and shared_memory_per_sm >= 200 * 1024:
+        return LARGE_TILES
+    return SMALL_TILES
+
+
 @functools.lru_cache(maxsize=8)
-def _large_tiles_fit(device_index: int) -> bool:
-    """Whether 128-key tiles in 3 pipeline stages fit the device's shared memory
-    (~190 KiB for 16-bit, head_dim 128: Hopper's 228 KiB yes, Ampere's 164 KiB no)."""
-    return torch.cuda.get_device_properties(device_index).shared_memory_per_multiprocessor >= 200 * 1024
+def _shared_memory_per_sm(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).shared_memory_per_multiprocessor
 
 
 def launch_tiles(q: torch.Tensor) -> tuple[int, int]:
-    """(keys per tile, pipeline stages): 128 and 3 where they fit (4-11% faster than 64
-    and 2 on an H100 at 4K-16K keys, docs/BENCHMARKS.md seventh session), else 64 and 2."""
-    if q.is_cuda and q.element_size() == 2 and q.shape[-1] <= 128 and _large_tiles_fit(q.device.index or 0):
-        return 128, 3
-    return 64, 2
+    """:func:`tiles_for` of ``q``'s device (small tiles after a large-tile launch failed there)."""
+    if not q.is_cuda or q.device in _LARGE_TILES_FAILED:
+        return SMALL_TILES
+    return tiles_for(True, q.element_size(), q.shape[-1], _shared_memory_per_sm(q.device.index or 0))
 
 
 def paged_attention_batch(q: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -195,9 +218,7 @@ def paged_attention_batch(q: torch.Tensor, positions: torch.Tensor, k_cache: tor
     Returns ``[n, Hq, D]`` in q's dtype. Defaults: the fastest settings tried on an
     H100 (Llama-3-8B layer, bf16, 4K-16K keys, 5-30% rows; docs/BENCHMARKS.md);
     ``block_n``/``num_stages`` None: :func:`launch_tiles`."""
-    if not supports(q, k_cache, v_cache):
-        raise ValueError(f"paged_attention cannot take q {tuple(q.shape)} {q.dtype} on {q.device} with caches "
-                         f"{tuple(k_cache.shape)} {k_cache.dtype}")
+    _check_supported(q, k_cache, v_cache)
     n, heads, dim = q.shape
     if n != batch.num_rows:
         raise ValueError(f"paged_attention: {n} rows of q for a batch of {batch.num_rows}")
@@ -205,22 +226,34 @@ def paged_attention_batch(q: torch.Tensor, positions: torch.Tensor, k_cache: tor
     group = heads // kv_heads
     out = torch.empty_like(q) if out is None else out
     programs = batch.programs.shape[0]
-    if block_n is None or num_stages is None:
-        tiles = launch_tiles(q)
-        block_n = tiles[0] if block_n is None else block_n
-        num_stages = tiles[1] if num_stages is None else num_stages
     if programs == 0:
         return out
-    _jit(interpreting())[(kv_heads, programs)](
-        q, positions, k_cache, v_cache, batch.tables, batch.seq_lens, batch.programs, out,
-        batch.tables.stride(0), k_cache.shape[1], scale,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        GROUP=group, GROUP_P=_next_pow2(group), HEAD_DIM=dim, DIM_P=_next_pow2(dim),
-        BLOCK_M=batch.block_m, BLOCK_N=block_n, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    chosen = block_n is None and num_stages is None
+    tiles = launch_tiles(q)
+    block_n = tiles[0] if block_n is None else block_n
+    num_stages = tiles[1] if num_stages is None else num_stages
+
+    def launch(block_n: int, num_stages: int) -> None:
+        _jit(interpreting())[(kv_heads, programs)](
+            q, positions, k_cache, v_cache, batch.tables, batch.seq_lens, batch.programs, out,
+            batch.tables.stride(0), k_cache.shape[1], scale,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            GROUP=group, GROUP_P=_next_pow2(group), HEAD_DIM=dim, DIM_P=_next_pow2(dim),
+            BLOCK_M=batch.block_m, BLOCK_N=block_n, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+
+    try:
+        launch(block_n, num_stages)
+    except Exception:  # noqa: BLE001 - e.g. Triton's OutOfResources on a GPU the tile rule misjudged
+        if not chosen or (block_n, num_stages) == SMALL_TILES:
+            raise
+        _LARGE_TILES_FAILED.add(q.device)
+        logger.warning("ucm paged attention: %d-key tiles in %d stages failed on %s; using %d and %d",
+                       block_n, num_stages, q.device, *SMALL_TILES)
+        launch(*SMALL_TILES)
     return out
 
 
@@ -231,9 +264,7 @@ def paged_attention(q: torch.Tensor, positions: torch.Tensor, k_cache: torch.Ten
     """:func:`paged_attention_batch` for one request: rows ``q`` over keys
     ``0..seq_len-1`` through ``block_table``. ``block_q``: query vectors (rows x heads
     of a group) per program; 128 on 8 warps was 10-15% faster than 64 on 4 on an H100."""
-    if not supports(q, k_cache, v_cache):
-        raise ValueError(f"paged_attention cannot take q {tuple(q.shape)} {q.dtype} on {q.device} with caches "
-                         f"{tuple(k_cache.shape)} {k_cache.dtype}")
+    _check_supported(q, k_cache, v_cache)
     group = q.shape[1] // k_cache.shape[2]
     batch = PagedBatch.build(block_table.reshape(1, -1), [seq_len], [q.shape[0]], group, block_q, heaviest_first)
     return paged_attention_batch(q, positions, k_cache, v_cache, batch, scale, out, **launch)

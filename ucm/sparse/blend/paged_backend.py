@@ -11,7 +11,7 @@ module because importing that one needs a working Triton.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -49,7 +49,7 @@ def plan_batch(tables: torch.Tensor, seq_lens: list[int], row_counts: list[int],
     return None if mod is None else mod.PagedBatch.build(tables, seq_lens, row_counts, group)
 
 
-References = Callable[[], Iterable[tuple[slice, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]]
+References = Callable[[], list[tuple[slice, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]]
 """Per request of a batch: its rows' slice of ``q`` and its gathered context (k, v, k_pos)."""
 
 
@@ -58,19 +58,25 @@ def run_paged_batch(q: torch.Tensor, q_pos: torch.Tensor, k_cache: torch.Tensor,
     """The paged kernel's output for every request of ``batch`` (a
     :class:`~ucm.sparse.blend.paged_attention.PagedBatch`) in one launch, or None when it
     cannot run (the caller then gathers each context and uses
-    :class:`ExactMaskAttention`). The first call in a process is checked, request by
-    request, against the reference on ``references()``; a failure or mismatch gives the
-    kernel up for the process (logged once)."""
+    :class:`ExactMaskAttention`). The first call in a process with one request, and the
+    first with several that have rows, are checked request by request against the
+    reference on ``references()``; a failure or mismatch gives the kernel up for the
+    process (logged once)."""
     mod = _paged_module()
     if mod is None or not mod.supports(q, k_cache, v_cache):
         return None
     try:
         out = mod.paged_attention_batch(q, q_pos, k_cache, v_cache, batch, scale)
-        if PAGED not in attention._VERIFIED:
-            for rows, (k, v, k_pos) in references():
+        # One-request and several-request launches are checked apart: only the latter
+        # read other rows of the block tables, key counts and row offsets.
+        verdict = PAGED if batch.seq_lens.shape[0] == 1 else f"{PAGED}:batch"
+        if verdict not in attention._VERIFIED:
+            parts = references()
+            for rows, (k, v, k_pos) in parts:
                 attention._check_against_reference(PAGED, out[rows], q[rows], q_pos[rows], k.to(q.dtype),
                                                    v.to(q.dtype), k_pos, scale)
-            attention._VERIFIED.add(PAGED)
+            if verdict == PAGED or len(parts) > 1:  # a batch verdict needs two requests with rows
+                attention._VERIFIED.add(verdict)
         return out
     except Exception as exc:  # noqa: BLE001 - never silently wrong: fall back, say so once
         attention._BROKEN[PAGED] = f"{type(exc).__name__}: {exc}"
