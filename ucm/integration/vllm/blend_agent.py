@@ -167,11 +167,13 @@ class VllmBlendAgent(UcmSparseBase):
                                    "connector metadata")
             reusable = self.worker.reusable.get(req_id, torch.zeros(req.num_scheduled, dtype=torch.bool))
             requests.append(RequestRows(req_id, row, req.num_scheduled, reusable, ratio=req.ratio))
-            block_ids = torch.tensor(req.block_ids, dtype=torch.long)
-            tables[index, :len(req.block_ids)] = req.block_ids
-            tokens = torch.arange(req.num_computed, req.num_computed + req.num_scheduled)
-            slots.append(token_slots(block_ids, tokens, self.worker.vllm_block_size))
-            contexts[req_id] = _ReqContext(row, req.num_scheduled, block_ids,
+            ids = np.asarray(req.block_ids, dtype=np.int64)
+            tables[index, :len(ids)] = ids
+            # numpy, not torch: torch's CPU ops on 8K-element index vectors went through its
+            # OpenMP pool and took ~2-6 ms a request on the H100 host (a host profile).
+            tokens = np.arange(req.num_computed, req.num_computed + req.num_scheduled)
+            slots.append(token_slots(ids, tokens, self.worker.vllm_block_size))
+            contexts[req_id] = _ReqContext(row, req.num_scheduled, torch.from_numpy(ids),
                                            req.num_computed + req.num_scheduled)
             row += req.num_scheduled
         if row != batch.positions.shape[0]:
@@ -189,7 +191,7 @@ class VllmBlendAgent(UcmSparseBase):
         self.contexts = contexts
         self._host_tables, self._tables = tables, None
         self.positions = batch.positions
-        self.slots = to_device(torch.cat(slots), device)
+        self.slots = to_device(torch.from_numpy(np.concatenate(slots)), device)
         self.rows_dev = torch.arange(row, device=device)
         self._plan = self._next_plan = None
 
@@ -210,7 +212,7 @@ class VllmBlendAgent(UcmSparseBase):
             return positions, hidden_states, residual
         hidden_states, residual = self._shrink(step, hidden_states, residual)
         if hidden_states.shape[0] != step.num_rows:
-            positions = self.positions[self.rows_dev]
+            positions = self._kept_positions
         return positions, hidden_states, residual
 
     def before_mlp(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,6 +237,7 @@ class VllmBlendAgent(UcmSparseBase):
         hidden_states = hidden_states[local]
         residual = residual[local] if residual is not None else None
         self.rows_dev = to_device(step.rows, hidden_states.device)
+        self._kept_positions = self.positions[self.rows_dev]  # every later layer's positions
         self._plan, self._next_plan = self._next_plan, None
         return hidden_states, residual
 
