@@ -31,6 +31,7 @@ def _fresh(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(attention, "_BROKEN", {})
     monkeypatch.setattr(attention, "_VERIFIED", set())
+    monkeypatch.setattr(attention, "_WARNED", set())  # warnings are once per process
 
 
 def _requests():

@@ -92,6 +92,7 @@ def fresh_backends(monkeypatch):
     """Backend verdicts are per process; give each test its own."""
     monkeypatch.setattr(attention, "_BROKEN", {})
     monkeypatch.setattr(attention, "_VERIFIED", set())
+    monkeypatch.setattr(attention, "_WARNED", set())
 
 
 def _gathered(view, table, seq_len):
