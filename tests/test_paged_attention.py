@@ -168,6 +168,11 @@ def test_program_table_covers_every_row_once_heaviest_first():
         assert starts[req] <= first and first + rows <= starts[req + 1]
     est = [seq_lens[r] * (f + n - starts[r]) / counts[r] for r, f, n in table]
     assert est == sorted(est, reverse=True) and table[0].tolist() == [2, 14, 3]  # c's last rows first
+    # A request continuing a chunked prefill: its rows start at position 8800, so its
+    # programs walk more keys than a fresh request's of the same length would.
+    later = program_table([4, 4], [9000, 9100], 2, first_rows=[8800, 0])
+    assert later[:, 1].tolist() == [6, 2, 0, 4]  # request 0's first rows (near 8900) before request 1's (near 4550)
+    assert program_table([4, 4], [9000, 9100], 2)[:, 1].tolist() == [6, 2, 4, 0]  # as if both started at 0
     in_order = program_table(counts, seq_lens, block_m, heaviest_first=False)
     assert in_order[:, 1].tolist() == sorted(in_order[:, 1].tolist())
 

@@ -359,7 +359,8 @@ class VllmBlendAgent(UcmSparseBase):
                 self._tables = to_device(torch.from_numpy(self._host_tables), device)
             paged = paged_backend.plan_batch(self._tables, [ctx.seq_len for ctx in self.contexts.values()],
                                              [self.step.row_counts[req_id] for req_id in self.contexts],
-                                             heads[0] // heads[1])
+                                             heads[0] // heads[1],
+                                             [ctx.seq_len - ctx.num_rows for ctx in self.contexts.values()])
         else:
             paged = None
         return _RowPlan(local, self.slots[rows], q_pos, parts, every_row, paged=paged)

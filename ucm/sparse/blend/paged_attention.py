@@ -146,15 +146,18 @@ class PagedBatch:
 
     @classmethod
     def build(cls, tables: torch.Tensor, seq_lens: Sequence[int], row_counts: Sequence[int], group: int,
-              block_q: int = BLOCK_Q, heaviest_first: bool = True) -> "PagedBatch":
+              block_q: int = BLOCK_Q, heaviest_first: bool = True,
+              first_rows: Optional[Sequence[int]] = None) -> "PagedBatch":
         """``tables``: ``[requests, max blocks]`` block ids on the device (rows past a
         request's blocks unused); ``row_counts[r]`` rows of request ``r`` follow those of
-        ``r - 1`` in ``q``. Host work only, plus two small host->device copies."""
+        ``r - 1`` in ``q``; ``first_rows[r]``: the position its rows start from (the
+        tokens computed in earlier steps; default 0), used only to order the programs.
+        Host work only, plus two small host->device copies."""
         if len(seq_lens) != len(row_counts) or tables.dim() != 2 or tables.shape[0] != len(seq_lens):
             raise ValueError(f"PagedBatch: {tables.shape[0] if tables.dim() else '?'} block tables, "
                              f"{len(seq_lens)} key counts, {len(row_counts)} row counts")
         block_m = rows_per_program(group, block_q)
-        programs = program_table(row_counts, seq_lens, block_m, heaviest_first)
+        programs = program_table(row_counts, seq_lens, block_m, heaviest_first, first_rows)
         if programs.shape[0] > MAX_PROGRAMS:  # the launch grid's second axis
             raise ValueError(f"PagedBatch: {programs.shape[0]} programs exceed the grid limit {MAX_PROGRAMS}")
         device = tables.device
@@ -163,18 +166,19 @@ class PagedBatch:
 
 
 def program_table(row_counts: Sequence[int], seq_lens: Sequence[int], block_m: int,
-                  heaviest_first: bool = True) -> np.ndarray:
+                  heaviest_first: bool = True, first_rows: Optional[Sequence[int]] = None) -> np.ndarray:
     """``[programs, 3]`` int32 rows (request, first row, rows), ordered by the estimated
     keys the program walks, most first (``heaviest_first=False``: in row order, only for
-    comparison). The estimate takes a request's rows as spread evenly over its keys
-    (Blend's rows are in prompt order): a program ending at row ``e`` of ``n`` walks
-    about ``seq_len * e / n`` keys."""
+    comparison). The estimate takes a request's rows as spread evenly over its positions
+    ``first_rows[r]..seq_len`` (Blend's rows are in prompt order): a program ending at row
+    ``e`` of ``n`` walks about ``a + (seq_len - a) * e / n`` keys, ``a = first_rows[r]``."""
     entries: list[tuple[float, int, int, int]] = []
     first = 0
-    for req, (count, seq_len) in enumerate(zip(row_counts, seq_lens)):
+    starts = first_rows if first_rows is not None else [0] * len(seq_lens)
+    for req, (count, seq_len, a) in enumerate(zip(row_counts, seq_lens, starts)):
         for start in range(0, count, block_m):
             rows = min(block_m, count - start)
-            entries.append((seq_len * (start + rows) / count, req, first + start, rows))
+            entries.append((a + (seq_len - a) * (start + rows) / count, req, first + start, rows))
         first += count
     if heaviest_first:
         entries.sort(key=lambda e: -e[0])  # stable: ties keep request order

@@ -42,11 +42,13 @@ def paged_kernel_wanted(device: torch.device) -> bool:
     return mod is not None and mod.interpreting()
 
 
-def plan_batch(tables: torch.Tensor, seq_lens: list[int], row_counts: list[int], group: int) -> Any:
+def plan_batch(tables: torch.Tensor, seq_lens: list[int], row_counts: list[int], group: int,
+               first_rows: Optional[list[int]] = None) -> Any:
     """The paged kernel's launch plan for these requests (a ``PagedBatch``; see
     :mod:`paged_attention`), or None when the kernel module is unavailable."""
     mod = _paged_module()
-    return None if mod is None else mod.PagedBatch.build(tables, seq_lens, row_counts, group)
+    return None if mod is None else mod.PagedBatch.build(tables, seq_lens, row_counts, group,
+                                                         first_rows=first_rows)
 
 
 References = Callable[[], list[tuple[slice, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]]
