@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ucm.store import nfs_store  # noqa: E402
+from ucm.store import nfs_store, read_buffers  # noqa: E402
 from ucm.store.block_format import tensor_bytes  # noqa: E402
 
 LAYOUT = "LKBHD"
@@ -66,9 +66,9 @@ def main() -> int:
     paths = [writer.path_for(k) for k in keys]
     writer.close()
     header = os.path.getsize(paths[0]) - nbytes
-    results: dict[str, Any] = {"blocks": args.blocks, "block_bytes": nbytes, "pinned": nfs_store.pinned.AVAILABLE,
+    results: dict[str, Any] = {"blocks": args.blocks, "block_bytes": nbytes, "pinned": read_buffers.pinned.AVAILABLE,
                                "cpus": os.cpu_count(), "rows": []}
-    first = nfs_store._PinnedReads(total)
+    first = read_buffers.PinnedReads(total)
     t0 = time.perf_counter()
     first.buffer(total)
     results["first_buffer_ms"] = round((time.perf_counter() - t0) * 1e3, 2)

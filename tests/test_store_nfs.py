@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ucm.store import StoreError, UcmNfsStore
-from ucm.store import block_format, nfs_store
+from ucm.store import block_format, nfs_store, read_buffers
 
 LAYOUT = "LKBHD"
 FINAL_NAME = re.compile(r"^[0-9a-f]{64}\.ucmkv$")
@@ -418,25 +418,25 @@ def test_read_buffers_are_pinned_within_budget_and_never_after_a_failure(monkeyp
         pinned_calls.append(shape[0])
         return torch.empty(shape, dtype=dtype)
 
-    monkeypatch.setattr(nfs_store.pinned, "AVAILABLE", True)
-    monkeypatch.setattr(nfs_store.pinned, "empty", fake_pinned)
-    reads = nfs_store._PinnedReads(budget_bytes=3000)
+    monkeypatch.setattr(read_buffers.pinned, "AVAILABLE", True)
+    monkeypatch.setattr(read_buffers.pinned, "empty", fake_pinned)
+    reads = read_buffers.PinnedReads(budget_bytes=3000)
     for nbytes in (1000, 1024, 900, 2000, 1000):  # classes 1024, 1024, 1024, 2048 (over budget), 1024
         assert reads.buffer(nbytes).numel() == nbytes
     assert pinned_calls == [1000, 1024, 900, 1000]  # the 2048 class would exceed the budget
-    assert nfs_store._PinnedReads(budget_bytes=0).buffer(8) is not None and pinned_calls[-1] == 1000
+    assert read_buffers.PinnedReads(budget_bytes=0).buffer(8) is not None and pinned_calls[-1] == 1000
 
     def refuse(shape, dtype):
         raise RuntimeError("cudaHostAlloc failed")
 
-    monkeypatch.setattr(nfs_store.pinned, "empty", refuse)
-    failing = nfs_store._PinnedReads(budget_bytes=1 << 20)
+    monkeypatch.setattr(read_buffers.pinned, "empty", refuse)
+    failing = read_buffers.PinnedReads(budget_bytes=1 << 20)
     assert failing.buffer(64).numel() == 64  # pageable instead
-    monkeypatch.setattr(nfs_store.pinned, "empty", fake_pinned)
+    monkeypatch.setattr(read_buffers.pinned, "empty", fake_pinned)
     failing.buffer(64)
     assert pinned_calls[-1] == 1000  # not tried again after the failure
-    monkeypatch.setattr(nfs_store.pinned, "AVAILABLE", False)
-    assert not nfs_store._PinnedReads(budget_bytes=1 << 20).buffer(64).is_pinned()
+    monkeypatch.setattr(read_buffers.pinned, "AVAILABLE", False)
+    assert not read_buffers.PinnedReads(budget_bytes=1 << 20).buffer(64).is_pinned()
 
 
 def test_pinned_read_budget_is_validated(tmp_path):

@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -52,8 +52,8 @@ from ucm.store.base import (
     check_layout,
     check_tensors,
 )
-from ucm.store import pinned
 from ucm.store.block_format import DTYPES, Allocator, BlockFormatError, read_block, write_block
+from ucm.store.read_buffers import PinnedReads, ReadSlab
 
 logger = logging.getLogger(__name__)
 
@@ -69,85 +69,6 @@ def describe_oserror(exc: OSError) -> str:
     text = exc.strerror or os.strerror(exc.errno or 0)
     where = f" ({exc.filename})" if exc.filename else ""
     return f"{name}: {text}{where}"
-
-
-class _ReadSlab:
-    """One host buffer for all blocks of a load call, in key order.
-
-    Why: blocks read into tensors of their own reach the GPU with one copy each, and
-    from pageable memory synchronously (thousands of small blocking copies per 8K-token
-    prompt, which made the file tier slower than recomputing). Back to back in one
-    buffer -- pinned where CUDA is available, within the store's budget
-    (:class:`_PinnedReads`) -- a chunk's blocks form one run that a loader moves with one
-    asynchronous copy (:func:`ucm.store.arena.coalesce_runs`).
-    The buffer is sized from the first header read; a block of another size gets a
-    tensor of its own. It lives as long as any block read into it; pinned buffers come
-    from torch's caching host allocator, so later loads of a similar size reuse them.
-    """
-
-    def __init__(self, count: int, host_buffer: Callable[[int], torch.Tensor]) -> None:
-        self.count = count
-        self._host_buffer = host_buffer
-        self._lock = threading.Lock()
-        self._slot_nbytes = 0
-        self._memory: Optional[torch.Tensor] = None
-
-    def allocator(self, index: int) -> Allocator:
-        """Where block ``index`` of the call is read into."""
-
-        def take(shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-            nbytes = dtype.itemsize
-            for dim in shape:
-                nbytes *= dim
-            with self._lock:
-                if self._memory is None:
-                    self._slot_nbytes = nbytes
-                    self._memory = self._host_buffer(self.count * nbytes)
-            if nbytes != self._slot_nbytes or nbytes == 0:
-                return torch.empty(shape, dtype=dtype)
-            start = index * nbytes
-            return self._memory[start:start + nbytes].view(dtype).view(shape)
-
-        return take
-
-
-class _PinnedReads:
-    """Decides which read buffers are page-locked, within a byte budget.
-
-    Pinned buffers come from torch's caching host allocator, which rounds a request up
-    to a power of two and keeps the memory for the life of the process to hand it out
-    again; so the budget counts each size class once. Page-locking is slow (~1 ms per
-    MiB on an H100 host, holding the CUDA driver's lock), so a class beyond the budget,
-    or any once pinning has failed, is read into pageable memory instead.
-    """
-
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget_bytes = budget_bytes
-        self._classes: set[int] = set()
-        self._lock = threading.Lock()
-        self._failed = False
-
-    def buffer(self, nbytes: int) -> torch.Tensor:
-        if pinned.AVAILABLE and self._admit(nbytes):
-            try:
-                return pinned.empty((nbytes,), torch.uint8)
-            except RuntimeError as exc:  # e.g. the locked-memory limit
-                self._failed = True
-                logger.warning("ucm nfs store: cannot pin a %d-byte read buffer (%s); reading into pageable "
-                               "memory from now on", nbytes, exc)
-        return torch.empty(nbytes, dtype=torch.uint8)
-
-    def _admit(self, nbytes: int) -> bool:
-        size_class = 1 << max(0, nbytes - 1).bit_length()
-        with self._lock:
-            if self._failed:
-                return False
-            if size_class in self._classes:
-                return True
-            if sum(self._classes) + size_class > self.budget_bytes:
-                return False
-            self._classes.add(size_class)
-            return True
 
 
 class UcmNfsStore(KVStoreBase):
@@ -179,7 +100,7 @@ class UcmNfsStore(KVStoreBase):
         self.capacity_bytes = capacity_bytes
         self.io_threads = io_threads
         self.stale_temp_seconds = stale_temp_seconds
-        self._pinned_reads = _PinnedReads(pinned_read_bytes)
+        self._pinned_reads = PinnedReads(pinned_read_bytes)
         try:
             os.makedirs(self.root, exist_ok=True)
         except OSError as exc:
@@ -303,11 +224,11 @@ class UcmNfsStore(KVStoreBase):
 
     def load(self, keys: Sequence[bytes], layout: str) -> Task:
         """Read blocks in the I/O pool; each missing or rejected block yields None.
-        Blocks of one call are read back to back into one host buffer (:class:`_ReadSlab`)."""
+        Blocks of one call are read back to back into one host buffer (:class:`~ucm.store.read_buffers.ReadSlab`)."""
         keys = check_keys(keys)
         layout = check_layout(layout)
         description = f"nfs load of {len(keys)} blocks from {self.root}"
-        slab = _ReadSlab(len(keys), self._pinned_reads.buffer)
+        slab = ReadSlab(len(keys), self._pinned_reads.buffer)
         try:
             futures = [self._submit(self._load_one, key, layout, slab.allocator(i)) for i, key in enumerate(keys)]
         except StoreError as exc:
