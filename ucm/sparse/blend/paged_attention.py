@@ -214,15 +214,17 @@ def launch_tiles(q: torch.Tensor) -> tuple[int, int]:
 def paged_attention_batch(q: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           batch: PagedBatch, scale: float, out: Optional[torch.Tensor] = None,
                           block_n: Optional[int] = None, num_warps: int = 8,
-                          num_stages: Optional[int] = None) -> torch.Tensor:
+                          num_stages: Optional[int] = None, checked: bool = False) -> torch.Tensor:
     """Attention of rows ``q [n, Hq, D]`` at ``positions [n]``, the rows of ``batch``'s
     requests one request after another, each over its own keys in the paged
     ``k_cache``/``v_cache [num_blocks, block_size, Hkv, D]`` (any strides with a
     contiguous last dim); key ``j`` is visible to a row iff ``j <= position``.
     Returns ``[n, Hq, D]`` in q's dtype. Defaults: the fastest settings tried on an
     H100 (Llama-3-8B layer, bf16, 4K-16K keys, 5-30% rows; docs/BENCHMARKS.md);
-    ``block_n``/``num_stages`` None: :func:`launch_tiles`."""
-    _check_supported(q, k_cache, v_cache)
+    ``block_n``/``num_stages`` None: :func:`launch_tiles`. ``checked``: the caller has
+    already asked :func:`supports` (once a layer on the engine's path is enough)."""
+    if not checked:
+        _check_supported(q, k_cache, v_cache)
     n, heads, dim = q.shape
     if n != batch.num_rows:
         raise ValueError(f"paged_attention: {n} rows of q for a batch of {batch.num_rows}")
@@ -271,4 +273,4 @@ def paged_attention(q: torch.Tensor, positions: torch.Tensor, k_cache: torch.Ten
     _check_supported(q, k_cache, v_cache)
     group = q.shape[1] // k_cache.shape[2]
     batch = PagedBatch.build(block_table.reshape(1, -1), [seq_len], [q.shape[0]], group, block_q, heaviest_first)
-    return paged_attention_batch(q, positions, k_cache, v_cache, batch, scale, out, **launch)
+    return paged_attention_batch(q, positions, k_cache, v_cache, batch, scale, out, checked=True, **launch)

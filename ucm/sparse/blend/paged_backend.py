@@ -68,7 +68,7 @@ def run_paged_batch(q: torch.Tensor, q_pos: torch.Tensor, k_cache: torch.Tensor,
     if mod is None or not mod.supports(q, k_cache, v_cache):
         return None
     try:
-        out = mod.paged_attention_batch(q, q_pos, k_cache, v_cache, batch, scale)
+        out = mod.paged_attention_batch(q, q_pos, k_cache, v_cache, batch, scale, checked=True)
         # One-request and several-request launches are checked apart: only the latter
         # read other rows of the block tables, key counts and row offsets.
         verdict = PAGED if batch.seq_lens.shape[0] == 1 else f"{PAGED}:batch"
