@@ -454,6 +454,10 @@ def engine_main(args: argparse.Namespace) -> None:
         os.environ["UCM_BLEND_ATTENTION"] = args.engine.split("_")[1]
     if args.engine == "dram_torchload":
         os.environ["UCM_LOAD_KERNEL"] = "torch"
+    if args.engine == "dram_nodefer":
+        from ucm.integration.vllm import worker_side
+
+        worker_side.DEFER_CHUNK_LOADS = False
     load_group = -1 if args.engine in ("dram_whole", "dram_torchload") else args.load_group
     if load_group is not None:
         from ucm.integration.vllm import worker_side
@@ -516,7 +520,8 @@ def run_engine_process(args: argparse.Namespace, kind: str, out_dir: Path, extra
 
 
 # Engine kind -> prefix of its modes in the merged table.
-PREFIX = {"plain": "", "dram": "", "dram_b64": "b64_", "dram_whole": "whole_", "dram_torchload": "torchload_", "dram_cudnn": "cudnn_", "dram_flex": "flex_", "file": "file_"}
+PREFIX = {"plain": "", "dram": "", "dram_b64": "b64_", "dram_whole": "whole_", "dram_torchload": "torchload_",
+          "dram_cudnn": "cudnn_", "dram_flex": "flex_", "dram_nodefer": "nodefer_", "file": "file_"}
 MODE_ORDER = ["full_prefill", "prefix_hit", "blend_0", "blend_0.05", "blend_0.15", "blend_0.3", "blend_1",
               "b64_blend_0", "b64_blend_0.15", "file_blend_0", "file_blend_0.15", "ucm_cold"]
 
@@ -690,7 +695,8 @@ def main() -> None:
                          "store, chunk loads as whole blocks (no layer groups); dram_torchload: the same "
                          "written by per-layer torch ops instead of the Triton load kernel; dram_cudnn / "
                          "dram_flex: host-memory store, exact-mask attention by cuDNN / FlexAttention over "
-                         "a gathered context instead of the paged Triton kernel")
+                         "a gathered context instead of the paged Triton kernel; dram_nodefer: chunk loads "
+                         "issued before the forward (worker_side.DEFER_CHUNK_LOADS off)")
     ap.add_argument("--chunks", nargs="+", type=int, default=[6, 8, 16], help="chunks of 512 tokens per prompt")
     ap.add_argument("--pool", type=int, default=None, help="chunks in the pool (default: max --chunks)")
     ap.add_argument("--reps", type=int, default=10)

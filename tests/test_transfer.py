@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ucm.integration.vllm.worker_side import WorkerSide
-from ucm.sparse.blend.transfer import copy_rows_to_device
+from ucm.sparse.blend.transfer import copy_rows_to_device, stage_runs
 from ucm.store.arena import coalesce_runs
 
 
@@ -35,7 +34,7 @@ def test_stage_layer_ranges_of_runs():
     runs = coalesce_runs(parts)
     assert [(first, count) for first, count, _ in runs] == [(0, 3), (3, 1), (4, 2)]
     for s0, s1 in ((0, 5), (1, 2), (2, 5)):
-        staged = WorkerSide._stage(runs, len(parts), s0, s1, torch.device("cpu"))
+        staged = stage_runs(runs, len(parts), s0, s1, torch.device("cpu"))
         want = torch.stack([p[s0:s1] for p in parts])
         assert torch.equal(staged, want)
 

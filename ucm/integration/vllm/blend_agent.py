@@ -132,6 +132,7 @@ class VllmBlendAgent(UcmSparseBase):
         super().__init__(method.config, UcmSparseRole.WORKER)
         self.method = method
         self.worker = worker
+        worker.defer_chunk_loads = True  # every chunk layer is read through wait_ready here
         self.metadata = metadata
         self.all_reduce = all_reduce
         self.last_layer = -1
@@ -146,13 +147,15 @@ class VllmBlendAgent(UcmSparseBase):
         self.step = None
         self._began = True
         meta = self.metadata()
-        if meta is None or not meta.blend_active:
-            return
-        start = HOST_TIMES.start()
-        try:
-            self._begin_step(meta, batch)
-        finally:
-            HOST_TIMES.add("begin", start)
+        if meta is not None and meta.blend_active:
+            start = HOST_TIMES.start()
+            try:
+                self._begin_step(meta, batch)
+            finally:
+                HOST_TIMES.add("begin", start)
+        if self.step is None:
+            # vLLM's backend computes every row: loaded KV must land before it writes.
+            self.worker.wait_loads()
 
     def _begin_step(self, meta: UcmConnectorMetadata, batch: BatchInfo) -> None:
         requests, contexts, slots = [], {}, []
@@ -181,7 +184,6 @@ class VllmBlendAgent(UcmSparseBase):
             # correct (loaded KV is simply overwritten by the full prefill).
             logger.warning("ucm Blend: batch has %d rows but %d scheduled tokens; running a full prefill",
                            batch.positions.shape[0], row)
-            self.worker.wait_loads()  # side-stream loads must land before the backend writes
             return
         step = self.method.begin_step(requests, row, self.all_reduce)
         if not step.active:

@@ -20,6 +20,22 @@ import numpy as np
 import torch
 
 
+class PendingLoad:
+    """A load of some layers that is not issued yet (see ``worker_side.DEFER_CHUNK_LOADS``).
+
+    It stands in those layers' :attr:`PagedKV.ready` until issued; the first access to
+    any of them issues it, which replaces every such ``ready`` with the real event.
+    """
+
+    def __init__(self, issue: Callable[[], None]) -> None:
+        self._issue: Optional[Callable[[], None]] = issue
+
+    def issue(self) -> None:
+        issue, self._issue = self._issue, None
+        if issue is not None:
+            issue()
+
+
 @dataclass
 class PagedKV:
     """K and V of one layer as ``[num_blocks, block_size, heads, head_dim]`` views."""
@@ -31,7 +47,19 @@ class PagedKV:
     strided = True
     # A CUDA event recorded on the worker's load stream once this layer's loaded KV is
     # in place (layer-wise loading); the first access from the compute stream waits on it.
+    # A PendingLoad while the load is deferred: the first access issues it.
     ready: Optional[Any] = field(default=None, repr=False, compare=False)
+    # K and V as ``[num_blocks * block_size, heads, head_dim]`` views, where each plane's
+    # blocks lie back to back (vLLM 0.32 planes; 0.26's NHD stride order): a slot is then a
+    # row index and a write one index_copy_ per plane (less host time than indexing by
+    # block and offset, in every layer of a Blend step).
+    planes: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, init=False, repr=False,
+                                                                compare=False)
+
+    def __post_init__(self) -> None:
+        if self.strided:
+            k, v = _slot_rows(self.k), _slot_rows(self.v)
+            self.planes = (k, v) if k is not None and v is not None else None
 
     @property
     def block_size(self) -> int:
@@ -40,6 +68,9 @@ class PagedKV:
     def wait_ready(self) -> None:
         """Order the current stream after this layer's pending load (no host sync)."""
         event = self.ready
+        if isinstance(event, PendingLoad):
+            event.issue()  # sets this view's ready: the load's event (CUDA) or None
+            event = self.ready
         if event is not None:
             self.ready = None
             torch.cuda.current_stream(self.k.device).wait_event(event)
@@ -56,11 +87,13 @@ class PagedKV:
     @property
     def layout_key(self) -> tuple:
         """Views with equal keys address slots alike (:meth:`locate` can be shared)."""
-        return (type(self), self.block_size)
+        return (type(self), self.block_size, self.planes is not None)
 
     def locate(self, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Where ``slots`` live, for :meth:`scatter_at`: computed once, reused by every
         layer of the same layout (two kernels and ~30 us of host time saved per layer)."""
+        if self.planes is not None:
+            return (slots,)
         return self._split(slots)
 
     def scatter(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -70,6 +103,11 @@ class PagedKV:
     def scatter_at(self, where: tuple[torch.Tensor, ...], k: torch.Tensor, v: torch.Tensor) -> None:
         """:meth:`scatter` to slots already located."""
         self.wait_ready()
+        if self.planes is not None:
+            k_rows, v_rows = self.planes
+            k_rows.index_copy_(0, where[0], k.to(k_rows.dtype))
+            v_rows.index_copy_(0, where[0], v.to(v_rows.dtype))
+            return
         blocks, offsets = where
         self.k[blocks, offsets] = k.to(self.k.dtype)
         self.v[blocks, offsets] = v.to(self.v.dtype)
@@ -81,6 +119,15 @@ class PagedKV:
         k = self.k[block_ids].reshape(-1, heads, dim)[:num_tokens]
         v = self.v[block_ids].reshape(-1, heads, self.v.shape[3])[:num_tokens]
         return k, v
+
+
+def _slot_rows(plane: torch.Tensor) -> Optional[torch.Tensor]:
+    """``[blocks, block_size, heads, dim]`` as ``[blocks * block_size, heads, dim]`` (a view),
+    or None where the blocks do not lie back to back."""
+    blocks, size, heads, dim = plane.shape
+    if blocks > 1 and plane.stride(0) != size * plane.stride(1):
+        return None
+    return plane.view(blocks * size, heads, dim)
 
 
 def _block_index(view: "PagedKV", slots: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Move KV blocks between a staged ``[blocks, layers, 2, T, H, D]`` tensor and the paged
 caches of several layers: loads write staged rows into the caches, saves read them out.
 
-A load stages its stored blocks on the device (:meth:`WorkerSide._stage`); every loaded
+A load stages its stored blocks on the device (:func:`ucm.sparse.blend.transfer.stage_runs`); every loaded
 token row then goes to its slot in each layer's paged cache, K re-rotated from the
 position it was saved at to its position in this prompt. A save is the inverse: every
 saved token row is read from its slot in each layer, K rotated back to the position its

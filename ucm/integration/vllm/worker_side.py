@@ -11,7 +11,9 @@ into a device staging buffer, then re-rotated and scattered per layer. Prefix lo
 run on the compute stream (vLLM's backend reads them). Chunk loads run on a side
 stream, in layer groups (the first check layer alone first), and each layer's
 :class:`PagedKV` view carries an event that Blend's first access to that layer waits
-on, so layer ``i + 1``'s transfer overlaps layer ``i``'s compute.
+on, so layer ``i + 1``'s transfer overlaps layer ``i``'s compute. With a Blend agent the
+chunk load is not even issued before the forward: the check layer's first read issues
+it (:data:`DEFER_CHUNK_LOADS`), while the GPU computes the layers before it.
 
 A block that fails to load is never used: a failed prefix block is reported to
 vLLM (which recomputes from there), a failed chunk block leaves its rows marked
@@ -30,12 +32,12 @@ import torch
 
 from ucm.hashing import rank_key
 from ucm.integration.vllm.host_time import HOST_TIMES
-from ucm.integration.vllm.kv_layout import PagedKV, ProbedPagedKV, paged_kv_view, request_slots
+from ucm.integration.vllm.kv_layout import PagedKV, PendingLoad, ProbedPagedKV, paged_kv_view, request_slots
 from ucm.integration.vllm.kv_saver import BLOCK_LAYOUT, KVSaver
 from ucm.integration.vllm.metadata import BlockLoad, RequestStep, UcmConnectorMetadata
 from ucm.integration.vllm.kv_load import write_layers
 from ucm.sparse.blend.rope import RopeSpec
-from ucm.sparse.blend.transfer import copy_pitched, copy_rows_to_device, strided_copies_available, to_device
+from ucm.sparse.blend.transfer import stage_runs, strided_copies_available, to_device
 from ucm.store.arena import coalesce_runs
 from ucm.store.base import KVStoreBase, StoreError
 
@@ -49,6 +51,13 @@ _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 # in one transfer (the check layer waits for the whole load). 0: the first check layer
 # alone, then all other layers; k > 0: the first check layer alone, then groups of k.
 LOAD_LAYER_GROUP: Optional[int] = None
+
+
+# Chunk loads with a Blend agent: issued when the forward first reads a layer they fill
+# (the first check layer), not in start_load, so that their host work (index rows,
+# ~35 copy calls per layer group, the load kernels: ~4 ms for an 8K-token prompt) runs
+# while the GPU computes the layers before the check layer. False: issued in start_load.
+DEFER_CHUNK_LOADS = True
 
 
 def _load_layer_group() -> int:
@@ -105,6 +114,11 @@ class WorkerSide:
         self.views: dict[str, PagedKV] = {}
         self.vllm_block_size = 0
         self.reusable: dict[str, torch.Tensor] = {}  # req_id -> bool [num_scheduled] for this step
+        # Set by the Blend agent, which reads every chunk layer through wait_ready (vLLM's
+        # backend does not): only then may a chunk load wait for its first reader.
+        self.defer_chunk_loads = False
+        self._deferred: Optional[tuple[list, list[LayerInfo], Any]] = None
+        self._side_loads = False  # load-stream work the compute stream has not waited for
         self.load_errors: set[int] = set()
         self.stats = WorkerStats()
         self._load_stream: Any = None
@@ -144,6 +158,9 @@ class WorkerSide:
 
     # ---- load ------------------------------------------------------------------------
     def start_load(self, meta: UcmConnectorMetadata) -> None:
+        if self._deferred is not None:
+            raise RuntimeError("ucm: the previous step's chunk load was never issued (no reader of its "
+                               "layers and no wait_loads); its KV would be missing from the cache")
         start = HOST_TIMES.start()
         self._release_inflight()
         HOST_TIMES.add("load_release", start)
@@ -160,7 +177,7 @@ class WorkerSide:
             blocks = [None] * len(items)
         HOST_TIMES.add("load_store", start)
         groups: dict[bool, list[tuple[RequestStep, BlockLoad, torch.Tensor]]] = {False: [], True: []}
-        marks: dict[str, list[bool]] = {}  # reusable rows, marked in Python lists (512 loads at 8K)
+        marks: dict[str, np.ndarray] = {}  # reusable rows (numpy: no per-row Python objects)
         for (req, load), block in zip(items, blocks):
             if block is None or not self._block_fits(block):
                 self._load_failed(req, load)
@@ -170,14 +187,40 @@ class WorkerSide:
             if load.chunk:
                 mark = marks.get(req.req_id)
                 if mark is None:
-                    mark = marks[req.req_id] = [False] * req.num_scheduled
-                lo = max(0, load.lo - req.num_computed)
-                hi = min(req.num_scheduled, load.hi - req.num_computed)
-                mark[lo:hi] = [True] * max(0, hi - lo)  # never resizes the list
+                    mark = marks[req.req_id] = np.zeros(req.num_scheduled, dtype=np.bool_)
+                mark[max(0, load.lo - req.num_computed):max(0, load.hi - req.num_computed)] = True
         for req_id, mark in marks.items():
-            self.reusable[req_id] = torch.tensor(mark, dtype=torch.bool)
+            self.reusable[req_id] = torch.from_numpy(mark)
         self._write(groups[False], self.layers, side_stream=False)
-        self._write(groups[True], self._chunk_layers(), side_stream=True)
+        if groups[True] and self.defer_chunk_loads and DEFER_CHUNK_LOADS:
+            self._defer(groups[True], self._chunk_layers())
+        else:
+            self._write(groups[True], self._chunk_layers(), side_stream=True)
+
+    def _defer(self, loads: list[tuple[RequestStep, BlockLoad, torch.Tensor]], layers: list[LayerInfo]) -> None:
+        """Leave a chunk load for its first reader (:data:`DEFER_CHUNK_LOADS`).
+
+        On CUDA its copies will be ordered after the work queued so far (an event recorded
+        now), as if issued here: not after the layers the forward queues in between.
+        """
+        after = None
+        if self.device.type == "cuda":
+            after = torch.cuda.Event()
+            after.record(torch.cuda.current_stream(self.device))
+        self._deferred = (loads, layers, after)
+        pending = PendingLoad(self.issue_deferred)
+        for info in layers:
+            self.views[info.name].ready = pending
+
+    def issue_deferred(self) -> None:
+        """Issue this step's deferred chunk load now; its layers' views then carry its events."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is None:
+            return
+        loads, layers, after = deferred
+        start = HOST_TIMES.start()
+        self._write(loads, layers, side_stream=True, after=after)
+        HOST_TIMES.add("load_deferred", start)
 
     def _block_fits(self, block: torch.Tensor) -> bool:
         info = self.layers[0]
@@ -237,7 +280,9 @@ class WorkerSide:
         return [layers[:1]] + [rest[i:i + size] for i in range(0, len(rest), size)]
 
     def _write(self, loads: list[tuple[RequestStep, BlockLoad, torch.Tensor]], layers: list[LayerInfo],
-               side_stream: bool = False) -> None:
+               side_stream: bool = False, after: Any = None) -> None:
+        """Write ``loads`` into ``layers``; on CUDA with ``side_stream``, on the load
+        stream, after ``after`` (an event) or else after the work queued so far."""
         if not loads or not layers:
             return
         device = self.device
@@ -251,7 +296,11 @@ class WorkerSide:
             if self._load_stream is None:
                 self._load_stream = torch.cuda.Stream(device=device)
             stream = self._load_stream
-            stream.wait_stream(torch.cuda.current_stream(device))
+            self._side_loads = True
+            if after is not None:
+                stream.wait_event(after)
+            else:
+                stream.wait_stream(torch.cuda.current_stream(device))
         sources = [block for _, _, block in loads]
         with torch.cuda.stream(stream) if stream is not None else _nullcontext():
             # One host->device copy for all four index vectors.
@@ -270,7 +319,7 @@ class WorkerSide:
                 assert p1 - p0 == len(group), "chunk layers must be consecutive"
                 s0, s1 = (0, len(self.layers)) if whole else (p0, p1)
                 start = HOST_TIMES.start()
-                staged = self._stage(runs, len(sources), s0, s1, device, pinned_runs)  # [n, s1-s0, 2, T, H, D]
+                staged = stage_runs(runs, len(sources), s0, s1, device, pinned_runs)  # [n, s1-s0, 2, T, H, D]
                 HOST_TIMES.add("load_copy", start)
                 views = [self.views[info.name] for info in group]
                 for view in views:
@@ -288,55 +337,17 @@ class WorkerSide:
                 done.record()  # on the stream of these copies (the side or the compute stream)
                 self._inflight.append((sources, done))
 
-    @staticmethod
-    def _stage(runs: list[tuple[int, int, torch.Tensor]], count: int, s0: int, s1: int,
-               device: torch.device, pinned_runs: Optional[dict[int, bool]] = None) -> torch.Tensor:
-        """Layers ``s0:s1`` of ``count`` equally shaped host blocks, given as runs lying
-        back to back in host memory (:func:`coalesce_runs`), as one device tensor
-        ``[count, s1 - s0, ...]``: one copy per run (a pitched one when only some layers
-        move), no host-side concatenation, asynchronous when the blocks are pinned.
-        ``pinned_runs``: whether each run is pinned, by address, shared by the groups of
-        one load (asking the driver costs ~10 us per run)."""
-        whole = s0 == 0 and s1 == runs[0][2].shape[1]
-        if device.type != "cuda":  # the same runs, concatenated (so CPU tests cover them)
-            return torch.cat([view[:, s0:s1] for _, _, view in runs]).to(device)
-        shape = (count, s1 - s0) + tuple(runs[0][2].shape[2:])
-        staged = torch.empty(shape, dtype=runs[0][2].dtype, device=device)
-        if not whole:
-            # One pitched copy per run, by address: the layer range of each block is one
-            # row, blocks are one block apart in the run, back to back in `staged`.
-            block = runs[0][2][0]
-            layer_bytes = block[0].numel() * block.element_size()
-            width = (s1 - s0) * layer_bytes
-            stream = torch.cuda.current_stream(device).cuda_stream
-            dst = staged.data_ptr()
-            for first, n, view in runs:
-                pinned = pinned_runs.get(view.data_ptr()) if pinned_runs is not None else None
-                if pinned is None:
-                    pinned = view.is_pinned()
-                    if pinned_runs is not None:
-                        pinned_runs[view.data_ptr()] = pinned
-                if not (pinned and copy_pitched(dst + first * width, width, view.data_ptr() + s0 * layer_bytes,
-                                                view.stride(0) * view.element_size(), width, n, stream)):
-                    copy_rows_to_device(staged[first:first + n], view[:, s0:s1], try_pitched=False)
-            return staged
-        targets = [staged[first:first + n] for first, n, _ in runs]
-        sources = [view for _, _, view in runs]
-        try:
-            torch._foreach_copy_(targets, sources, non_blocking=True)
-        except (RuntimeError, TypeError):  # no cross-device foreach copy in this torch
-            for target, source in zip(targets, sources):
-                target.copy_(source, non_blocking=True)
-        return staged
-
     def _release_inflight(self) -> None:
         for _, event in self._inflight:
             event.synchronize()  # long done by the next step: its forward ran after it
         self._inflight = []
 
     def wait_loads(self) -> None:
-        """Order the compute stream after every pending chunk load (no host sync)."""
-        if self._load_stream is not None:
+        """Order the compute stream after every pending chunk load (no host sync),
+        issuing a deferred one first."""
+        self.issue_deferred()
+        if self._side_loads:
+            self._side_loads = False
             torch.cuda.current_stream(self.device).wait_stream(self._load_stream)
             for view in self.views.values():
                 view.ready = None

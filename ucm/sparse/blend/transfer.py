@@ -99,3 +99,44 @@ def copy_rows_to_device(dst: torch.Tensor, src: torch.Tensor, try_pitched: bool 
             return
     for i in range(n):
         dst[i].copy_(src[i], non_blocking=True)
+
+
+def stage_runs(runs: list[tuple[int, int, torch.Tensor]], count: int, s0: int, s1: int,
+               device: torch.device, pinned_runs: Optional[dict[int, bool]] = None) -> torch.Tensor:
+    """Layers ``s0:s1`` of ``count`` equally shaped host blocks, given as runs lying
+    back to back in host memory (``ucm.store.arena.coalesce_runs``), as one device tensor
+    ``[count, s1 - s0, ...]``: one copy per run (a pitched one when only some layers
+    move), no host-side concatenation, asynchronous when the blocks are pinned.
+    ``pinned_runs``: whether each run is pinned, by address, shared by the groups of
+    one load (asking the driver costs ~10 us per run)."""
+    whole = s0 == 0 and s1 == runs[0][2].shape[1]
+    if device.type != "cuda":  # the same runs, concatenated (so CPU tests cover them)
+        return torch.cat([view[:, s0:s1] for _, _, view in runs]).to(device)
+    shape = (count, s1 - s0) + tuple(runs[0][2].shape[2:])
+    staged = torch.empty(shape, dtype=runs[0][2].dtype, device=device)
+    if not whole:
+        # One pitched copy per run, by address: the layer range of each block is one
+        # row, blocks are one block apart in the run, back to back in `staged`.
+        block = runs[0][2][0]
+        layer_bytes = block[0].numel() * block.element_size()
+        width = (s1 - s0) * layer_bytes
+        stream = torch.cuda.current_stream(device).cuda_stream
+        dst = staged.data_ptr()
+        for first, n, view in runs:
+            pinned = pinned_runs.get(view.data_ptr()) if pinned_runs is not None else None
+            if pinned is None:
+                pinned = view.is_pinned()
+                if pinned_runs is not None:
+                    pinned_runs[view.data_ptr()] = pinned
+            if not (pinned and copy_pitched(dst + first * width, width, view.data_ptr() + s0 * layer_bytes,
+                                            view.stride(0) * view.element_size(), width, n, stream)):
+                copy_rows_to_device(staged[first:first + n], view[:, s0:s1], try_pitched=False)
+        return staged
+    targets = [staged[first:first + n] for first, n, _ in runs]
+    sources = [view for _, _, view in runs]
+    try:
+        torch._foreach_copy_(targets, sources, non_blocking=True)
+    except (RuntimeError, TypeError):  # no cross-device foreach copy in this torch
+        for target, source in zip(targets, sources):
+            target.copy_(source, non_blocking=True)
+    return staged
