@@ -85,6 +85,7 @@ class BlendStep:
     outcomes: dict[str, RequestOutcome] = field(init=False)
     _filters: dict[str, GradualFilter] = field(init=False)
     _pending_local: Optional[torch.Tensor] = field(init=False, default=None)
+    _active: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.rows = torch.arange(self.num_rows)
@@ -98,11 +99,13 @@ class BlendStep:
                 always[-1] = True  # the last row produces the request's logits
             self._filters[req.req_id] = GradualFilter(req.reusable, always)
             self.outcomes[req.req_id] = RequestOutcome(req.num_rows, req.num_reusable)
+        # Asked in every layer: counted once here (a CPU sum over each request's rows).
+        self._active = any(outcome.num_reusable for outcome in self.outcomes.values())
 
     @property
     def active(self) -> bool:
         """Whether any request reuses KV in this forward (else run the plain path)."""
-        return any(r.num_reusable for r in self.requests)
+        return self._active
 
     @property
     def first_check_layer(self) -> int:
