@@ -523,7 +523,8 @@ def run_engine_process(args: argparse.Namespace, kind: str, out_dir: Path, extra
 PREFIX = {"plain": "", "dram": "", "dram_b64": "b64_", "dram_whole": "whole_", "dram_torchload": "torchload_",
           "dram_cudnn": "cudnn_", "dram_flex": "flex_", "dram_nodefer": "nodefer_", "file": "file_"}
 MODE_ORDER = ["full_prefill", "prefix_hit", "blend_0", "blend_0.05", "blend_0.15", "blend_0.3", "blend_1",
-              "b64_blend_0", "b64_blend_0.15", "file_blend_0", "file_blend_0.15", "ucm_cold"]
+              "b64_blend_0", "b64_blend_0.15", "nodefer_blend_0", "nodefer_blend_0.15", "file_blend_0",
+              "file_blend_0.15", "ucm_cold"]
 
 
 def merge(results: list[dict]) -> dict:

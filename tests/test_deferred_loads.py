@@ -90,3 +90,42 @@ def test_without_an_agent_chunk_loads_are_not_deferred():
     worker.start_load(_meta())
     assert caches[NAMES[1]][:, 4, 4:].abs().sum() > 0
     assert worker._deferred is None
+
+
+def test_a_forward_without_a_blend_step_issues_the_load_before_the_backend_runs():
+    """The agent runs no Blend step (here: the metadata is not Blend-active), so vLLM's
+    backend computes every row and writes every layer: the load must land first."""
+    from ucm.config import BlendConfig, CheckLayer
+    from ucm.integration.vllm.blend_agent import BatchInfo, VllmBlendAgent
+    from ucm.sparse.base import UcmSparseRole
+    from ucm.sparse.blend.blend import Blend
+
+    worker, caches = _worker(defer=False)
+    meta = _meta()
+    config = BlendConfig(chunk_end_token_id=2, check_layers=(CheckLayer(1, NAMES[1], 0.15),))
+    agent = VllmBlendAgent(Blend(config, UcmSparseRole.WORKER), worker, lambda: meta)
+    assert worker.defer_chunk_loads  # the agent turns deferral on
+    worker.start_load(meta)
+    assert isinstance(worker.views[NAMES[1]].ready, PendingLoad)
+    meta.blend_active = False
+    agent.execute_begin(BatchInfo(["r"], torch.arange(16)))
+    assert agent.step is None and worker._deferred is None
+    assert caches[NAMES[1]][:, 4, 4:].abs().sum() > 0
+
+
+def test_a_failed_issue_stays_owed(monkeypatch):
+    """A write that fails while issued (e.g. out of memory staging it) is not forgotten:
+    the reader sees the error, and the load is still pending for the next reader."""
+    worker, caches = _worker(defer=True)
+    worker.start_load(_meta())
+
+    def fail(*args, **kwargs):
+        raise MemoryError("staging")
+
+    monkeypatch.setattr(ws, "stage_runs", fail)
+    with pytest.raises(MemoryError):
+        worker.views[NAMES[1]].wait_ready()
+    assert worker._deferred is not None
+    monkeypatch.undo()
+    worker.views[NAMES[2]].wait_ready()
+    assert worker._deferred is None and caches[NAMES[1]][:, 4, 4:].abs().sum() > 0

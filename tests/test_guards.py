@@ -60,3 +60,15 @@ def test_bad_enable_sparse_value_fails():
 
     with pytest.raises(UcmConfigError, match="ENABLE_SPARSE"):
         sparse_enabled({"ENABLE_SPARSE": "maybe"})
+
+
+def test_attention_features_blend_lacks_are_refused():
+    from types import SimpleNamespace
+
+    from ucm.integration.vllm.patches import check_attention_layer
+
+    for plain in (None, -1, (-1, -1)):
+        check_attention_layer("l0", SimpleNamespace(impl=SimpleNamespace(sliding_window=plain)))
+    for attr, value in (("sliding_window", 4096), ("logits_soft_cap", 30.0), ("alibi_slopes", [0.5])):
+        with pytest.raises(RuntimeError, match=attr):
+            check_attention_layer("l0", SimpleNamespace(impl=SimpleNamespace(**{attr: value})))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ucm.sparse.blend.selection import GradualFilter, select_recompute, token_deviation
+from ucm.sparse.blend.selection import GradualFilter, agree_reusable, select_recompute, token_deviation
 
 
 def _kv(n=10, heads=4, dim=8, seed=0):
@@ -151,3 +151,15 @@ def test_request_ratio_scales_a_gradual_schedule():
     assert counts[4] == {"plain": math.ceil(0.15 * 35 - 1e-9), "asked": math.ceil(0.05 * 35)}
     zero_end = BlendStep(requests, 2 * n, {1: 0.3, 4: 0.0})
     assert zero_end.ratio_at(1, 0.2) == 0.2  # a schedule ending at 0 cannot be scaled
+
+
+def test_tp_ranks_agree_on_reusable_rows():
+    """A row is reusable only where every rank loaded it (a block missing on one rank's
+    shard makes its rows recomputed on all ranks, so their selections line up)."""
+    mine = [torch.tensor([True, True, False, True]), torch.tensor([True, False])]
+    other = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # the other rank: rows, then its 1
+    got = agree_reusable(mine, lambda t: t + other, torch.device("cpu"))
+    assert [g.tolist() for g in got] == [[True, False, False, True], [True, False]]
+    alone = agree_reusable(mine, lambda t: t, torch.device("cpu"))  # one rank: unchanged
+    assert [g.tolist() for g in alone] == [m.tolist() for m in mine]
+    assert all(g.dtype == torch.bool for g in got)

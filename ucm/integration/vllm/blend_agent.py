@@ -35,6 +35,7 @@ from ucm.integration.vllm.worker_side import WorkerSide, layer_index
 from ucm.sparse.base import UcmSparseBase, UcmSparseRole
 from ucm.sparse.blend import attention, paged_backend
 from ucm.sparse.blend.blend import Blend, BlendStep, RequestRows
+from ucm.sparse.blend.selection import agree_reusable
 from ucm.sparse.blend.transfer import to_device
 
 logger = logging.getLogger(__name__)
@@ -179,6 +180,9 @@ class VllmBlendAgent(UcmSparseBase):
             contexts[req_id] = _ReqContext(row, req.num_scheduled, torch.from_numpy(ids),
                                            req.num_computed + req.num_scheduled)
             row += req.num_scheduled
+        if self.all_reduce is not None:  # every TP rank must reuse (and so select) the same rows
+            for r, mask in zip(requests, agree_reusable([r.reusable for r in requests], self.all_reduce, device)):
+                r.reusable = mask
         if row != batch.positions.shape[0]:
             # Padded batch: row bookkeeping would not line up. Running plain is always
             # correct (loaded KV is simply overwritten by the full prefill).
@@ -368,26 +372,17 @@ class VllmBlendAgent(UcmSparseBase):
         return _RowPlan(local, self.slots[rows], q_pos, parts, every_row, paged=paged)
 
 
-def _check_layer_supported(name: str, layer: Any) -> None:
-    impl = getattr(layer, "impl", None)
-    for attr in ("sliding_window", "logits_soft_cap", "alibi_slopes"):
-        value = getattr(impl, attr, None)
-        if value not in (None, 0, 0.0, -1, (-1, -1)):
-            raise RuntimeError(f"ucm Blend: attention layer {name} uses {attr}={value!r}, which Blend's "
-                               "exact-mask attention does not implement")
-
-
 def install_agent(connector: Any, forward_context: dict[str, Any], kv_caches: dict[str, torch.Tensor]) -> VllmBlendAgent:
     """Create this worker's Blend agent, make it the process's sparse agent, and make
     sure the patch points are in place (the plugin applies them at start; a worker
     started without the entry point gets them here, before its first forward)."""
-    from ucm.integration.vllm.patches import apply_patches
+    from ucm.integration.vllm.patches import apply_patches, check_attention_layer
     from ucm.sparse import state
     from ucm.sparse.base import UcmSparseRole
     from ucm.sparse.factory import create_sparse_method
 
     for name in kv_caches:
-        _check_layer_supported(name, forward_context[name])
+        check_attention_layer(name, forward_context[name])
     method = create_sparse_method("Blend", connector.ucm_config.blend, UcmSparseRole.WORKER)
     all_reduce = None
     if connector.tp_size > 1:

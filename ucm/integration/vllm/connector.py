@@ -162,7 +162,7 @@ class UCMConnector(KVConnectorBase_V1):
         HOST_TIMES.add("load", start)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads are synchronous in start_load_kv
+        return  # Blend waits per layer itself (PagedKV.ready); prefix loads are ordered in start_load_kv
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         return  # blocks are saved once the forward is done, in wait_for_save

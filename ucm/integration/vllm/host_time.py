@@ -7,7 +7,9 @@ named phases. Off by default; a benchmark in the engine's process turns it on
 (``HOST_TIMES.enabled = True``) and reads the totals after each request
 (``HOST_TIMES.take()``). Timing is ``time.perf_counter`` around host code only:
 it never synchronises with the device, so it measures what the host spends, not what
-the GPU runs.
+the GPU runs. Phases nest: ``load_*`` inside ``load``, and a deferred chunk load
+(``load_deferred`` and its ``load_*``) inside the check layer's ``select`` and
+``blend_attention``, all inside ``forward``.
 """
 
 from __future__ import annotations

@@ -28,12 +28,7 @@ class PendingLoad:
     """
 
     def __init__(self, issue: Callable[[], None]) -> None:
-        self._issue: Optional[Callable[[], None]] = issue
-
-    def issue(self) -> None:
-        issue, self._issue = self._issue, None
-        if issue is not None:
-            issue()
+        self.issue = issue  # idempotent: a load already issued is not issued again
 
 
 @dataclass
@@ -71,6 +66,8 @@ class PagedKV:
         if isinstance(event, PendingLoad):
             event.issue()  # sets this view's ready: the load's event (CUDA) or None
             event = self.ready
+            if isinstance(event, PendingLoad):
+                raise RuntimeError("ucm: a deferred KV load was not written (its issue failed)")
         if event is not None:
             self.ready = None
             torch.cuda.current_stream(self.k.device).wait_event(event)
@@ -104,6 +101,7 @@ class PagedKV:
         """:meth:`scatter` to slots already located."""
         self.wait_ready()
         if self.planes is not None:
+            assert len(where) == 1, "slots located for another layout"
             k_rows, v_rows = self.planes
             k_rows.index_copy_(0, where[0], k.to(k_rows.dtype))
             v_rows.index_copy_(0, where[0], v.to(v_rows.dtype))

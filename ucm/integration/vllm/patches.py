@@ -129,6 +129,16 @@ def install_layer_hooks(model: torch.nn.Module, agent: Any) -> None:
     model._ucm_layer_hooks = True
 
 
+def check_attention_layer(name: str, layer: Any) -> None:
+    """Refuse, at start, an attention layer whose features Blend's exact-mask attention lacks."""
+    impl = getattr(layer, "impl", None)
+    for attr in ("sliding_window", "logits_soft_cap", "alibi_slopes"):
+        value = getattr(impl, attr, None)
+        if value not in (None, 0, 0.0, -1, (-1, -1)):
+            raise RuntimeError(f"ucm Blend: attention layer {name} uses {attr}={value!r}, which Blend's "
+                               "exact-mask attention does not implement")
+
+
 def _wrap_layer(original: Callable, index: int) -> Callable:
     @functools.wraps(original)
     def forward(positions, hidden_states, residual, *args: Any, **kwargs: Any):

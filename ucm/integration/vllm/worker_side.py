@@ -219,7 +219,11 @@ class WorkerSide:
             return
         loads, layers, after = deferred
         start = HOST_TIMES.start()
-        self._write(loads, layers, side_stream=True, after=after)
+        try:
+            self._write(loads, layers, side_stream=True, after=after)
+        except BaseException:
+            self._deferred = deferred  # still owed: the next reader or start_load says so
+            raise
         HOST_TIMES.add("load_deferred", start)
 
     def _block_fits(self, block: torch.Tensor) -> bool:

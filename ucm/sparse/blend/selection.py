@@ -210,3 +210,21 @@ class GradualFilter:
         self.selected = self.forced | picked
         self.steps += 1
         return self.selected
+
+
+def agree_reusable(marks: list[torch.Tensor], all_reduce: AllReduce, device: torch.device) -> list[torch.Tensor]:
+    """Rows reusable on every tensor-parallel rank: ``marks`` (bool CPU masks, one per
+    request) AND-ed across ranks with a SUM all-reduce.
+
+    Why: each rank loads its own shard of every chunk block, so a block that fails on one
+    rank only leaves that rank's rows unreusable; ranks that disagreed would select and
+    shrink different rows and their matmuls and all-reduces would no longer line up. One
+    all-reduce and one device-to-host copy per Blend step (not per layer).
+    """
+    if not marks:
+        return marks
+    sizes = [int(m.shape[0]) for m in marks]
+    flat = torch.cat([torch.cat(marks).to(torch.float32), torch.ones(1)])  # last: counts the ranks
+    total = all_reduce(flat.to(device)).cpu()  # float32 sums of 0/1 are exact
+    agreed = total[:-1] == total[-1]
+    return list(agreed.split(sizes))
