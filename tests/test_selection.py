@@ -158,8 +158,8 @@ def test_tp_ranks_agree_on_reusable_rows():
     shard makes its rows recomputed on all ranks, so their selections line up)."""
     mine = [torch.tensor([True, True, False, True]), torch.tensor([True, False])]
     other = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # the other rank: rows, then its 1
-    got = agree_reusable(mine, lambda t: t + other, torch.device("cpu"))
+    got = agree_reusable(mine, lambda t: t + other)
     assert [g.tolist() for g in got] == [[True, False, False, True], [True, False]]
-    alone = agree_reusable(mine, lambda t: t, torch.device("cpu"))  # one rank: unchanged
+    alone = agree_reusable(mine, lambda t: t)  # one rank: unchanged
     assert [g.tolist() for g in alone] == [m.tolist() for m in mine]
     assert all(g.dtype == torch.bool for g in got)

@@ -21,7 +21,7 @@ When a step has no reused rows the agent does nothing and vLLM runs untouched.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -31,9 +31,10 @@ from ucm.integration.vllm import stats
 from ucm.integration.vllm.host_time import HOST_TIMES
 from ucm.integration.vllm.metadata import UcmConnectorMetadata
 from ucm.integration.vllm.kv_layout import PagedKV, token_slots
+from ucm.integration.vllm.row_plan import ReqContext, RequestAttention, RowPart, RowPlan
 from ucm.integration.vllm.worker_side import WorkerSide, layer_index
 from ucm.sparse.base import UcmSparseBase, UcmSparseRole
-from ucm.sparse.blend import attention, paged_backend
+from ucm.sparse.blend import paged_backend
 from ucm.sparse.blend.blend import Blend, BlendStep, RequestRows
 from ucm.sparse.blend.selection import agree_reusable
 from ucm.sparse.blend.transfer import to_device
@@ -54,94 +55,25 @@ class BatchInfo:
     positions: torch.Tensor
 
 
-@dataclass
-class _ReqContext:
-    row_start: int
-    num_rows: int
-    block_ids: torch.Tensor  # host; the gathered path moves it to the device on first use
-    seq_len: int
-    _block_ids_dev: Optional[torch.Tensor] = None
-
-    def device_block_ids(self, device: torch.device) -> torch.Tensor:
-        if self._block_ids_dev is None:
-            self._block_ids_dev = to_device(self.block_ids, device)
-        return self._block_ids_dev
-
-
-@dataclass
-class _RequestAttention:
-    """Exact-mask attention of one request's selected rows, for every layer of a selection."""
-
-    ctx: _ReqContext
-    q_pos: torch.Tensor  # device: positions of the rows
-    heads: tuple[int, int]
-    # Attention over a gathered context, prepared on first use: the paged kernel needs
-    # no preparation; this is its fallback and the CPU path.
-    _plan: Optional[attention.ExactMaskAttention] = None
-
-    def gathered_plan(self) -> attention.ExactMaskAttention:
-        if self._plan is None:
-            k_pos = torch.arange(self.ctx.seq_len, device=self.q_pos.device)
-            self._plan = attention.ExactMaskAttention.prepare(
-                self.q_pos, k_pos, self.heads[0], self.heads[1], self.q_pos.device,
-                max_position=self.ctx.seq_len - 1)
-        return self._plan
-
-    def __call__(self, q: torch.Tensor, view: PagedKV, scale: float) -> torch.Tensor:
-        """Attention of the rows ``q`` over the request's context in ``view``, gathered
-        (the path where the paged kernel does not apply)."""
-        k_ctx, v_ctx, _ = self.gathered(view)
-        return self.gathered_plan()(q, k_ctx.to(q.dtype), v_ctx.to(q.dtype), scale)
-
-    def gathered(self, view: PagedKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        k_ctx, v_ctx = view.context(self.ctx.device_block_ids(view.k.device), self.ctx.seq_len)
-        return k_ctx, v_ctx, torch.arange(self.ctx.seq_len, device=k_ctx.device)
-
-
-@dataclass
-class _Part:
-    """One request's share of the rows computed in a layer."""
-
-    local: torch.Tensor  # device: indices into the current rows
-    span: slice  # its stretch of the plan's rows
-    attend: _RequestAttention
-
-
-@dataclass
-class _RowPlan:
-    """Device indices of the rows a layer computes, built once per selection.
-
-    Building them needs host-side bookkeeping and host->device copies; doing that in
-    every layer would make the host wait for the GPU once per layer. After a check
-    layer the same plan serves every later layer until the next check layer.
-    """
-
-    kept: torch.Tensor  # device: indices into the current rows that are computed
-    slots: torch.Tensor  # device: their paged-cache slots
-    q_pos: torch.Tensor  # device: their positions
-    parts: list[_Part]
-    every_row: bool  # kept is all current rows in order: indexing by it would only copy
-    located: dict[tuple, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # slots per layout
-    paged: Any = None  # the paged kernel's launch plan (a PagedBatch), None where it does not apply
-
-
 class VllmBlendAgent(UcmSparseBase):
     """Drives :class:`Blend` through one vLLM worker's forward passes."""
 
     def __init__(self, method: Blend, worker: WorkerSide, metadata: Callable[[], Optional[UcmConnectorMetadata]],
-                 all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+                 all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 host_all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
         super().__init__(method.config, UcmSparseRole.WORKER)
         self.method = method
         self.worker = worker
         worker.defer_chunk_loads = True  # every chunk layer is read through wait_ready here
         self.metadata = metadata
-        self.all_reduce = all_reduce
+        self.all_reduce = all_reduce  # TP: device tensors (the deviations)
+        self.host_all_reduce = host_all_reduce  # TP: CPU tensors, no wait on the GPU (reusable rows)
         self.last_layer = -1
         self.step: Optional[BlendStep] = None
         self._began = False  # the model-runner patch announced the current forward
         self._layer_index: dict[str, int] = {}
-        self._plan: Optional[_RowPlan] = None  # rows the current layer frame computes
-        self._next_plan: Optional[_RowPlan] = None  # the same after the pending shrink
+        self._plan: Optional[RowPlan] = None  # rows the current layer frame computes
+        self._next_plan: Optional[RowPlan] = None  # the same after the pending shrink
 
     # ---- forward boundaries -------------------------------------------------------------
     def execute_begin(self, batch: BatchInfo) -> None:
@@ -177,11 +109,11 @@ class VllmBlendAgent(UcmSparseBase):
             # OpenMP pool and took ~2-6 ms a request on the H100 host (a host profile).
             tokens = np.arange(req.num_computed, req.num_computed + req.num_scheduled)
             slots.append(token_slots(ids, tokens, self.worker.vllm_block_size))
-            contexts[req_id] = _ReqContext(row, req.num_scheduled, torch.from_numpy(ids),
+            contexts[req_id] = ReqContext(row, req.num_scheduled, torch.from_numpy(ids),
                                            req.num_computed + req.num_scheduled)
             row += req.num_scheduled
-        if self.all_reduce is not None:  # every TP rank must reuse (and so select) the same rows
-            for r, mask in zip(requests, agree_reusable([r.reusable for r in requests], self.all_reduce, device)):
+        if self.host_all_reduce is not None:  # every TP rank must reuse (and so select) the same rows
+            for r, mask in zip(requests, agree_reusable([r.reusable for r in requests], self.host_all_reduce)):
                 r.reusable = mask
         if row != batch.positions.shape[0]:
             # Padded batch: row bookkeeping would not line up. Running plain is always
@@ -312,7 +244,7 @@ class VllmBlendAgent(UcmSparseBase):
         HOST_TIMES.add("blend_attention", start)
         return out.reshape(-1, heads * dim)
 
-    def _attend(self, plan: _RowPlan, q: torch.Tensor, view: PagedKV, scale: float) -> torch.Tensor:
+    def _attend(self, plan: RowPlan, q: torch.Tensor, view: PagedKV, scale: float) -> torch.Tensor:
         """Attention output for every current row (zeros where the plan computes none):
         the paged kernel once for all requests where it applies, else each request
         over its gathered context."""
@@ -335,7 +267,7 @@ class VllmBlendAgent(UcmSparseBase):
         return out
 
     def _row_plan(self, local: torch.Tensor, rows: torch.Tensor, device: torch.device, heads: tuple[int, int],
-                  every_row: bool, like: Optional[_RowPlan] = None) -> _RowPlan:
+                  every_row: bool, like: Optional[RowPlan] = None) -> RowPlan:
         """Plan computing the current rows ``local``, which are the batch rows ``rows``
         (ascending, so each request's rows are one stretch of ``step.row_counts`` of
         them). ``every_row``: ``local`` is all current rows in order. ``like``: a plan
@@ -356,8 +288,8 @@ class VllmBlendAgent(UcmSparseBase):
                 continue
             attend = shared.get(id(ctx))
             if attend is None:
-                attend = _RequestAttention(ctx, q_pos[mine], heads)
-            parts.append(_Part(local[mine], mine, attend))
+                attend = RequestAttention(ctx, q_pos[mine], heads)
+            parts.append(RowPart(local[mine], mine, attend))
         if like is not None:
             paged = like.paged
         elif paged_backend.paged_kernel_wanted(device):
@@ -369,7 +301,21 @@ class VllmBlendAgent(UcmSparseBase):
                                              [ctx.seq_len - ctx.num_rows for ctx in self.contexts.values()])
         else:
             paged = None
-        return _RowPlan(local, self.slots[rows], q_pos, parts, every_row, paged=paged)
+        return RowPlan(local, self.slots[rows], q_pos, parts, every_row, paged=paged)
+
+
+def _tp_all_reduces(tp_size: int) -> tuple[Optional[Callable], Optional[Callable]]:
+    """With TP: vLLM's all-reduce of device tensors, and one of CPU tensors over the TP
+    group's gloo group (it never waits for the GPU). Without: none."""
+    if tp_size == 1:
+        return None, None
+    from vllm.distributed import get_tp_group, tensor_model_parallel_all_reduce
+
+    def host_all_reduce(t: torch.Tensor, group: Any = get_tp_group().cpu_group) -> torch.Tensor:
+        torch.distributed.all_reduce(t, group=group)
+        return t
+
+    return tensor_model_parallel_all_reduce, host_all_reduce
 
 
 def install_agent(connector: Any, forward_context: dict[str, Any], kv_caches: dict[str, torch.Tensor]) -> VllmBlendAgent:
@@ -384,12 +330,8 @@ def install_agent(connector: Any, forward_context: dict[str, Any], kv_caches: di
     for name in kv_caches:
         check_attention_layer(name, forward_context[name])
     method = create_sparse_method("Blend", connector.ucm_config.blend, UcmSparseRole.WORKER)
-    all_reduce = None
-    if connector.tp_size > 1:
-        from vllm.distributed import tensor_model_parallel_all_reduce
-
-        all_reduce = tensor_model_parallel_all_reduce
-    agent = VllmBlendAgent(method, connector.worker_side, lambda: connector._connector_metadata, all_reduce)
+    agent = VllmBlendAgent(method, connector.worker_side, lambda: connector._connector_metadata,
+                           *_tp_all_reduces(connector.tp_size))
     apply_patches()
     state.set_sparse_agent(agent)
     return agent

@@ -212,19 +212,19 @@ class GradualFilter:
         return self.selected
 
 
-def agree_reusable(marks: list[torch.Tensor], all_reduce: AllReduce, device: torch.device) -> list[torch.Tensor]:
+def agree_reusable(marks: list[torch.Tensor], all_reduce: AllReduce) -> list[torch.Tensor]:
     """Rows reusable on every tensor-parallel rank: ``marks`` (bool CPU masks, one per
-    request) AND-ed across ranks with a SUM all-reduce.
+    request) AND-ed across ranks with a SUM all-reduce of a CPU tensor.
 
     Why: each rank loads its own shard of every chunk block, so a block that fails on one
     rank only leaves that rank's rows unreusable; ranks that disagreed would select and
     shrink different rows and their matmuls and all-reduces would no longer line up. One
-    all-reduce and one device-to-host copy per Blend step (not per layer).
+    host all-reduce per Blend step (a CPU group: the host never waits for the GPU here).
     """
     if not marks:
         return marks
     sizes = [int(m.shape[0]) for m in marks]
     flat = torch.cat([torch.cat(marks).to(torch.float32), torch.ones(1)])  # last: counts the ranks
-    total = all_reduce(flat.to(device)).cpu()  # float32 sums of 0/1 are exact
+    total = all_reduce(flat)  # float32 sums of 0/1 are exact
     agreed = total[:-1] == total[-1]
     return list(agreed.split(sizes))
