@@ -2,7 +2,7 @@
 
 ``UcmNfsStore.load`` of N blocks (default 512 x 2 MiB, a Llama-8B bf16 8K prompt) from a
 warm page cache, next to what its parts cost alone with the same thread count: raw
-``readinto`` of the same files into one host buffer; the same plus the payload CRC32;
+``readinto`` of the same files into one host buffer; the same plus the payload CRC-32 (the store's implementation, ``checksum``);
 the store with the recency update (``os.utime`` per block) switched off; the store
 reading into one buffer allocated before the timing; and that allocation alone, served
 from torch's host cache after the warm-up (``first_buffer_ms``: the first, page-locking one). GB/s of
@@ -22,7 +22,6 @@ import shutil
 import statistics
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ucm.store import nfs_store, read_buffers  # noqa: E402
+from ucm.store import checksum, nfs_store, read_buffers  # noqa: E402
 from ucm.store.block_format import tensor_bytes  # noqa: E402
 
 LAYOUT = "LKBHD"
@@ -67,7 +66,7 @@ def main() -> int:
     writer.close()
     header = os.path.getsize(paths[0]) - nbytes
     results: dict[str, Any] = {"blocks": args.blocks, "block_bytes": nbytes, "pinned": read_buffers.pinned.AVAILABLE,
-                               "cpus": os.cpu_count(), "rows": []}
+                               "cpus": os.cpu_count(), "crc32": checksum.IMPLEMENTATION, "rows": []}
     first = read_buffers.PinnedReads(total)
     t0 = time.perf_counter()
     first.buffer(total)
@@ -84,7 +83,7 @@ def main() -> int:
                     f.seek(header)
                     f.readinto(views[i])
                 if crc:
-                    zlib.crc32(views[i])
+                    checksum.crc32(views[i])
             list(pool.map(one, range(args.blocks)))
 
         def load() -> None:

@@ -27,14 +27,13 @@ import statistics
 import sys
 import tempfile
 import time
-import zlib
 from typing import Callable, Dict, List
 
 import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ucm.store import UcmDramStore, UcmNfsStore  # noqa: E402
+from ucm.store import UcmDramStore, UcmNfsStore, checksum  # noqa: E402
 from ucm.store.block_format import tensor_bytes  # noqa: E402
 
 # name -> (shape [layers, K/V, block tokens, kv heads, head dim], dtype)
@@ -129,7 +128,7 @@ def bench_shape(name: str, args: argparse.Namespace, bar: tqdm) -> Dict[str, Lis
         dram = UcmDramStore(capacity_bytes=2 * args.blocks * blocks[0].nbytes)
         copying = UcmDramStore(capacity_bytes=2 * args.blocks * blocks[0].nbytes, copy_on_load=True)
         # What the format's checksum alone costs, single-threaded: explains most of the store/raw gap.
-        record("crc32", timed(lambda: [zlib.crc32(tensor_bytes(b)) for b in blocks]))
+        record("crc32", timed(lambda: [checksum.crc32(tensor_bytes(b)) for b in blocks]))
         # Both sides allocate fresh memory; the raw clones stay alive so the store cannot reuse
         # their already-faulted pages, and the order alternates so neither always goes first.
         clones: List[torch.Tensor] = []

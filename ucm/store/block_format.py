@@ -15,8 +15,8 @@ Layout (all integers little-endian)::
     reserved     u16  0
     header_len   u32  bytes from the start of the file to the payload
     payload_len  u64
-    header_crc   u32  zlib.crc32 of the fields above (except the CRCs) + variable part
-    payload_crc  u32  zlib.crc32 of the payload
+    header_crc   u32  CRC-32 (zlib's) of the fields above (except the CRCs) + variable part
+    payload_crc  u32  CRC-32 (zlib's) of the payload
     variable:    u8 len + key bytes, u8 len + layout (ASCII),
                  u8 len + dtype name (ASCII), u8 ndim + ndim * u64 shape
     payload      payload_len raw bytes of the contiguous tensor
@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import os
 import struct
-import zlib
 from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from ucm.store.checksum import crc32
 
 MAGIC = b"UCMKVBLK"
 FORMAT_VERSION = 1
@@ -99,14 +100,14 @@ def encode_header(key: bytes, layout: str, tensor: torch.Tensor, payload_crc: in
     header_len = FIXED_HEADER_BYTES + len(var)
     payload_len = tensor.numel() * tensor.element_size()
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, header_len, payload_len)
-    header_crc = zlib.crc32(var, zlib.crc32(prefix))
+    header_crc = crc32(var, crc32(prefix))
     return prefix + _CRCS.pack(header_crc, payload_crc) + var
 
 
 def write_block(f: BinaryIO, key: bytes, layout: str, tensor: torch.Tensor) -> int:
     """Write header + payload to an open binary file; returns bytes written."""
     payload = tensor_bytes(tensor)
-    header = encode_header(key, layout, tensor, zlib.crc32(payload))
+    header = encode_header(key, layout, tensor, crc32(payload))
     _write_all(f, header)
     _write_all(f, payload)
     return len(header) + len(payload)
@@ -155,8 +156,16 @@ def _parse_var(var: bytes) -> Tuple[bytes, str, str, List[int]]:
         raise BlockFormatError("header", f"non-ASCII header text: {exc}") from exc
 
 
-Allocator = Callable[[Tuple[int, ...], torch.dtype], torch.Tensor]
-"""Where a block's payload is read into: a contiguous tensor of that shape and dtype."""
+Allocator = Callable[[Tuple[int, ...], torch.dtype], Tuple[torch.Tensor, memoryview]]
+"""Where a block's payload is read into: a contiguous tensor of that shape and dtype,
+and its bytes (:func:`tensor_bytes`; an allocator that has them already saves the
+torch calls, which serialise a store's I/O threads)."""
+
+
+def new_tensor(shape: Tuple[int, ...], dtype: torch.dtype) -> Tuple[torch.Tensor, memoryview]:
+    """The default :data:`Allocator`: a fresh tensor."""
+    tensor = torch.empty(shape, dtype=dtype)
+    return tensor, tensor_bytes(tensor)
 
 
 def read_block(f: BinaryIO, key: bytes, layout: str, alloc: Optional[Allocator] = None) -> torch.Tensor:
@@ -185,7 +194,7 @@ def read_block(f: BinaryIO, key: bytes, layout: str, alloc: Optional[Allocator] 
     var = bytearray(header_len - FIXED_HEADER_BYTES)
     if _read_exact(f, memoryview(var)) < len(var):
         raise BlockFormatError("truncated", "header cut short")
-    if zlib.crc32(var, zlib.crc32(bytes(fixed[: _PREFIX.size]))) != header_crc:
+    if crc32(var, crc32(bytes(fixed[: _PREFIX.size]))) != header_crc:
         raise BlockFormatError("header", "header checksum mismatch")
     stored_key, stored_layout, dtype_name, shape = _parse_var(bytes(var))
     if stored_key != key:
@@ -198,7 +207,7 @@ def read_block(f: BinaryIO, key: bytes, layout: str, alloc: Optional[Allocator] 
     numel = 1
     for dim in shape:
         numel *= dim
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if numel * itemsize != payload_len:
         raise BlockFormatError("header", f"shape {shape} x {dtype_name} != {payload_len} bytes")
     file_size = os.fstat(f.fileno()).st_size
@@ -206,10 +215,9 @@ def read_block(f: BinaryIO, key: bytes, layout: str, alloc: Optional[Allocator] 
         raise BlockFormatError("truncated", f"{file_size} bytes, expected {header_len + payload_len}")
     if file_size > header_len + payload_len:
         raise BlockFormatError("size", f"{file_size} bytes, expected {header_len + payload_len}")
-    tensor = torch.empty(shape, dtype=dtype) if alloc is None else alloc(tuple(shape), dtype)
-    view = tensor_bytes(tensor)
+    tensor, view = (alloc or new_tensor)(tuple(shape), dtype)
     if _read_exact(f, view) < payload_len:
         raise BlockFormatError("truncated", "payload cut short")
-    if zlib.crc32(view) != payload_crc:
+    if crc32(view) != payload_crc:
         raise BlockFormatError("checksum", "payload checksum mismatch")
     return tensor

@@ -229,11 +229,15 @@ class UcmNfsStore(KVStoreBase):
         layout = check_layout(layout)
         description = f"nfs load of {len(keys)} blocks from {self.root}"
         slab = ReadSlab(len(keys), self._pinned_reads.buffer)
+        # A few blocks per task, not one: per task the pool and its future take the GIL
+        # several times, which with 512 two-MiB blocks serialised the I/O threads.
+        per_task = max(1, -(-len(keys) // (4 * self.io_threads)))
         try:
-            futures = [self._submit(self._load_one, key, layout, slab.allocator(i)) for i, key in enumerate(keys)]
+            futures = [self._submit(self._load_many, keys[i:i + per_task], layout, slab, i)
+                       for i in range(0, len(keys), per_task)]
         except StoreError as exc:
             return Task.failed(exc, description)
-        return Task(futures, list, description)
+        return Task(futures, lambda batches: [t for batch in batches for t in batch], description)
 
     def dump(self, keys: Sequence[bytes], tensors: Sequence[torch.Tensor], layout: str) -> Task:
         """Write new blocks in the I/O pool; the result counts blocks actually written."""
@@ -272,6 +276,9 @@ class UcmNfsStore(KVStoreBase):
 
     # ----- workers (run in the I/O pool) -------------------------------------
 
+    def _load_many(self, keys: Sequence[bytes], layout: str, slab: ReadSlab, first: int) -> List[Optional[torch.Tensor]]:
+        return [self._load_one(key, layout, slab.allocator(first + i)) for i, key in enumerate(keys)]
+
     def _load_one(self, key: bytes, layout: str, alloc: Optional[Allocator] = None) -> Optional[torch.Tensor]:
         path = self.path_for(key)
         try:
@@ -295,7 +302,7 @@ class UcmNfsStore(KVStoreBase):
             except OSError as exc:
                 self._stats.incr("errors")
                 raise StoreError(f"load of block {key.hex()}: read {path} failed: {describe_oserror(exc)}") from exc
-            size = os.fstat(f.fileno()).st_size
+            size = f.tell()  # read_block checked the file ends where its payload does
         try:
             os.utime(path)  # recency for other processes' scans; a read-only share is fine
         except OSError:
