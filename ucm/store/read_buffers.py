@@ -29,8 +29,8 @@ class ReadSlab:
     buffer -- pinned where CUDA is available, within the store's budget
     (:class:`PinnedReads`) -- a chunk's blocks form one run that a loader moves with one
     asynchronous copy (:func:`ucm.store.arena.coalesce_runs`).
-    The buffer is sized from the first header read; a block of another size gets a
-    tensor of its own. It lives as long as any block read into it; pinned buffers come
+    The buffer is sized from the first header read; a block of another shape or dtype
+    gets a tensor of its own. It lives as long as any block read into it; pinned buffers come
     from torch's caching host allocator, so later loads of a similar size reuse them.
     """
 
@@ -38,7 +38,6 @@ class ReadSlab:
         self.count = count
         self._host_buffer = host_buffer
         self._lock = threading.Lock()
-        self._slot_nbytes = 0
         self._memory: Optional[torch.Tensor] = None
         self._blocks: Tuple[torch.Tensor, ...] = ()  # one view per slot, made in one call
         self._bytes: Optional[memoryview] = None
@@ -59,12 +58,14 @@ class ReadSlab:
                 nbytes *= dim
             with self._lock:
                 if self._memory is None and nbytes:
-                    self._slot_nbytes, self._kind = nbytes, (shape, dtype)
-                    self._memory = self._host_buffer(self.count * nbytes)
-                    self._blocks = self._memory[:self.count * nbytes].view(dtype).view(
-                        (self.count,) + shape).unbind(0)
-                    self._bytes = tensor_bytes(self._memory)
-            if (shape, dtype) != self._kind:
+                    # Made whole before any field is set: a failure leaves the slab unset
+                    # (the next block tries again), never half made.
+                    memory = self._host_buffer(self.count * nbytes)
+                    blocks = memory[:self.count * nbytes].view(dtype).view((self.count,) + shape).unbind(0)
+                    self._blocks, self._bytes = blocks, tensor_bytes(memory)
+                    self._kind, self._memory = (shape, dtype), memory
+                mine = (shape, dtype) == self._kind
+            if not mine:
                 return new_tensor(shape, dtype)
             start = index * nbytes
             return self._blocks[index], self._bytes[start:start + nbytes]
