@@ -5,23 +5,23 @@ Sources: vLLM's ``kv_connector_extra_config`` dict or the same content as YAML i
 engine start, so a bad key, type or value fails with a message that starts with its
 full key path, never later inside a forward pass. Errors carry a path relative to
 the section that raised them and each enclosing parser prefixes its key
-(:func:`_under`): dataclasses validate themselves in ``__post_init__`` (direct
+(:func:`under`): dataclasses validate themselves in ``__post_init__`` (direct
 construction is checked too) and parsed input still gets full paths.
 """
 
 from __future__ import annotations
 
-import difflib
 import logging
-import numbers
 import os
 import re
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import MISSING, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import yaml
+
+from ucm.config_checks import (Section, UcmConfigError, as_float, as_int, as_seq, as_str, check_keys, expect,
+                               set_field, suggest, under)
 
 logger = logging.getLogger(__name__)
 
@@ -33,113 +33,17 @@ _TRUE_WORDS = ("1", "true", "yes", "on")
 _FALSE_WORDS = ("", "0", "false", "no", "off")
 
 
-class UcmConfigError(ValueError):
-    """A user's config mistake; the message starts with the key path: the one line seen at start-up."""
-    def __init__(self, key: str, reason: str) -> None:
-        self.key = key
-        self.reason = reason
-        super().__init__(f"{key}: {reason}" if key else reason)
-
-    def __reduce__(self) -> tuple[Any, ...]:  # vLLM may pickle it across processes
-        return (self.__class__, (self.key, self.reason))
-
-
-@contextmanager
-def _under(prefix: str) -> Iterator[None]:
-    """Prefix the key path of a config error raised inside: ``a`` + ``b`` -> ``a.b``, + ``[0]`` -> ``a[0]``."""
-    try:
-        yield
-    except UcmConfigError as err:
-        key = prefix if not err.key else f"{prefix}{'' if err.key.startswith('[') else '.'}{err.key}"
-        raise UcmConfigError(key, err.reason) from None
-
-
-def _expect(key: str, value: Any, types: Any, name: str) -> Any:
-    """Type check; a bool never passes as int or float (``True`` as a token id is a mistake)."""
-    if isinstance(value, bool) is not (name == "bool") or not isinstance(value, types):
-        raise UcmConfigError(key, f"expected {name}, got {type(value).__name__}")
-    return value
-
-
-def _suggest(word: Any, options: Any) -> str:
-    """A "did you mean" tail with the closest allowed name: typos are the usual mistake."""
-    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _check_keys(data: Mapping[Any, Any], allowed: Any, what: str = "key") -> None:
-    for key in data:
-        if key not in allowed:
-            listed = ", ".join(allowed)
-            raise UcmConfigError(str(key), f"unknown {what}; allowed: {listed}{_suggest(key, allowed)}")
-
-
-def _int(key: str, value: Any, lo: int, hi: Optional[int] = None) -> int:
-    _expect(key, value, numbers.Integral, "int")
-    if value < lo or (hi is not None and value > hi):
-        bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise UcmConfigError(key, f"must be {bounds}, got {value}")
-    return int(value)
-
-
-def _float(key: str, value: Any, lo: float, hi: float) -> float:
-    """An int is fine where a float is expected (``ratio: 1``)."""
-    if not lo <= _expect(key, value, numbers.Real, "float") <= hi:  # also rejects NaN
-        raise UcmConfigError(key, f"must be between {lo} and {hi}, got {value}")
-    return float(value)
-
-
-def _str(key: str, value: Any, choices: tuple[str, ...] = ()) -> str:
-    """A non-empty string; one of ``choices`` when those are given."""
-    if not _expect(key, value, str, "str"):
-        raise UcmConfigError(key, "must be a non-empty string")
-    if choices and value not in choices:
-        raise UcmConfigError(key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
-
-
-def _seq(key: str, value: Any, what: str) -> tuple[Any, ...]:
-    """A non-empty list or tuple, returned as a tuple so frozen configs stay hashable."""
-    if not _expect(key, value, (list, tuple), f"a list of {what}"):
-        raise UcmConfigError(key, f"needs at least one {what}")
-    return tuple(value)
-
-
-def _set(obj: Any, name: str, value: Any) -> None:
-    """Store a normalized value (list -> tuple, 1 -> 1.0) on a frozen dataclass."""
-    object.__setattr__(obj, name, value)
-
-
-class _Section:
-    """Dict <-> dataclass where keys are the field names: a new store is such a frozen
-    dataclass validating in ``__post_init__``, plus an entry in :data:`STORE_CONFIGS`."""
-
-    @classmethod
-    def from_dict(cls, data: Any) -> Any:
-        data = _expect("", data, Mapping, "a mapping")
-        _check_keys(data, tuple(f.name for f in fields(cls)))  # type: ignore[arg-type]
-        for f in fields(cls):  # type: ignore[arg-type]
-            if f.default is MISSING and f.default_factory is MISSING and f.name not in data:
-                raise UcmConfigError(f.name, "required key is missing")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict; unset optional values are left out."""
-        items = ((f.name, getattr(self, f.name)) for f in fields(self))  # type: ignore[arg-type]
-        return {k: v for k, v in items if v is not None}
-
-
 @dataclass(frozen=True)
-class DramStoreConfig(_Section):
+class DramStoreConfig(Section):
     """Host-memory LRU tier; the budget bounds how much RAM the cache may pin."""
     capacity_bytes: int = 4 * GiB
 
     def __post_init__(self) -> None:
-        _set(self, "capacity_bytes", _int("capacity_bytes", self.capacity_bytes, lo=1))
+        set_field(self, "capacity_bytes", as_int("capacity_bytes", self.capacity_bytes, lo=1))
 
 
 @dataclass(frozen=True)
-class NfsStoreConfig(_Section):
+class NfsStoreConfig(Section):
     """One file per block under ``storage_backends`` (a local dir or an NFS mount); the
     store, not the config, creates it: a config may be checked where the mount is absent."""
     storage_backends: str
@@ -150,11 +54,11 @@ class NfsStoreConfig(_Section):
     def __post_init__(self) -> None:
         path = self.storage_backends
         path = os.fspath(path) if isinstance(path, os.PathLike) else path  # pathlib.Path is fine
-        _set(self, "storage_backends", _str("storage_backends", path))
+        set_field(self, "storage_backends", as_str("storage_backends", path))
         if self.capacity_bytes is not None:
-            _set(self, "capacity_bytes", _int("capacity_bytes", self.capacity_bytes, lo=1))
-        _set(self, "io_threads", _int("io_threads", self.io_threads, lo=1, hi=64))
-        _set(self, "pinned_read_bytes", _int("pinned_read_bytes", self.pinned_read_bytes, lo=0))
+            set_field(self, "capacity_bytes", as_int("capacity_bytes", self.capacity_bytes, lo=1))
+        set_field(self, "io_threads", as_int("io_threads", self.io_threads, lo=1, hi=64))
+        set_field(self, "pinned_read_bytes", as_int("pinned_read_bytes", self.pinned_read_bytes, lo=0))
 
 
 StoreConfig = Union[DramStoreConfig, NfsStoreConfig]
@@ -171,22 +75,22 @@ class StoreSpec:
 
     def __post_init__(self) -> None:
         key = "ucm_connector_name"
-        if _expect(key, self.name, str, "str") not in STORE_CONFIGS:
-            known = ", ".join(STORE_CONFIGS) + _suggest(self.name, STORE_CONFIGS)
+        if expect(key, self.name, str, "str") not in STORE_CONFIGS:
+            known = ", ".join(STORE_CONFIGS) + suggest(self.name, STORE_CONFIGS)
             raise UcmConfigError(key, f"unknown store {self.name!r}; known: {known}")
         expected = STORE_CONFIGS[self.name]
-        _expect("ucm_connector_config", self.config, expected, expected.__name__)
+        expect("ucm_connector_config", self.config, expected, expected.__name__)
 
     @classmethod
     def from_dict(cls, data: Any) -> StoreSpec:
-        data = _expect("", data, Mapping, "a mapping")
-        _check_keys(data, ("ucm_connector_name", "ucm_connector_config"))
+        data = expect("", data, Mapping, "a mapping")
+        check_keys(data, ("ucm_connector_name", "ucm_connector_config"))
         if "ucm_connector_name" not in data:
             raise UcmConfigError("ucm_connector_name", f"required key is missing; known: {', '.join(STORE_CONFIGS)}")
         name = data["ucm_connector_name"]
         if not isinstance(name, str) or name not in STORE_CONFIGS:
             return cls(name, None)  # type: ignore[arg-type]  # raises the name error
-        with _under("ucm_connector_config"):
+        with under("ucm_connector_config"):
             return cls(name, STORE_CONFIGS[name].from_dict(data.get("ucm_connector_config", {})))
 
     def to_dict(self) -> dict[str, Any]:
@@ -206,23 +110,23 @@ class CheckLayer:
     ratio: float
 
     def __post_init__(self) -> None:
-        _set(self, "layer_index", _int("layer_index", self.layer_index, lo=0))
-        match = _LAYER_RE.fullmatch(_str("layer_name", self.layer_name))
+        set_field(self, "layer_index", as_int("layer_index", self.layer_index, lo=0))
+        match = _LAYER_RE.fullmatch(as_str("layer_name", self.layer_name))
         if match is None:
             raise UcmConfigError("layer_name", f"expected the form {LAYER_NAME_FORM}, got {self.layer_name!r}")
         if int(match.group(1)) != self.layer_index:
             raise UcmConfigError("layer_index", f"{self.layer_index} does not match {self.layer_name!r}")
-        _set(self, "ratio", _float("ratio", self.ratio, 0.0, 1.0))
+        set_field(self, "ratio", as_float("ratio", self.ratio, 0.0, 1.0))
 
     @classmethod
     def from_compute_meta(cls, layer_name: Any, meta: Any) -> CheckLayer:
         """Parse one ``compute_meta`` entry (layer name -> ``{"ratio": r}``)."""
-        with _under(str(layer_name)):
+        with under(str(layer_name)):
             match = _LAYER_RE.fullmatch(layer_name) if isinstance(layer_name, str) else None
             if match is None:
                 raise UcmConfigError("", f"not a layer name of the form {LAYER_NAME_FORM} (vLLM's attention layer)")
-            meta = _expect("", meta, Mapping, "a mapping")
-            _check_keys(meta, ("ratio",))
+            meta = expect("", meta, Mapping, "a mapping")
+            check_keys(meta, ("ratio",))
             if "ratio" not in meta:
                 raise UcmConfigError("ratio", "required key is missing (share of reused tokens to recompute, 0..1)")
             return cls(int(match.group(1)), layer_name, meta["ratio"])
@@ -243,26 +147,26 @@ class BlendConfig:
 
     def __post_init__(self) -> None:
         if self.chunk_end_token_id is not None:
-            _set(self, "chunk_end_token_id", _int("chunk_end_token_id", self.chunk_end_token_id, lo=0))
+            set_field(self, "chunk_end_token_id", as_int("chunk_end_token_id", self.chunk_end_token_id, lo=0))
         if self.blend_special_str is not None:
-            _str("blend_special_str", self.blend_special_str)
+            as_str("blend_special_str", self.blend_special_str)
         if self.separator_token_ids is not None:
-            ids = _seq("separator_token_ids", self.separator_token_ids, "token id")
-            ids = tuple(_int(f"separator_token_ids[{i}]", t, lo=0) for i, t in enumerate(ids))
-            _set(self, "separator_token_ids", ids)
+            ids = as_seq("separator_token_ids", self.separator_token_ids, "token id")
+            ids = tuple(as_int(f"separator_token_ids[{i}]", t, lo=0) for i, t in enumerate(ids))
+            set_field(self, "separator_token_ids", ids)
         given = [k for k in _DELIMITER_KEYS if getattr(self, k) is not None]
         if len(given) != 1:
             got = ", ".join(given) or "none"
             raise UcmConfigError("", f"set exactly one chunk delimiter of {', '.join(_DELIMITER_KEYS)}; got {got}")
         self._check_layers()
-        _str("deviation_target", self.deviation_target, ("k", "v", "kv"))
-        _str("deviation_norm", self.deviation_norm, ("l1", "l2"))
-        _expect("save_chunks", self.save_chunks, bool, "bool")
-        _set(self, "min_chunk_tokens", _int("min_chunk_tokens", self.min_chunk_tokens, lo=1))
+        as_str("deviation_target", self.deviation_target, ("k", "v", "kv"))
+        as_str("deviation_norm", self.deviation_norm, ("l1", "l2"))
+        expect("save_chunks", self.save_chunks, bool, "bool")
+        set_field(self, "min_chunk_tokens", as_int("min_chunk_tokens", self.min_chunk_tokens, lo=1))
 
     def _check_layers(self) -> None:
         """Sort by layer index and enforce gradual filtering: ratios never rise with depth."""
-        layers = tuple(sorted(_seq("compute_meta", self.check_layers, "check layer"), key=lambda c: c.layer_index))
+        layers = tuple(sorted(as_seq("compute_meta", self.check_layers, "check layer"), key=lambda c: c.layer_index))
         for prev, cur in zip(layers, layers[1:]):
             if prev.layer_index == cur.layer_index:
                 raise UcmConfigError("compute_meta", f"layer {cur.layer_index} is given twice")
@@ -270,7 +174,7 @@ class BlendConfig:
                 raise UcmConfigError("compute_meta", (
                     f"ratios must not increase with the layer index (gradual filtering); layer "
                     f"{prev.layer_index} has {prev.ratio} but layer {cur.layer_index} has {cur.ratio}"))
-        _set(self, "check_layers", layers)
+        set_field(self, "check_layers", layers)
 
     @property
     def first_check_layer(self) -> int:
@@ -279,13 +183,13 @@ class BlendConfig:
 
     @classmethod
     def from_dict(cls, data: Any) -> BlendConfig:
-        data = _expect("", data, Mapping, "a mapping")
-        _check_keys(data, (*_DELIMITER_KEYS, "compute_meta", "deviation_target", "deviation_norm",
+        data = expect("", data, Mapping, "a mapping")
+        check_keys(data, (*_DELIMITER_KEYS, "compute_meta", "deviation_target", "deviation_norm",
                            "save_chunks", "min_chunk_tokens"))
         kwargs = {k: v for k, v in data.items() if k != "compute_meta"}
         if "compute_meta" in data:
-            with _under("compute_meta"):
-                meta = _expect("", data["compute_meta"], Mapping, "a mapping")
+            with under("compute_meta"):
+                meta = expect("", data["compute_meta"], Mapping, "a mapping")
                 kwargs["check_layers"] = tuple(CheckLayer.from_compute_meta(k, v) for k, v in meta.items())
         return cls(**kwargs)
 
@@ -312,31 +216,31 @@ class UcmConfig:
     block_tokens: int = 16  # tokens per stored block (hashing and store granularity)
 
     def __post_init__(self) -> None:
-        _set(self, "stores", _seq("ucm_connectors", self.stores, "store"))
-        _int("block_tokens", self.block_tokens, 1, 4096)
-        _expect("use_layerwise", self.use_layerwise, bool, "bool")
-        _expect("log_stats", self.log_stats, bool, "bool")
+        set_field(self, "stores", as_seq("ucm_connectors", self.stores, "store"))
+        as_int("block_tokens", self.block_tokens, 1, 4096)
+        expect("use_layerwise", self.use_layerwise, bool, "bool")
+        expect("log_stats", self.log_stats, bool, "bool")
 
     @classmethod
     def from_dict(cls, data: Any) -> UcmConfig:
         """Parse the content of ``kv_connector_extra_config`` (or of the YAML file)."""
-        data = _expect("", data, Mapping, "a mapping")
-        _check_keys(data, ("ucm_connectors", "ucm_sparse_config", "use_layerwise", "log_stats", "block_tokens"))
+        data = expect("", data, Mapping, "a mapping")
+        check_keys(data, ("ucm_connectors", "ucm_sparse_config", "use_layerwise", "log_stats", "block_tokens"))
         kwargs: dict[str, Any] = {k: data[k] for k in ("use_layerwise", "log_stats", "block_tokens") if k in data}
         if "ucm_connectors" in data:
-            with _under("ucm_connectors"):
+            with under("ucm_connectors"):
                 specs = []
-                for i, item in enumerate(_seq("", data["ucm_connectors"], "store")):
-                    with _under(f"[{i}]"):
+                for i, item in enumerate(as_seq("", data["ucm_connectors"], "store")):
+                    with under(f"[{i}]"):
                         specs.append(StoreSpec.from_dict(item))
                 kwargs["stores"] = tuple(specs)
         if "ucm_sparse_config" in data:
-            with _under("ucm_sparse_config"):
-                methods = _expect("", data["ucm_sparse_config"], Mapping, "a mapping")
-                _check_keys(methods, tuple(SPARSE_METHODS), what="sparse method")
+            with under("ucm_sparse_config"):
+                methods = expect("", data["ucm_sparse_config"], Mapping, "a mapping")
+                check_keys(methods, tuple(SPARSE_METHODS), what="sparse method")
                 for name, section in methods.items():
                     config_cls, attr = SPARSE_METHODS[name]
-                    with _under(name):
+                    with under(name):
                         kwargs[attr] = config_cls.from_dict(section)
         return cls(**kwargs)
 
@@ -355,7 +259,7 @@ class UcmConfig:
         """From vLLM's extra config or ``UCM_CONFIG_FILE``, never both (which would win?).
         ``ENABLE_SPARSE`` is checked here too, so that a typo in it fails at engine start."""
         if extra is not None:
-            _expect(EXTRA_CONFIG_KEY, extra, Mapping, "a mapping")
+            expect(EXTRA_CONFIG_KEY, extra, Mapping, "a mapping")
         path = env.get(CONFIG_FILE_ENV, "").strip()
         if path:
             if extra:
