@@ -38,7 +38,6 @@ class ReadSlab:
         self.count = count
         self._host_buffer = host_buffer
         self._lock = threading.Lock()
-        self._memory: Optional[torch.Tensor] = None
         self._blocks: Tuple[torch.Tensor, ...] = ()  # one view per slot, made in one call
         self._bytes: Optional[memoryview] = None
         self._kind: Optional[tuple] = None  # (shape, dtype) of the slots
@@ -57,13 +56,13 @@ class ReadSlab:
             for dim in shape:
                 nbytes *= dim
             with self._lock:
-                if self._memory is None and nbytes:
+                if self._kind is None and nbytes:
                     # Made whole before any field is set: a failure leaves the slab unset
                     # (the next block tries again), never half made.
                     memory = self._host_buffer(self.count * nbytes)
                     blocks = memory[:self.count * nbytes].view(dtype).view((self.count,) + shape).unbind(0)
                     self._blocks, self._bytes = blocks, tensor_bytes(memory)
-                    self._kind, self._memory = (shape, dtype), memory
+                    self._kind = (shape, dtype)  # last: the slab is made (the views keep memory alive)
                 mine = (shape, dtype) == self._kind
             if not mine:
                 return new_tensor(shape, dtype)
