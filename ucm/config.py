@@ -176,6 +176,28 @@ class BlendConfig:
                     f"{prev.layer_index} has {prev.ratio} but layer {cur.layer_index} has {cur.ratio}"))
         set_field(self, "check_layers", layers)
 
+    def check_model(self, num_layers: int, vocab_size: Optional[int], has_tokenizer: bool) -> None:
+        """Refuse settings this model cannot honour; they would run and silently do nothing
+        (a check layer never reached recomputes every token, a token id outside the
+        vocabulary never ends a chunk). Keys are relative to the Blend section."""
+        for check in self.check_layers:
+            if not 0 <= check.layer_index < num_layers:
+                raise UcmConfigError(f"compute_meta.{check.layer_name}", (
+                    f"not an attention layer of this model: it has {num_layers} layers, so a check layer "
+                    f"index must be in [0, {num_layers}) ({LAYER_NAME_FORM.replace('<N>', '0')} .. "
+                    f"{LAYER_NAME_FORM.replace('<N>', str(num_layers - 1))})"))
+        if vocab_size is not None:
+            ids = [("chunk_end_token_id", self.chunk_end_token_id)] if self.chunk_end_token_id is not None else []
+            ids += [(f"separator_token_ids[{i}]", t) for i, t in enumerate(self.separator_token_ids or ())]
+            for key, token in ids:
+                if token >= vocab_size:
+                    raise UcmConfigError(key, f"token id {token} is outside the model's vocabulary of {vocab_size} "
+                                              f"(allowed: 0..{vocab_size - 1}); it would never match a prompt token")
+        if self.blend_special_str is not None and not has_tokenizer:
+            raise UcmConfigError("blend_special_str", (
+                "needs a tokenizer, but the engine runs with skip_tokenizer_init=True; give the separator "
+                "as token ids in separator_token_ids instead"))
+
     @property
     def first_check_layer(self) -> int:
         """Index of the first check layer; every layer before it is computed in full."""

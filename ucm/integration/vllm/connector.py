@@ -24,6 +24,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from ucm.config import UcmConfig, UcmConfigError, sparse_enabled
 from ucm.hashing import HashContext
+from ucm.integration.vllm.config_checks_vllm import check_config_for_vllm
 from ucm.integration.vllm import stats as stats_registry
 from ucm.integration.vllm.host_time import HOST_TIMES
 from ucm.integration.vllm.metadata import UcmConnectorMetadata
@@ -76,6 +77,7 @@ class UCMConnector(KVConnectorBase_V1):
         self._recompute_failed_loads()
         extra = self._kv_transfer_config.kv_connector_extra_config or None
         self.ucm_config = UcmConfig.from_extra_config(extra)
+        check_config_for_vllm(self.ucm_config, vllm_config)
         self._check_config()
         self.blend_on = self.uses_blend and sparse_enabled()
         if self.uses_blend and not self.blend_on:
