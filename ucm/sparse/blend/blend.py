@@ -53,11 +53,17 @@ class RequestRows:
 
 @dataclass
 class RequestOutcome:
-    """What Blend decided for one request in one forward (for stats)."""
+    """What Blend decided for one request in one forward (for stats).
+
+    ``num_recomputed_reusable`` starts at every reusable row: until a check layer
+    selects, every row is computed in full (cached KV is reused only from the first
+    check layer on), so stats must not count a row as reused before a selection kept
+    its cached KV.
+    """
 
     num_rows: int
     num_reusable: int
-    num_recomputed_reusable: int = 0
+    num_recomputed_reusable: int
 
     @property
     def recompute_fraction(self) -> float:
@@ -98,7 +104,7 @@ class BlendStep:
                 always = always.clone()
                 always[-1] = True  # the last row produces the request's logits
             self._filters[req.req_id] = GradualFilter(req.reusable, always)
-            self.outcomes[req.req_id] = RequestOutcome(req.num_rows, req.num_reusable)
+            self.outcomes[req.req_id] = RequestOutcome(req.num_rows, req.num_reusable, req.num_reusable)
         # Asked in every layer: counted once here (a CPU sum over each request's rows).
         self._active = any(outcome.num_reusable for outcome in self.outcomes.values())
 
