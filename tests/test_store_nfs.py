@@ -275,7 +275,7 @@ def test_root_under_a_regular_file_fails_clearly(tmp_path):
     blocker.write_text("x")
     with pytest.raises(StoreError, match=r"ENOTDIR.*") as info:
         UcmNfsStore(str(blocker / "kv"))
-    assert str(blocker / "kv") in str(info.value)
+    assert str(blocker / "kv") in str(info.value) and "storage_backends" in str(info.value)
 
 
 def test_shard_path_blocked_fails_task_with_path(store):
@@ -319,7 +319,7 @@ def test_eacces_on_open_for_load_fails_with_path(store, monkeypatch):
     def denied(p, *args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), p)
 
-    monkeypatch.setattr(nfs_store, "open", denied, raising=False)
+    monkeypatch.setattr(nfs_store, "open_block", denied)
     with pytest.raises(StoreError) as info:
         store.wait(store.load([key], LAYOUT), timeout=10)
     assert "EACCES" in str(info.value) and path in str(info.value)

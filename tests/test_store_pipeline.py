@@ -100,7 +100,7 @@ def test_failing_tier_on_load_degrades_to_misses(tiers, monkeypatch):
     def denied(p, *args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), p)
 
-    monkeypatch.setattr(nfs_store, "open", denied, raising=False)
+    monkeypatch.setattr(nfs_store, "open_block", denied)
     out = pipe.wait(pipe.load([in_dram, in_nfs], LAYOUT), timeout=10)
     assert out[0] is not None and out[1] is None
     assert pipe.stats()["tier_errors"] == 1

@@ -24,6 +24,10 @@ would silently fill the local disk underneath the mount point. ``dump`` and
 ``load`` fail with a :class:`StoreError` naming the root; ``lookup`` reports
 misses. Shard subdirectories, by contrast, are created on demand.
 
+A read-only root (a published, precomputed corpus) is served read-only: loads work,
+dumps are skipped and counted, nothing is evicted or removed. A FIFO or directory at a
+block path is absent and left alone (:mod:`ucm.store.block_files`).
+
 No fsync: this is a cache. A power loss can leave a renamed-but-torn file on
 some file systems; the checksum turns that into a miss.
 """
@@ -31,11 +35,9 @@ some file systems; the checksum turns that into a miss.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import errno
 import logging
 import os
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -52,23 +54,15 @@ from ucm.store.base import (
     check_layout,
     check_tensors,
 )
+from ucm.store.block_files import (BLOCK_SUFFIX, TEMP_SUFFIX, NotABlockFile, describe_oserror, is_block_file,
+                                   open_block, open_root, scan_root)
 from ucm.store.block_format import DTYPES, Allocator, BlockFormatError, read_block, write_block
 from ucm.store.read_buffers import PinnedReads, ReadSlab
 
 logger = logging.getLogger(__name__)
 
-BLOCK_SUFFIX = ".ucmkv"
-TEMP_SUFFIX = ".tmp"
 # Upper bound on header size, used only to decide whether a block can fit the budget.
 _HEADER_ALLOWANCE = 1024
-
-
-def describe_oserror(exc: OSError) -> str:
-    """'ENOSPC: No space left on device' -- the errno name is what people search for."""
-    name = errno.errorcode.get(exc.errno or 0, "OSError")
-    text = exc.strerror or os.strerror(exc.errno or 0)
-    where = f" ({exc.filename})" if exc.filename else ""
-    return f"{name}: {text}{where}"
 
 
 class UcmNfsStore(KVStoreBase):
@@ -101,19 +95,17 @@ class UcmNfsStore(KVStoreBase):
         self.io_threads = io_threads
         self.stale_temp_seconds = stale_temp_seconds
         self._pinned_reads = PinnedReads(pinned_read_bytes)
-        try:
-            os.makedirs(self.root, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create storage root {self.root}: {describe_oserror(exc)}") from exc
-        if not os.access(self.root, os.W_OK | os.X_OK):
-            raise StoreError(f"storage root {self.root} is not writable (EACCES)")
+        self.read_only = not open_root(self.root)
+        if self.read_only:
+            logger.warning("storage root %s is read-only: saves are off, lookups and loads work", self.root)
+        self._odd_paths: set = set()  # non-regular files at block paths, logged once each
         self._lock = threading.Lock()
         # key -> file size; order is least- to most-recently used.
         self._index: "OrderedDict[bytes, int]" = OrderedDict()
         self._used = 0
         self._inflight: set = set()
         self._closed = False
-        self._stats = StoreStats(BASE_COUNTERS)
+        self._stats = StoreStats(BASE_COUNTERS + ("skipped_read_only", "not_regular"))
         self._pool = cf.ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="ucm-nfs-io")
         self.rescan()
 
@@ -130,35 +122,9 @@ class UcmNfsStore(KVStoreBase):
         Temp files younger than ``stale_temp_seconds`` are left alone: another
         process may still be writing them.
         """
-        found: List[Tuple[float, bytes, int]] = []
-        now = time.time()
-        try:
-            shards = [e for e in os.scandir(self.root) if e.is_dir() and len(e.name) == 2]
-        except OSError as exc:
-            raise StoreError(f"cannot scan storage root {self.root}: {describe_oserror(exc)}") from exc
-        for shard in shards:
-            try:
-                entries = list(os.scandir(shard.path))
-            except OSError as exc:
-                logger.warning("skipping unreadable shard %s: %s", shard.path, describe_oserror(exc))
-                continue
-            for entry in entries:
-                try:
-                    st = entry.stat()
-                except OSError:
-                    continue  # removed meanwhile by another process
-                if entry.name.endswith(TEMP_SUFFIX):
-                    if now - st.st_mtime > self.stale_temp_seconds:
-                        self._unlink_quietly(entry.path)
-                    continue
-                if not entry.name.endswith(BLOCK_SUFFIX):
-                    continue
-                try:
-                    key = bytes.fromhex(entry.name[: -len(BLOCK_SUFFIX)])
-                except ValueError:
-                    continue
-                found.append((st.st_mtime, key, st.st_size))
-        found.sort()
+        found, stale = scan_root(self.root, self.stale_temp_seconds)
+        for path in [] if self.read_only else stale:
+            self._unlink_quietly(path)
         with self._lock:
             self._index = OrderedDict((key, size) for _mtime, key, size in found)
             self._used = sum(size for _mtime, _key, size in found)
@@ -185,8 +151,8 @@ class UcmNfsStore(KVStoreBase):
 
     def _evict_locked(self) -> List[Tuple[bytes, str]]:
         """Pop LRU entries until within budget; caller holds the lock."""
-        victims = []
-        if self.capacity_bytes is None:
+        victims: List[Tuple[bytes, str]] = []
+        if self.capacity_bytes is None or self.read_only:  # a read-only share is not ours to trim
             return victims
         while self._used > self.capacity_bytes and len(self._index) > 1:
             key, size = self._index.popitem(last=False)
@@ -220,7 +186,7 @@ class UcmNfsStore(KVStoreBase):
 
     def lookup(self, keys: Sequence[bytes]) -> List[bool]:
         """One stat per key: the directory is the truth, so other writers' blocks are seen."""
-        return [os.path.exists(self.path_for(key)) for key in check_keys(keys)]
+        return [is_block_file(self.path_for(key)) for key in check_keys(keys)]
 
     def load(self, keys: Sequence[bytes], layout: str) -> Task:
         """Read blocks in the I/O pool; each missing or rejected block yields None.
@@ -250,6 +216,9 @@ class UcmNfsStore(KVStoreBase):
             if tensor.dtype not in DTYPES.values():
                 raise ValueError(f"dtype {tensor.dtype} is not supported by the block format")
         description = f"nfs dump of {len(keys)} blocks to {self.root}"
+        if self.read_only:
+            self._stats.incr("skipped_read_only", len(keys))
+            return Task.completed(0, description)
         futures = []
         try:
             for key, tensor in zip(keys, tensors):
@@ -284,7 +253,10 @@ class UcmNfsStore(KVStoreBase):
     def _load_one(self, key: bytes, layout: str, alloc: Optional[Allocator] = None) -> Optional[torch.Tensor]:
         path = self.path_for(key)
         try:
-            f = open(path, "rb", buffering=0)
+            f = open_block(path)
+        except NotABlockFile:
+            self._not_regular(key, path)
+            return None
         except FileNotFoundError as exc:
             if not os.path.isdir(self.root):
                 self._stats.incr("errors")
@@ -314,6 +286,17 @@ class UcmNfsStore(KVStoreBase):
         self._remove_victims(self._remember(key, size))
         return tensor
 
+    def _not_regular(self, key: bytes, path: str) -> None:
+        """A FIFO, directory, ... at a block path: a miss, logged once per path, never removed."""
+        self._stats.incr("not_regular")
+        self._stats.incr("misses")
+        self._forget(key)
+        with self._lock:
+            first = path not in self._odd_paths
+            self._odd_paths.add(path)
+        if first:
+            logger.warning("%s is not a regular file: treated as absent and left alone", path)
+
     def _reject(self, key: bytes, path: str, f: Any, exc: BlockFormatError) -> None:
         """Count, log and remove a bad file -- unless a writer replaced it meanwhile."""
         logger.warning("rejecting block file %s (%s): %s", path, exc.reason, exc)
@@ -326,7 +309,7 @@ class UcmNfsStore(KVStoreBase):
             now = os.stat(path)
         except OSError:
             return
-        if (ours.st_dev, ours.st_ino) == (now.st_dev, now.st_ino):
+        if (ours.st_dev, ours.st_ino) == (now.st_dev, now.st_ino) and not self.read_only:
             self._unlink_quietly(path)
 
     def _dump_one(self, key: bytes, tensor: torch.Tensor, layout: str) -> int:
@@ -393,4 +376,5 @@ class UcmNfsStore(KVStoreBase):
             out["used_bytes"] = self._used
             out["num_blocks"] = len(self._index)
         out["capacity_bytes"] = self.capacity_bytes
+        out["read_only"] = self.read_only
         return out
