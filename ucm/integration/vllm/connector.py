@@ -27,6 +27,7 @@ from ucm.hashing import HashContext
 from ucm.integration.vllm.config_checks_vllm import check_config_for_vllm
 from ucm.integration.vllm import stats as stats_registry
 from ucm.integration.vllm.host_time import HOST_TIMES
+from ucm.integration.vllm.logs import route_ucm_logs
 from ucm.integration.vllm.metadata import UcmConnectorMetadata
 from ucm.integration.vllm.scheduler_side import SchedulerSide, request_is_precompute, request_ratio
 from ucm.integration.vllm.worker_side import LayerInfo, WorkerSide, layer_index
@@ -74,6 +75,7 @@ class UCMConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        route_ucm_logs(getattr(vllm_config, "logging_config", None))  # ucm's lines in vLLM's format
         self._recompute_failed_loads()
         extra = self._kv_transfer_config.kv_connector_extra_config or None
         self.ucm_config = UcmConfig.from_extra_config(extra)
