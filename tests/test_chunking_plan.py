@@ -182,3 +182,14 @@ def test_prefix_lookup_stops_hashing_at_the_first_miss():
     assert len(prefix_asked) <= 8  # one first batch, not 201 keys
     # Prefix saves stop before the first reused chunk token (block 1 only).
     assert [s.token_start for s in plan.prefix_saves] == [4]
+
+
+def test_first_reused_token_is_where_kv_turns_approximate():
+    sys_, c1, c2 = [9] * 5 + [END], [3] * 7 + [END], [4] * 11 + [END]
+    prompt = sys_ + c2 + c1 + [7, 7]
+    plan = build_plan(prompt, split_by_end_token(prompt, END), SEED, 4, _store(c1, c2))
+    assert plan.first_reused_token() == 6  # c2's first block
+    assert plan.first_reused_token(computed=8) == 8  # vLLM computed part of that block itself
+    assert plan.first_reused_token(computed=26) is None  # every chunk hit already computed
+    no_hits = build_plan(prompt, split_by_end_token(prompt, END), SEED, 4, _store())
+    assert no_hits.first_reused_token() is None

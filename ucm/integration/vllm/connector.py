@@ -29,6 +29,7 @@ from ucm.integration.vllm import stats as stats_registry
 from ucm.integration.vllm.host_time import HOST_TIMES
 from ucm.integration.vllm.logs import route_ucm_logs
 from ucm.integration.vllm.metadata import UcmConnectorMetadata
+from ucm.integration.vllm.prefix_cache_guard import check_request_hashing, withhold_from_prefix_cache
 from ucm.integration.vllm.scheduler_side import SchedulerSide, request_is_precompute, request_ratio
 from ucm.integration.vllm.worker_side import LayerInfo, WorkerSide, layer_index
 from ucm.sparse.blend.chunking import Delimiter
@@ -97,7 +98,10 @@ class UCMConnector(KVConnectorBase_V1):
         self.worker_side: Optional[WorkerSide] = None
         self.agent = None
         self._reported: dict[str, int] = {}
+        self._prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
         if role == KVConnectorRole.SCHEDULER:
+            if self.blend_on and self._prefix_caching:
+                check_request_hashing()
             self.scheduler_side = SchedulerSide(self.ucm_config, self.store, self.hash_context, self.block_tokens,
                                                 self.tp_size, self._delimiter() if self.blend_on else None)
         else:
@@ -216,6 +220,9 @@ class UCMConnector(KVConnectorBase_V1):
         hit = self.scheduler_side.num_new_matched_tokens(
             request.request_id, prompt, getattr(request, "cache_salt", None), num_computed_tokens, ratio,
             request_is_precompute(extra_args))
+        first = self.scheduler_side.first_reused_token(request.request_id)
+        if first is not None and self._prefix_caching:
+            withhold_from_prefix_cache(request, first, self._vllm_config.cache_config.block_size)
         HOST_TIMES.add("plan", start)
         return hit, False
 

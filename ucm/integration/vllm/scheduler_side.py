@@ -118,6 +118,14 @@ class SchedulerSide:
         hit = min(tracked.plan.prefix_hit_tokens, len(prompt) - 1)
         return max(0, hit - num_computed)
 
+    def first_reused_token(self, req_id: str) -> Optional[int]:
+        """Where the request's KV turns approximate (its first chunk token Blend may reuse
+        beyond what vLLM already computed), or None when it reuses no chunk."""
+        tracked = self.requests.get(req_id)
+        if tracked is None or self.delimiter is None:
+            return None
+        return tracked.plan.first_reused_token(tracked.local_computed)
+
     def after_alloc(self, req_id: str, num_external_tokens: int) -> None:
         tracked = self.requests.get(req_id)
         if tracked is None:

@@ -62,6 +62,18 @@ class ReusePlan:
     def has_chunk_hits(self) -> bool:
         return bool(self.chunk_hits)
 
+    def first_reused_token(self, computed: int = 0) -> int | None:
+        """The first prompt position at or after ``computed`` whose KV Blend may take from
+        a chunk block rather than compute: from there on the request's KV is approximate
+        (every later row attends to it), before it the KV is exact. None: nothing reused.
+
+        ``computed`` tokens are already in the engine's cache, computed in full, so chunk
+        blocks before them are never loaded.
+        """
+        b = self.block_size
+        starts = [max(h.token_start, computed) for h in self.chunk_hits if h.token_start + b > computed]
+        return min(starts) if starts else None
+
     def chunk_hits_in(self, start: int, end: int) -> list[BlockRef]:
         """Chunk-hit blocks whose tokens lie inside the scheduled range [start, end).
 
