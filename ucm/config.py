@@ -55,6 +55,8 @@ class NfsStoreConfig(Section):
         path = self.storage_backends
         path = os.fspath(path) if isinstance(path, os.PathLike) else path  # pathlib.Path is fine
         set_field(self, "storage_backends", as_str("storage_backends", path))
+        if not path.strip():  # "  " would become a directory of that name in the engine's cwd
+            raise UcmConfigError("storage_backends", f"must be a non-empty string (a directory), got {path!r}")
         if self.capacity_bytes is not None:
             set_field(self, "capacity_bytes", as_int("capacity_bytes", self.capacity_bytes, lo=1))
         set_field(self, "io_threads", as_int("io_threads", self.io_threads, lo=1, hi=64))

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ucm.config_checks import UcmConfigError
 from ucm.store import pinned
 from ucm.store.arena import BlockArena
 from ucm.store.base import (
@@ -50,10 +51,14 @@ class UcmDramStore(KVStoreBase):
     private clones instead.
     """
 
-    def __init__(self, capacity_bytes: int = DEFAULT_DRAM_CAPACITY, copy_on_load: bool = False) -> None:
+    def __init__(self, capacity_bytes: int = DEFAULT_DRAM_CAPACITY, copy_on_load: bool = False, *,
+                 config_key: str = "") -> None:
+        """``config_key``: the key path of this store's config section, named by errors
+        found once the KV layout is known (:meth:`reserve`); the factory passes it."""
         if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be a positive int, got {capacity_bytes!r}")
         self.capacity_bytes = capacity_bytes
+        self.config_key = config_key
         self.copy_on_load = copy_on_load
         self._lock = threading.Lock()
         # key -> (tensor, layout, nbytes, arena slot or None); least- to most-recently used.
@@ -82,6 +87,7 @@ class UcmDramStore(KVStoreBase):
         """
         if block_nbytes <= 0 or block_nbytes in self._reserved:
             return
+        self._check_capacity(block_nbytes)
         self._reserved.add(block_nbytes)
         slots = self.capacity_bytes // block_nbytes
         if self._arena is None and slots > 0:
@@ -101,6 +107,17 @@ class UcmDramStore(KVStoreBase):
         if self._arena is None or self._arena.slot_nbytes != block_nbytes:
             stage_blocks = max(1, stage_blocks)
             self._pin_blocks(block_nbytes * stage_blocks, -(-in_flight_blocks // stage_blocks))
+
+    def _check_capacity(self, block_nbytes: int) -> None:
+        """Refuse a budget below one block: every dump would be skipped, the tier would
+        cache nothing, and only a per-block warning would say so. The block size is
+        known only here, once the worker knows the KV layout, so this is the first
+        moment to refuse it."""
+        if self.capacity_bytes < block_nbytes:
+            key = f"{self.config_key}.capacity_bytes" if self.config_key else "capacity_bytes"
+            raise UcmConfigError(key, (
+                f"UcmDramStore holds no block: capacity_bytes is {self.capacity_bytes} but one block of this "
+                f"model's KV takes {block_nbytes} bytes; set capacity_bytes to at least {block_nbytes}"))
 
     def lend_blocks(self, count: int, shape: Sequence[int], dtype: torch.dtype) -> Optional[List[torch.Tensor]]:
         """``count`` free arena slots (evicting least-recently-used blocks for room), as
