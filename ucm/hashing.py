@@ -7,8 +7,10 @@ chain restarted from the request seed, i.e. exactly the keys the chunk would hav
 if it were the start of a prompt. A chunk precomputed alone (or cached as any
 earlier prompt's prefix) is therefore found wherever it later appears.
 
-The seed mixes model id, KV dtype, tensor-parallel size and the request's
-``cache_salt``, so tenants and models never share blocks. Each TP rank stores its
+The seed mixes the key format, model id, the model's identity (config, dtypes,
+quantization and a fingerprint of the weight files: ``ucm.model_identity``), KV
+dtype, tensor-parallel size and the request's ``cache_salt``, so tenants, models
+and the same path's old and new weights never share blocks. Each TP rank stores its
 own shard of the heads under :func:`rank_key` of the logical key. Hashes use
 BLAKE2b over explicit little-endian bytes: stable across processes, machines and
 Python versions (the builtin ``hash`` is salted per process).
@@ -23,7 +25,11 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 KEY_BYTES = 32
-_FORMAT_TAG = b"ucm-kv-hash-v1"
+# The version of how keys are derived. Bump it whenever the same tokens of the same
+# model must stop finding blocks written by older code (v2: the model identity joined
+# the seed; v1 keys named the model by its path only and are never looked up again).
+KEY_FORMAT = 2
+_FORMAT_TAG = b"ucm-kv-hash-v%d" % KEY_FORMAT
 
 
 def _digest(*parts: bytes) -> bytes:
@@ -37,11 +43,17 @@ def _digest(*parts: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class HashContext:
-    """What makes KV of the same tokens incompatible: model, KV dtype, TP layout."""
+    """What makes KV of the same tokens incompatible: model, KV dtype, TP layout.
+
+    ``model_identity`` is the digest of ``ucm.model_identity.ModelIdentity``: without it
+    ``model_id`` (a path) is all that tells models apart, and new weights written at the
+    same path would be served the old weights' KV.
+    """
 
     model_id: str
     kv_dtype: str
     tp_size: int = 1
+    model_identity: str = ""
 
     def seed(self, cache_salt: Optional[str] = None) -> bytes:
         """The chain's starting key for one request (salted per tenant if given)."""
@@ -49,6 +61,7 @@ class HashContext:
         return _digest(
             _FORMAT_TAG,
             self.model_id.encode("utf-8"),
+            self.model_identity.encode("utf-8"),
             self.kv_dtype.encode("utf-8"),
             struct.pack("<I", self.tp_size),
             salt,
