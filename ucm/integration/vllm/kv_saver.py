@@ -7,8 +7,10 @@ dumped. On CUDA the request that produced the
 KV does not wait for any of it: a background thread copies the blocks to the host on a
 side stream -- straight into slots the store lends (the DRAM tier's pinned arena), else
 into pinned staging buffers -- and then inserts them; ``inflight.INFLIGHT`` makes a
-lookup in this process wait for exactly the keys still being saved. On CPU the dump is synchronous (the copy is the
-same work as the compute, on the same cores).
+lookup in this process wait for exactly the keys still being saved. On CPU the gather
+runs on the request path (the copy is the same work as the compute, on the same cores)
+and the dump is handed to the store at once; a store that writes in threads of its own
+(the file store) registers the keys in ``INFLIGHT`` too, until its task is done.
 """
 
 from __future__ import annotations
@@ -117,7 +119,9 @@ class KVSaver:
         if per_block.is_cuda:
             self.pending.append(self._dump_when_copied(keys, per_block))
         else:
-            self.pending.append(self.store.dump(keys, list(per_block.unbind(0)), BLOCK_LAYOUT))
+            task = self.store.dump(keys, list(per_block.unbind(0)), BLOCK_LAYOUT)
+            INFLIGHT.add(keys, task)  # the store may still be writing (the file store's I/O threads)
+            self.pending.append(task)
 
     def _dump_when_copied(self, keys: list[bytes], per_block: torch.Tensor) -> Task:
         """Copy blocks to pinned host memory on a side stream and dump them, all from a

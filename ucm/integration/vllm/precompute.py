@@ -106,7 +106,11 @@ def precompute_chunks(
     (``BlendPromptBuilder.precompute_prompt(text).token_ids``). ``cache_salt`` must equal the salt of the
     RAG requests that should reuse them (None for none). ``batch_size`` requests go
     into one ``generate`` call; ucm saves a chunk's blocks once its prompt is done,
-    so every chunk is in the store when this returns.
+    so every chunk is in the store for the requests that follow: a store may still be
+    writing when this returns (the file store's I/O threads, the CUDA save thread), but
+    the engine's lookup waits for keys its own process is still saving
+    (``inflight.INFLIGHT``). With TP > 1 the workers save in other processes, and a
+    request sent at once may miss blocks still being written (it recomputes them).
 
     Chunks shorter than one ucm block are submitted too but cannot be reused (Blend
     recomputes them): keep chunks longer than ``block_tokens`` (16 by default).
