@@ -195,3 +195,77 @@ def test_open_block_refuses_a_fifo_without_blocking(tmp_path):
         assert f.read() == b"abc"
     with pytest.raises(FileNotFoundError):
         block_files.open_block(str(tmp_path / "absent"))
+
+
+# ---- a real read-only directory ----------------------------------------------------------------
+def _as_unprivileged(fn):
+    """``fn()`` as a user that permissions apply to: in a forked child as ``nobody`` when
+    running as root (root writes into a 0o555 directory regardless); its result comes
+    back pickled through a pipe."""
+    if os.geteuid() != 0:
+        return fn()
+    import pickle
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        code = 0
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            out = ("ok", fn())
+        except BaseException as exc:  # noqa: BLE001 -- reported to the parent
+            out, code = ("error", repr(exc)), 1
+        with os.fdopen(w, "wb") as pipe:
+            pipe.write(pickle.dumps(out))
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    status, value = pickle.loads(data)
+    assert status == "ok", value
+    return value
+
+
+def test_chmod_555_root_is_served_read_only(tmp_path):
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="ucm-ro-")  # outside pytest's 0o700 tmp dirs: "nobody" must reach it
+    root = os.path.join(base, "kv")
+    try:
+        keys, tensors = make_keys(2, "ro"), [block(1), block(2)]
+        with UcmNfsStore(root) as writer:
+            writer.wait(writer.dump(keys, tensors, LAYOUT))
+        before = files_under(root)
+        for d, dirs, _names in os.walk(root):
+            for name in dirs:
+                os.chmod(os.path.join(d, name), 0o555)
+        os.chmod(root, 0o555)
+        os.chmod(base, 0o755)
+
+        def use_it():
+            records: list = []
+            handler = logging.Handler()
+            handler.emit = records.append
+            log = logging.getLogger("ucm.store.nfs_store")
+            log.addHandler(handler)
+            with UcmNfsStore(root) as store:
+                loaded = store.wait(store.load(keys, LAYOUT), timeout=10)
+                return {"read_only": store.read_only, "lookup": store.lookup(keys),
+                        "equal": [torch.equal(a, b) for a, b in zip(loaded, tensors)],
+                        "dumped": store.wait(store.dump(make_keys(1, "new"), [block(3)], LAYOUT), timeout=10),
+                        "warnings": [r.getMessage() for r in records if r.levelno >= logging.WARNING]}
+
+        got = _as_unprivileged(use_it)
+        assert got["read_only"] and got["lookup"] == [True, True] and got["equal"] == [True, True]
+        assert got["dumped"] == 0 and len(got["warnings"]) == 1 and "read-only" in got["warnings"][0]
+        assert files_under(root) == before
+    finally:
+        for d, dirs, _names in os.walk(base):
+            os.chmod(d, 0o755)
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)
