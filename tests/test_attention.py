@@ -264,9 +264,12 @@ def test_backend_selection_from_env(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger=attn_mod.__name__):
         monkeypatch.setenv(attn_mod.ENV_VAR, "cudnn")  # needs CUDA
         assert ExactMaskAttention.prepare(pos, pos, 4, 2).backend == "sdpa"
-        monkeypatch.setenv(attn_mod.ENV_VAR, "nonsense")
-        assert ExactMaskAttention.prepare(pos, pos, 4, 2).backend == "sdpa"
-    assert len(caplog.records) == 2
+    assert len(caplog.records) == 1
+    monkeypatch.setenv(attn_mod.ENV_VAR, "nonsense")  # refused, naming the variable and the choices
+    with pytest.raises(ValueError, match="UCM_BLEND_ATTENTION: must be one of auto, triton, flex, cudnn, sdpa"):
+        ExactMaskAttention.prepare(pos, pos, 4, 2)
+    with pytest.raises(ValueError, match="'nonsense'"):
+        ExactMaskAttention.prepare(pos, pos, 4, 2, backend="nonsense")
     cuda = torch.device("cuda")
     big, small = attn_mod.FLEX_MIN_PAIRS, attn_mod.FLEX_MIN_PAIRS - 1
     assert attn_mod.backend_chain("auto", cuda, big) == ["flex", "cudnn", "sdpa"]

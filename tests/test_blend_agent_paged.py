@@ -30,6 +30,7 @@ LAYERS = (1, 2)
 def _fresh(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(attention, "_BROKEN", {})
+    monkeypatch.setattr(attention.KERNEL, "_broken", None)
     monkeypatch.setattr(attention, "_VERIFIED", set())
     monkeypatch.setattr(attention, "_WARNED", set())  # warnings are once per process
 
@@ -97,7 +98,7 @@ def test_one_launch_for_the_batch_equals_each_request_gathered(monkeypatch):
     launches = _count_launches(monkeypatch)
     paged, paged_counts = _run("triton", monkeypatch)
     assert launches == [3, 3]  # one launch per layer, for all three requests
-    assert f"{attention.PAGED}:batch" in attention._VERIFIED and not attention._BROKEN
+    assert f"{attention.PAGED}:batch" in attention._VERIFIED and not attention._BROKEN and not attention.KERNEL.broken
     assert paged_counts == counts
     assert counts["b"] == 20 and 0 < counts["a"] < 45 and 0 < counts["c"] < 37  # b has nothing to reuse
     assert gathered[0].shape == (102, HEADS * DIM) and gathered[1].shape[0] == sum(counts.values())
@@ -110,6 +111,6 @@ def test_a_kernel_failing_its_check_mid_step_falls_back_to_the_gathered_path(mon
     real = paged_attention.paged_attention_batch
     monkeypatch.setattr(paged_attention, "paged_attention_batch", lambda *a, **kw: real(*a, **kw) * 1.5)
     paged, _ = _run("triton", monkeypatch)
-    assert "differs from the reference" in attention._BROKEN[attention.PAGED]
+    assert "differs from the reference" in attention.KERNEL.broken
     for got, want in zip(paged, gathered):  # both layers: the wrong output was never used
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

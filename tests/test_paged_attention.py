@@ -91,6 +91,7 @@ def test_refuses_what_it_cannot_take():
 def fresh_backends(monkeypatch):
     """Backend verdicts are per process; give each test its own."""
     monkeypatch.setattr(attention, "_BROKEN", {})
+    monkeypatch.setattr(attention.KERNEL, "_broken", None)
     monkeypatch.setattr(attention, "_VERIFIED", set())
     monkeypatch.setattr(attention, "_WARNED", set())
 
@@ -118,9 +119,9 @@ def test_a_wrong_kernel_is_given_up_not_used(monkeypatch, fresh_backends, caplog
     monkeypatch.setattr(module, "paged_attention_batch", lambda *a, **kw: real(*a, **kw) * 1.5)
     q, positions, view, table = _case(4, 2, 16, 30, 5, "planes", seed=7)
     assert paged_backend.run_paged(q, positions, view.k, view.v, table, 30, 0.25, _gathered(view, table, 30)) is None
-    assert "differs from the reference" in attention._BROKEN[attention.PAGED]
+    assert "differs from the reference" in attention.KERNEL.broken
     assert not paged_backend.paged_kernel_wanted(torch.device("cpu"))  # given up for the process
-    assert "paged kernel failed" in caplog.text
+    assert "paged Triton attention kernel failed" in caplog.text
 
 
 def test_auto_on_cpu_gathers(monkeypatch, fresh_backends):

@@ -19,48 +19,34 @@ No vLLM import: the views are :mod:`kv_layout`'s.
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any, Optional, Sequence
 
 import torch
 
-from ucm.config import env_choice
 from ucm.integration.vllm.kv_layout import PagedKV
+from ucm.kernel_choice import KernelChoice
 from ucm.sparse.blend.rope import RopeSpec, _delta_cos_sin, apply_rotation, delta_rotate
 
 logger = logging.getLogger(__name__)
 
 KERNEL_ENV = "UCM_LOAD_KERNEL"
-_MODES = ("auto", "torch", "triton")
 # Torch path: K of as many layers at once as fit in this many bytes is rotated in one
 # launch; 64 MiB = 4 layers of an 8K-token Llama-3-8B load, 8 at 4K tokens.
 ROPE_SLICE_BYTES = 64 << 20
 
 ROWS = ("source", "slot", "position", "delta")  # the rows of the ``[4, R]`` index tensor
-_BROKEN: list[str] = []  # why the kernel was given up in this process (auto mode), if it was
-
-
-def _mode() -> str:
-    return env_choice(KERNEL_ENV, _MODES)
-
-
-@functools.lru_cache(maxsize=1)
-def _kernel_module() -> Any:
-    try:
-        from ucm.sparse.blend import load_triton
-    except Exception as exc:  # no Triton, or one that fails to initialise
-        logger.info("Triton load kernel unavailable (%s: %s); using the torch path", type(exc).__name__, exc)
-        return None
-    return load_triton
+KERNEL = KernelChoice(KERNEL_ENV, ("auto", "torch", "triton"), module_name="ucm.sparse.blend.load_triton",
+                      label="Triton load/save kernel", fallback="torch ops")
+"""``UCM_LOAD_KERNEL``; under auto a kernel failure gives the kernel up for the process."""
 
 
 def _kernel_for(staged: torch.Tensor, views: Sequence[PagedKV]) -> Any:
     """The kernel module when it should run, None for the torch path; raises when forced but impossible."""
-    mode = _mode()
+    mode = KERNEL.mode()
     if mode == "torch" or (mode == "auto" and not staged.is_cuda):
         return None
-    mod = _kernel_module()
+    mod = KERNEL.module()
     plain = all(view.strided for view in views)
     ok = mod is not None and plain and mod.supports(staged, [v.k for v in views], [v.v for v in views])
     if mode == "triton" and not ok:
@@ -103,18 +89,16 @@ def read_layers(blocks: torch.Tensor, views: Sequence[PagedKV], rows: torch.Tens
 def _ran_kernel(name: str, staged: torch.Tensor, views: Sequence[PagedKV], args: tuple) -> bool:
     """Run the kernel module's ``name(*args)`` when it should; False: use the torch path.
     In auto mode a kernel failure is logged once and the torch path is used from then on."""
-    kernel = None if _BROKEN else _kernel_for(staged, views)
+    kernel = None if KERNEL.broken else _kernel_for(staged, views)
     if kernel is None:
         return False
     try:
         getattr(kernel, name)(*args)
         return True
     except Exception as exc:  # noqa: BLE001 - e.g. a Triton that cannot compile for this GPU
-        if _mode() == "triton":
+        if KERNEL.forced():
             raise
-        _BROKEN.append(f"{type(exc).__name__}: {exc}")
-        logger.warning("ucm: the Triton load/save kernel failed (%s); moving blocks with torch ops from now on",
-                       _BROKEN[0][:500])
+        KERNEL.give_up(exc)
         return False
 
 

@@ -44,13 +44,13 @@ Pure torch; never imports vLLM.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
+from ucm.kernel_choice import KernelChoice
 from ucm.sparse.blend.flex_mask import _POS_SENTINEL, _flex_fn, build_block_mask
 from ucm.sparse.blend.transfer import to_device
 
@@ -75,8 +75,13 @@ PAGED = "triton"
 """``UCM_BLEND_ATTENTION=triton``: the paged kernel (:mod:`paged_backend`), which reads the
 paged cache through the block table; ``auto`` uses it on CUDA for caches it supports."""
 
+KERNEL = KernelChoice(ENV_VAR, ("auto", PAGED) + BACKENDS, kernel=PAGED,
+                      module_name="ucm.sparse.blend.paged_attention",
+                      label="paged Triton attention kernel", fallback="the gathered context")
+"""``UCM_BLEND_ATTENTION``, and the paged kernel's import and give-up (:mod:`paged_backend`)."""
+
 _BROKEN: dict[str, str] = {}
-"""Backend -> why it was given up in this process (so later plans skip it at once)."""
+"""Gathered-context backend -> why it was given up in this process (so later plans skip it)."""
 _VERIFIED: set[str] = set()
 """Backends whose first output in this process matched the reference."""
 
@@ -112,13 +117,9 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nq: int, nk
 
 # ---------------------------------------------------------------------- backend choice
 def requested_backend(backend: Optional[str] = None) -> str:
-    """The backend asked for: the argument, else ``$UCM_BLEND_ATTENTION``, else auto."""
-    name = (backend or os.environ.get(ENV_VAR) or "auto").strip().lower()
-    if name != "auto" and name not in BACKENDS + (PAGED,):
-        _warn_once(f"bad:{name}", "%s=%r is not one of auto|%s; using auto", ENV_VAR, name,
-                   "|".join(BACKENDS))
-        name = "auto"
-    return name
+    """The backend asked for: the argument, else ``$UCM_BLEND_ATTENTION``, else auto;
+    a value that is none of them is refused (checked at engine start too)."""
+    return KERNEL.parse(backend) if backend else KERNEL.mode()
 
 
 def backend_chain(backend: Optional[str], device: torch.device, pairs: int = 0) -> list[str]:

@@ -10,7 +10,6 @@ module because importing that one needs a working Triton.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Optional
 
 import torch
@@ -19,22 +18,16 @@ from ucm.sparse.blend import attention
 from ucm.sparse.blend.attention import PAGED
 
 
-@functools.lru_cache(maxsize=1)
 def _paged_module() -> Any:
-    try:
-        from ucm.sparse.blend import paged_attention
-    except Exception as exc:  # no Triton, or one that fails to initialise
-        attention._warn_once("paged-import", "ucm Blend attention: paged kernel unavailable (%s: %s)",
-                             type(exc).__name__, exc)
-        return None
-    return paged_attention
+    """The kernel module, or None without a working Triton (:data:`attention.KERNEL`)."""
+    return attention.KERNEL.module()
 
 
 def paged_kernel_wanted(device: torch.device) -> bool:
     """Whether to try the paged kernel for rows on ``device`` (``auto`` on CUDA, or
     ``triton``; on CPU only under TRITON_INTERPRET, which is how the tests run it)."""
     name = attention.requested_backend()
-    if PAGED in attention._BROKEN or name not in ("auto", PAGED):
+    if attention.KERNEL.broken or name not in ("auto", PAGED):
         return False
     if device.type == "cuda":
         return True
@@ -81,9 +74,7 @@ def run_paged_batch(q: torch.Tensor, q_pos: torch.Tensor, k_cache: torch.Tensor,
                 attention._VERIFIED.add(verdict)
         return out
     except Exception as exc:  # noqa: BLE001 - never silently wrong: fall back, say so once
-        attention._BROKEN[PAGED] = f"{type(exc).__name__}: {exc}"
-        attention._warn_once(f"broken:{PAGED}", "ucm Blend attention: paged kernel failed (%s); using the "
-                             "gathered context", attention._BROKEN[PAGED][:500])
+        attention.KERNEL.give_up(exc)
         return None
 
 

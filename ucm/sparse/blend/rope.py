@@ -28,14 +28,15 @@ from typing import Any, Optional
 
 import torch
 
-from ucm.config import env_choice
-
+from ucm.kernel_choice import KernelChoice
 from ucm.sparse.blend.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
 KERNEL_ENV = "UCM_ROPE_KERNEL"
-_KERNEL_MODES = ("auto", "torch", "triton")
+KERNEL = KernelChoice(KERNEL_ENV, ("auto", "torch", "triton"), module_name="ucm.sparse.blend.rope_triton",
+                      label="Triton RoPE kernel")
+"""``UCM_ROPE_KERNEL``: auto (Triton on CUDA when importable) | torch | triton."""
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # Keys each scaled type needs (besides what it can default); checked at construction so
@@ -262,33 +263,16 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec) -> torch.Te
     return _apply(x, angles.cos() * scale, angles.sin() * scale, spec)
 
 
-def _kernel_mode() -> str:
-    """``UCM_ROPE_KERNEL``: auto (Triton on CUDA when importable) | torch | triton. Read
-    per call (one dict lookup) so tests and benchmarks can switch it."""
-    return env_choice(KERNEL_ENV, _KERNEL_MODES)
-
-
-@functools.lru_cache(maxsize=1)
-def _triton_module() -> Any:
-    """The kernel module, or None when Triton is missing/broken (logged once)."""
-    try:
-        from . import rope_triton
-    except Exception as exc:  # ImportError, or a Triton that fails to initialise
-        logger.info("Triton RoPE kernel unavailable (%s: %s); using the torch path", type(exc).__name__, exc)
-        return None
-    return rope_triton
-
-
 def _kernels_for(x: torch.Tensor) -> tuple[Any, bool]:
     """(kernel module or None for the torch path, whether the kernel is forced).
 
     ``auto`` uses the kernel for CUDA keys it supports; ``triton`` insists and raises a
     clear error where it cannot (no Triton, or a CPU tensor without TRITON_INTERPRET=1).
     """
-    mode = _kernel_mode()
+    mode = KERNEL.mode()
     if mode == "torch" or (mode == "auto" and not x.is_cuda):
         return None, False
-    mod = _triton_module()
+    mod = KERNEL.module()
     if mode == "auto":
         return mod, False
     if mod is None:
