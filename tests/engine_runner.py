@@ -14,6 +14,14 @@ import os
 import sys
 
 
+def _stats(out) -> dict:
+    """ucm's record of a request: the in-process registry (scheduler and worker parts) or,
+    with vLLM's multiprocess engine, the scheduler's part that comes back with the output."""
+    from ucm.integration.vllm.stats import request_stats
+
+    return request_stats(out.request_id) or dict((out.kv_transfer_params or {}).get("ucm_stats", {}))
+
+
 def _generate(llm, action: dict) -> list[dict]:
     from vllm import SamplingParams
 
@@ -36,7 +44,7 @@ def _generate(llm, action: dict) -> list[dict]:
         top = [{str(k): v.logprob for k, v in step.items()} for step in completion.logprobs]
         results.append({"tokens": list(completion.token_ids),
                         "logprobs": [step[str(t)] for step, t in zip(top, completion.token_ids)],
-                        "top": top, "stats": request_stats(out.request_id),
+                        "top": top, "stats": _stats(out),
                         "finish_reason": completion.finish_reason})
     return results
 
@@ -60,16 +68,29 @@ def _corrupt(action: dict) -> list[dict]:
     return [{"changed": len(changed)}]
 
 
-def run(spec: dict) -> dict:
-    for key, value in spec.get("env", {}).items():
-        os.environ[key] = value
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    for target, value in spec.get("module_attrs", {}).items():  # "pkg.module:NAME" -> value
-        import importlib
+def _inject_fault(target: str, fail_on_call: int) -> None:
+    """Make ``pkg.module:Class.attr`` (a function or method) raise on its Nth call
+    (1-based) in this process, where the worker runs: a fault injected into ucm."""
+    import importlib
 
-        module, name = target.split(":")
-        setattr(importlib.import_module(module), name, value)  # the worker runs in this process
+    module, path = target.split(":")
+    owner = importlib.import_module(module)
+    *parents, name = path.split(".")
+    for parent in parents:
+        owner = getattr(owner, parent)
+    original = getattr(owner, name)
+    calls = [0]
+
+    def faulty(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == fail_on_call:
+            raise RuntimeError(f"injected fault in {target} (call {calls[0]})")
+        return original(*args, **kwargs)
+
+    setattr(owner, name, faulty)
+
+
+def _build(spec: dict):
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -81,7 +102,47 @@ def run(spec: dict) -> dict:
             kv_connector=spec.get("connector", "UCMBlendConnector"),
             kv_connector_module_path=spec.get("module", "ucm.integration.vllm.blend_connector"),
             kv_role="kv_both", kv_connector_extra_config=spec["ucm"])
-    llm = LLM(spec["model"], **engine)
+    return LLM(spec["model"], **engine)
+
+
+def _start_error(attempt: dict) -> dict:
+    """Build an engine that should be refused at start; the error text (causes included),
+    or ``started`` when ``LLM(...)`` returned."""
+    saved = {key: os.environ.get(key) for key in attempt.get("env", {})}
+    os.environ.update(attempt.get("env", {}))
+    try:
+        llm = _build(attempt)
+    except Exception as exc:  # noqa: BLE001 - the refusal under test
+        chain, seen = [], exc
+        while seen is not None and len(chain) < 8:
+            chain.append(f"{type(seen).__name__}: {seen}")
+            seen = seen.__cause__ or seen.__context__
+        return {"error": " <- ".join(chain)}
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    del llm
+    return {"started": True}
+
+
+def run(spec: dict) -> dict:
+    for key, value in spec.get("env", {}).items():
+        os.environ[key] = value
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    for target, value in spec.get("module_attrs", {}).items():  # "pkg.module:NAME" -> value
+        import importlib
+
+        module, name = target.split(":")
+        setattr(importlib.import_module(module), name, value)  # the worker runs in this process
+    for fault in spec.get("faults", []):
+        _inject_fault(fault["target"], fault["fail_on_call"])
+    if "start_errors" in spec:  # engines that must be refused at start, one after another
+        return {"start_errors": [_start_error(attempt) for attempt in spec["start_errors"]]}
+    llm = _build(spec)
     out: dict = {}
     for i, action in enumerate(spec["actions"]):
         name = action.get("name", str(i))
@@ -93,6 +154,10 @@ def run(spec: dict) -> dict:
             from vllm.model_executor.layers.attention.attention import Attention
 
             out[name] = [{"patched": bool(getattr(Attention.forward, "_ucm_patched", False))}]
+        elif action["op"] == "totals":
+            from ucm.integration.vllm.stats import totals
+
+            out[name] = [totals()]
         else:
             raise ValueError(f"unknown action {action['op']}")
     return out

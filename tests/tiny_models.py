@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+UNSUPPORTED_ARCHS = ("phi", "gpt2")  # architectures Blend refuses (tests of the start-time refusal)
 
 
 def _config(arch: str):
@@ -27,7 +28,15 @@ def _config(arch: str):
         return transformers.Qwen2Config(use_sliding_window=False, **common), transformers.Qwen2ForCausalLM
     if arch == "qwen3":
         return transformers.Qwen3Config(use_sliding_window=False, **common), transformers.Qwen3ForCausalLM
-    raise ValueError(f"unknown arch {arch}; known: {ARCHS}")
+    small = dict(vocab_size=512, num_hidden_layers=2, max_position_embeddings=4096, bos_token_id=1,
+                 eos_token_id=2, tie_word_embeddings=False)
+    if arch == "phi":
+        return (transformers.PhiConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, **small),
+                transformers.PhiForCausalLM)
+    if arch == "gpt2":
+        small = dict(small, n_layer=small.pop("num_hidden_layers"), n_positions=small.pop("max_position_embeddings"))
+        return transformers.GPT2Config(n_embd=128, n_head=4, **small), transformers.GPT2LMHeadModel
+    raise ValueError(f"unknown arch {arch}; known: {ARCHS + UNSUPPORTED_ARCHS}")
 
 
 def build_tiny_model(arch: str, root: Path, seed: int = 0) -> Path:

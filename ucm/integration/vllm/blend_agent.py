@@ -71,6 +71,9 @@ class VllmBlendAgent(UcmSparseBase):
         self.last_layer = -1
         self.step: Optional[BlendStep] = None
         self._began = False  # the model-runner patch announced the current forward
+        self._beginning = False  # execute_begin is under way (a failure there is ucm's)
+        self._batch: Optional[BatchInfo] = None
+        self._fallback_causes: set[str] = set()  # logged once each
         self._layer_index: dict[str, int] = {}
         self._plan: Optional[RowPlan] = None  # rows the current layer frame computes
         self._next_plan: Optional[RowPlan] = None  # the same after the pending shrink
@@ -78,7 +81,8 @@ class VllmBlendAgent(UcmSparseBase):
     # ---- forward boundaries -------------------------------------------------------------
     def execute_begin(self, batch: BatchInfo) -> None:
         self.step = None
-        self._began = True
+        self._began = self._beginning = True
+        self._batch = batch
         meta = self.metadata()
         if meta is not None and meta.blend_active:
             start = HOST_TIMES.start()
@@ -89,6 +93,41 @@ class VllmBlendAgent(UcmSparseBase):
         if self.step is None:
             # vLLM's backend computes every row: loaded KV must land before it writes.
             self.worker.wait_loads()
+        self._beginning = False
+
+    def abandon_step(self, exc: BaseException) -> bool:
+        """Give up this forward's Blend step after ``exc``, so the caller can run the
+        batch again as a plain prefill; False when no step (nor its setup) was under way,
+        the failure then not being ucm's.
+
+        Pending chunk loads are dropped or waited for (never left to land over the plain
+        run's KV); each request that had reusable rows is recorded as having recomputed
+        them all (its stats then say what ran); the fallback is counted
+        (``blend_fallbacks``) and its cause logged once.
+        """
+        if self.step is None and not self._beginning:
+            return False
+        step = self.method.end_step()
+        self.step, self._beginning = None, False
+        self._plan = self._next_plan = None
+        self.worker.abandon_loads()
+        for req_id, num_reusable in self._reusable_counts(step).items():
+            stats.record_fallback(req_id, num_reusable)
+        stats.add_interval(blend_fallbacks=1)
+        cause = f"{type(exc).__name__}: {exc}"
+        if cause not in self._fallback_causes:
+            self._fallback_causes.add(cause)
+            logger.warning("ucm Blend: a step failed (%s); running its batch as a plain prefill", cause[:500],
+                           exc_info=exc)
+        return True
+
+    def _reusable_counts(self, step: Optional[BlendStep]) -> dict[str, int]:
+        """Reusable rows per request of the failed forward (the step's, else the loads')."""
+        if step is not None:
+            return {req_id: outcome.num_reusable for req_id, outcome in step.outcomes.items()}
+        req_ids = self._batch.req_ids if self._batch is not None else []
+        masks = {req_id: self.worker.reusable.get(req_id) for req_id in req_ids}
+        return {req_id: int(mask.sum()) for req_id, mask in masks.items() if mask is not None}
 
     def _begin_step(self, meta: UcmConnectorMetadata, batch: BatchInfo) -> None:
         requests, contexts, slots = [], {}, []
@@ -140,7 +179,8 @@ class VllmBlendAgent(UcmSparseBase):
                 if outcome.num_reusable:
                     stats.record_step(req_id, outcome.num_reusable, outcome.num_recomputed_reusable)
         self.step = None
-        self._began = False
+        self._began = self._beginning = False
+        self._batch = None
         return logits_indices
 
     # ---- decoder layers ------------------------------------------------------------------

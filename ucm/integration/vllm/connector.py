@@ -31,6 +31,7 @@ from ucm.integration.vllm.logs import route_ucm_logs
 from ucm.integration.vllm.metadata import UcmConnectorMetadata
 from ucm.integration.vllm.prefix_cache_guard import check_request_hashing, withhold_from_prefix_cache
 from ucm.integration.vllm.scheduler_side import SchedulerSide, request_is_precompute, request_ratio
+from ucm.integration.vllm.startup_checks import check_at_start
 from ucm.integration.vllm.worker_side import LayerInfo, WorkerSide, layer_index
 from ucm.sparse.blend.chunking import Delimiter
 from ucm.sparse.blend.rope import RopeSpec
@@ -85,6 +86,7 @@ class UCMConnector(KVConnectorBase_V1):
         self.blend_on = self.uses_blend and sparse_enabled()
         if self.uses_blend and not self.blend_on:
             logger.warning("ucm: ENABLE_SPARSE is off; UCMBlendConnector reuses prefix blocks only")
+        check_at_start(vllm_config, self.blend_on)
         parallel = vllm_config.parallel_config
         self.tp_size = parallel.tensor_parallel_size
         model = vllm_config.model_config

@@ -9,9 +9,15 @@ without a Blend request runs the original code path.
 
 Patch points:
 
+0. ``GPUModelRunner.initialize_kv_cache`` (CPUModelRunner calls it): once the worker's
+   connector has registered the KV caches and installed the agent, check the loaded
+   model's decoder layers and install (2), so an unsupported model fails the engine's
+   start, not its first request.
 1. ``GPUModelRunner._model_forward`` (classic model runner; CPUModelRunner inherits
    it): tell the agent the batch's request order and positions before the model
-   runs; on its first call, install (2) on the model's decoder layers.
+   runs (and install (2) if (0) did not). A Blend step that fails is abandoned and the
+   batch runs again as a plain prefill (:func:`_blend_forward`): after start, no ucm
+   error takes the engine down.
 2. Each decoder layer's ``forward`` (instance-level, for models whose layers live in
    ``model.layers`` with the ``(positions, hidden_states, residual)`` signature:
    Llama, Mistral, Qwen2, Qwen3): restore the full batch after the last layer; and
@@ -33,6 +39,7 @@ from typing import Any, Callable
 import torch
 
 from ucm.integration.vllm.host_time import HOST_TIMES
+from ucm.integration.vllm.startup_checks import SUPPORTED_DECODER_LAYERS, check_decoder_layers, decoder_layers
 from ucm.sparse import state
 
 logger = logging.getLogger(__name__)
@@ -43,8 +50,8 @@ SUPPORTED_VERSIONS = {
     "0.26.": "vllm.model_executor.layers.attention.attention",
 }
 RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
-SUPPORTED_DECODER_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 _APPLIED = False
+__all__ = ["SUPPORTED_DECODER_LAYERS", "apply_patches", "check_attention_layer", "install_layer_hooks"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,21 @@ def check_vllm_version(version: str) -> str:
     )
 
 
+def _wrap_initialize_kv_cache(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def initialize_kv_cache(self, *args: Any, **kwargs: Any):
+        original(self, *args, **kwargs)
+        agent = state.get_sparse_agent()
+        if agent is not None and getattr(self, "model", None) is not None:
+            try:
+                install_layer_hooks(self.model, agent)
+            except BaseException:
+                state.set_sparse_agent(None)  # the engine does not start; leave no agent behind
+                raise
+
+    return initialize_kv_cache
+
+
 def _wrap_model_forward(original: Callable) -> Callable:
     @functools.wraps(original)
     def _model_forward(self, *args: Any, **kwargs: Any):
@@ -73,19 +95,40 @@ def _wrap_model_forward(original: Callable) -> Callable:
         if agent is None:
             return original(self, *args, **kwargs)
         install_layer_hooks(self.model, agent)
-        from ucm.integration.vllm.blend_agent import BatchInfo
-
         start = HOST_TIMES.start()
-        num_reqs = self.input_batch.num_reqs
-        positions = kwargs.get("positions")
-        state.maybe_execute_begin(BatchInfo(list(self.input_batch.req_ids[:num_reqs]), positions))
         try:
-            return original(self, *args, **kwargs)
+            return _blend_forward(agent, lambda: original(self, *args, **kwargs), self.input_batch,
+                                  kwargs.get("positions"))
         finally:
-            state.maybe_execute_finished(torch.empty(0))
             HOST_TIMES.add("forward", start)
 
     return _model_forward
+
+
+def _blend_forward(agent: Any, forward: Callable[[], Any], input_batch: Any, positions: Any) -> Any:
+    """One forward under the agent; if its Blend step fails, the same batch again as a
+    plain prefill.
+
+    Every row of the batch is a scheduled token, so the plain run rewrites whatever KV
+    the failed attempt (or its chunk loads) left in those rows' cache slots; prefix
+    blocks loaded before the step are not scheduled rows and stay. A failure outside a
+    Blend step (the agent did nothing) is vLLM's own and is raised.
+    """
+    from ucm.integration.vllm.blend_agent import BatchInfo
+
+    try:
+        state.maybe_execute_begin(BatchInfo(list(input_batch.req_ids[:input_batch.num_reqs]), positions))
+        out = forward()
+    except Exception as exc:  # noqa: BLE001 - a cache must not take the engine down
+        if not agent.abandon_step(exc):
+            agent.execute_finished(torch.empty(0))
+            raise
+        try:
+            return forward()
+        finally:
+            agent.execute_finished(torch.empty(0))
+    state.maybe_execute_finished(torch.empty(0))
+    return out
 
 
 def _wrap_attention_forward(original: Callable) -> Callable:
@@ -99,31 +142,18 @@ def _wrap_attention_forward(original: Callable) -> Callable:
     return forward
 
 
-def _decoder_layers(model: torch.nn.Module) -> tuple[torch.nn.ModuleList, int]:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise RuntimeError(f"ucm Blend: {type(model).__name__} has no model.layers; unsupported model")
-    end = getattr(inner, "end_layer", len(layers))
-    return layers, end
-
-
 def install_layer_hooks(model: torch.nn.Module, agent: Any) -> None:
-    """Wrap each decoder layer's forward once per model instance (patch point 2)."""
+    """Wrap each decoder layer's forward once per model instance (patch point 2),
+    after refusing a model whose layers the hooks do not know."""
     if getattr(model, "_ucm_layer_hooks", False):
         return
-    layers, end = _decoder_layers(model)
+    check_decoder_layers(model)
+    layers, end = decoder_layers(model)
     for index, layer in enumerate(layers):
-        name = type(layer).__name__
-        if name == "PPMissingLayer":
+        if type(layer).__name__ == "PPMissingLayer":
             continue
-        if name not in SUPPORTED_DECODER_LAYERS:
-            raise RuntimeError(f"ucm Blend: decoder layer {name} is not supported; supported: "
-                               f"{', '.join(SUPPORTED_DECODER_LAYERS)}")
-        norm = getattr(layer, "post_attention_layernorm", None)
-        if norm is None:
-            raise RuntimeError(f"ucm Blend: decoder layer {name} has no post_attention_layernorm")
         layer.forward = _wrap_layer(layer.forward, index)
+        norm = layer.post_attention_layernorm
         norm.forward = _wrap_post_attention_norm(norm.forward)
     agent.last_layer = end - 1
     model._ucm_layer_hooks = True
@@ -162,6 +192,7 @@ def _wrap_post_attention_norm(original: Callable) -> Callable:
 
 def patch_points(attention_module: str) -> list[PatchPoint]:
     return [
+        PatchPoint(RUNNER_MODULE, "GPUModelRunner", "initialize_kv_cache", _wrap_initialize_kv_cache),
         PatchPoint(RUNNER_MODULE, "GPUModelRunner", "_model_forward", _wrap_model_forward),
         PatchPoint(attention_module, "Attention", "forward", _wrap_attention_forward),
     ]

@@ -64,9 +64,7 @@ class StatsRegistry:
 
     def record_plan(self, req_id: str, plan: ReusePlan) -> None:
         with self._lock:
-            self._entry(req_id).update(
-                prompt_tokens=plan.num_tokens, prefix_hit_tokens=plan.prefix_hit_tokens,
-                chunk_hit_tokens=plan.chunk_hit_tokens, chunk_tokens=plan.num_chunk_tokens)
+            self._entry(req_id).update(plan.summary())
 
     def record_step(self, req_id: str, num_reusable: int, num_recomputed: int) -> None:
         """Add one forward's Blend outcome for a request (chunked prefills add several)."""
@@ -77,6 +75,13 @@ class StatsRegistry:
             entry.update(reusable_tokens=reusable, recomputed_reused_tokens=recomputed,
                          reused_tokens=reusable - recomputed,
                          recompute_ratio=recomputed / reusable if reusable else None)
+
+    def add(self, req_id: str, **counts: int) -> None:
+        """Add to a request's counters (made at 0)."""
+        with self._lock:
+            entry = self._entry(req_id)
+            for name, value in counts.items():
+                entry[name] = entry.get(name, 0) + value
 
     def get(self, req_id: str) -> dict[str, Any]:
         """A copy of one request's record, by internal or caller id (empty if none)."""
@@ -106,6 +111,15 @@ def record_step(req_id: str, num_reusable: int, num_recomputed: int) -> None:
     REGISTRY.record_step(req_id, num_reusable, num_recomputed)
 
 
+def record_fallback(req_id: str, num_reusable: int) -> None:
+    """A forward whose Blend step failed ran as a plain prefill: the request's reusable
+    rows were all recomputed (``recompute_ratio`` says what ran), and it is marked."""
+    if not num_reusable:
+        return
+    record_step(req_id, num_reusable, num_reusable)
+    REGISTRY.add(req_id, blend_fallbacks=1)
+
+
 def request_stats(req_id: str) -> dict[str, Any]:
     """The merged record of one request (empty if ucm saw nothing of it, or it was dropped).
 
@@ -121,13 +135,22 @@ def clear() -> None:
 
 _LOCK = threading.Lock()
 _INTERVAL: dict[str, int] = {}
+_TOTALS: dict[str, int] = {}
 
 
 def add_interval(**counts: int) -> None:
-    """Add to the counters vLLM's periodic stats logging will collect next."""
+    """Add to the counters vLLM's periodic stats logging will collect next (and to the
+    process's running totals)."""
     with _LOCK:
         for name, value in counts.items():
             _INTERVAL[name] = _INTERVAL.get(name, 0) + value
+            _TOTALS[name] = _TOTALS.get(name, 0) + value
+
+
+def totals() -> dict[str, int]:
+    """Every counter since the process started (vLLM's stats logging drains the interval)."""
+    with _LOCK:
+        return dict(_TOTALS)
 
 
 def take_interval() -> dict[str, int]:

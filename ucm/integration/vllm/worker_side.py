@@ -356,6 +356,16 @@ class WorkerSide:
             for view in self.views.values():
                 view.ready = None
 
+    def abandon_loads(self) -> None:
+        """A failed Blend step's chunk load: dropped if not yet issued (the plain rerun
+        computes every row it would have written), else waited for, so it cannot land
+        over the rerun's KV."""
+        if self._deferred is not None:
+            self._deferred = None
+            for view in self.views.values():
+                view.ready = None
+        self.wait_loads()
+
     def wait_layer(self, layer_name: str) -> None:
         view = self.views.get(layer_name)
         if view is not None:
