@@ -11,7 +11,10 @@ from ucm.integration.vllm.stats import StatsRegistry
 
 
 def plan(tokens: int = 10, chunk_hit: int = 0) -> SimpleNamespace:
-    return SimpleNamespace(num_tokens=tokens, prefix_hit_tokens=0, chunk_hit_tokens=chunk_hit, num_chunk_tokens=8)
+    """A stand-in for a ReusePlan: its counts and the summary the registry records."""
+    counts = dict(prompt_tokens=tokens, prefix_hit_tokens=0, chunk_hit_tokens=chunk_hit, chunk_tokens=8)
+    return SimpleNamespace(num_tokens=tokens, prefix_hit_tokens=0, chunk_hit_tokens=chunk_hit, num_chunk_tokens=8,
+                           summary=lambda: dict(counts))
 
 
 def test_capacity_is_respected_and_the_least_recently_written_go_first():
