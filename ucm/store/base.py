@@ -21,6 +21,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from ucm.store.journal import KeyJournal
+
 # Longest key accepted. Keys become file names (hex, two chars per byte) and
 # most file systems cap a name at 255 bytes, so leave room for the suffix.
 MAX_KEY_BYTES = 100
@@ -249,6 +251,12 @@ class KVStoreBase(ABC):
         (temp file + rename, or one dict insert), so there is nothing to commit;
         the method exists so the connector can call it uniformly.
         """
+
+    def attach_journal(self, journal: "KeyJournal") -> bool:
+        """Report every key this store adds or drops to ``journal`` (current keys count as
+        added). Only tiers private to this process do (host memory); a tier every process
+        sees (files) needs no journal and returns False."""
+        return False
 
     def close(self) -> None:
         """Release threads and handles; later operations fail with StoreError."""

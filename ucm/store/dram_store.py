@@ -21,6 +21,7 @@ import torch
 from ucm.config_checks import UcmConfigError
 from ucm.store import pinned
 from ucm.store.arena import BlockArena
+from ucm.store.journal import KeyJournal
 from ucm.store.base import (
     BASE_COUNTERS,
     KVStoreBase,
@@ -67,6 +68,7 @@ class UcmDramStore(KVStoreBase):
         self._closed = False
         self._stats = StoreStats(BASE_COUNTERS + ("rejected_layout",))
         self._reserved: set[int] = set()
+        self._journal: Optional[KeyJournal] = None
         self._arena: Optional[BlockArena] = None
         self._lent: Dict[int, int] = {}  # data_ptr of a lent block -> its arena slot
 
@@ -269,6 +271,8 @@ class UcmDramStore(KVStoreBase):
                 return 0
             self._blocks[key] = (copy, layout, nbytes, slot)
             self._used += nbytes
+            if self._journal is not None:
+                self._journal.added((key,))
             self._evict_over_budget_locked()
         self._stats.incr("blocks_written")
         self._stats.incr("bytes_written", nbytes)
@@ -292,6 +296,8 @@ class UcmDramStore(KVStoreBase):
                 self._used += size
                 written += 1
                 nbytes += size
+                if self._journal is not None:
+                    self._journal.added((key,))
             self._evict_over_budget_locked()
         self._stats.incr("blocks_skipped", len(items) - written)
         self._stats.incr("blocks_written", written)
@@ -340,14 +346,25 @@ class UcmDramStore(KVStoreBase):
         holds the tensor it handed out (an asynchronous copy may still read it)."""
         tensor, _layout, nbytes, slot = self._blocks.pop(key)
         self._used -= nbytes
+        if self._journal is not None:
+            self._journal.dropped((key,))
         if slot is not None and self._arena is not None:
             ref = weakref.ref(tensor)
             del tensor
             self._arena.release(slot, ref)
 
+    def attach_journal(self, journal: KeyJournal) -> bool:
+        """Host memory is private to this process: report its keys to ``journal``."""
+        with self._lock:
+            self._journal = journal
+            journal.added(list(self._blocks))
+        return True
+
     def close(self) -> None:
         """Free all cached tensors; later loads/dumps fail with StoreError."""
         with self._lock:
+            if self._journal is not None:
+                self._journal.dropped(list(self._blocks))
             self._closed = True
             self._blocks.clear()
             self._lent.clear()

@@ -23,6 +23,7 @@ from ucm.store.base import (
     check_layout,
     check_tensors,
 )
+from ucm.store.journal import KeyJournal
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,13 @@ class UcmPipelineStore(KVStoreBase):
 
     def return_blocks(self, blocks: Sequence[torch.Tensor]) -> None:
         self.tiers[0].return_blocks(blocks)
+
+    def attach_journal(self, journal: KeyJournal) -> bool:
+        """Every private tier reports to the journal. A key dropped by the host-memory tier
+        but still in a shared file tier reads as dropped, which only costs the scheduler's
+        view of it; the scheduler still finds it through its own lookup of the files."""
+        attached = [tier.attach_journal(journal) for tier in self.tiers]
+        return any(attached)
 
     def close(self) -> None:
         """Stop coordinating, then close every tier (each finishes its queued I/O)."""

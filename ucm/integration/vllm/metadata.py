@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class RequestStep:
     saves: list[BlockSave] = field(default_factory=list)
     blend: bool = False  # this step loads reused chunk KV for the request
     ratio: Optional[float] = None  # per-request recompute ratio (SamplingParams.extra_args)
+    precompute: bool = False  # a chunk precompute: its saves land before the step ends
 
 
 @dataclass
@@ -67,3 +68,18 @@ class UcmConnectorMetadata(KVConnectorMetadata):
 
     requests: dict[str, RequestStep] = field(default_factory=dict)
     blend_active: bool = False
+
+
+@dataclass
+class UcmWorkerReport(KVConnectorWorkerMetadata):
+    """What the workers' private (host-memory) tiers gained and lost in one step, for a
+    scheduler that may live in another process. Keys are rank keys, so the reports of
+    several TP ranks simply add up."""
+
+    added: list[bytes] = field(default_factory=list)
+    dropped: list[bytes] = field(default_factory=list)
+
+    def aggregate(self, other: "KVConnectorWorkerMetadata") -> "UcmWorkerReport":
+        if not isinstance(other, UcmWorkerReport):
+            return self
+        return UcmWorkerReport(self.added + other.added, self.dropped + other.dropped)

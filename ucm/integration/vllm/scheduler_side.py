@@ -20,6 +20,7 @@ from ucm.integration.vllm.metadata import BlockLoad, BlockSave, RequestStep, Ucm
 from ucm.sparse.blend.chunking import Delimiter, split_prompt
 from ucm.sparse.blend.plan import ReusePlan, build_plan
 from ucm.store.base import KVStoreBase
+from ucm.store.journal import HeldKeys
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class _Tracked:
     prefix_loaded: bool = False
     saved: bool = False
     ratio: Optional[float] = None
+    precompute: bool = False
 
 
 RATIO_ARG = "ucm_blend_ratio"
@@ -75,6 +77,9 @@ class SchedulerSide:
         self.tp_size = tp_size
         self.delimiter = delimiter
         self.requests: dict[str, _Tracked] = {}
+        # Keys the workers' private tiers hold, as they report them (they may run in other
+        # processes, whose host memory the store here cannot see).
+        self.held = HeldKeys()
 
     # ---- lookup ------------------------------------------------------------------
     def _exists(self, keys: Sequence[bytes]) -> list[bool]:
@@ -85,7 +90,7 @@ class SchedulerSide:
         for rank in range(self.tp_size):
             shard_keys = [rank_key(k, rank) for k in keys]
             INFLIGHT.wait(shard_keys)  # a save of these keys in this process lands first
-            hits = self.store.lookup(shard_keys)
+            hits = [found or key in self.held for found, key in zip(self.store.lookup(shard_keys), shard_keys)]
             found = [a and b for a, b in zip(found, hits)]
         return found
 
@@ -101,7 +106,7 @@ class SchedulerSide:
             min_chunk_tokens=blend.min_chunk_tokens if blend else 1,
             save_chunks=bool(blend and blend.save_chunks), chunk_precompute=precompute,
         )
-        tracked = _Tracked(plan=plan, prompt_len=len(prompt), ratio=ratio)
+        tracked = _Tracked(plan=plan, prompt_len=len(prompt), ratio=ratio, precompute=precompute)
         self.requests[req_id] = tracked
         logger.debug("request %s: %d tokens, prefix hit %d, chunk hit %d", req_id, len(prompt),
                      plan.prefix_hit_tokens, plan.chunk_hit_tokens)
@@ -172,7 +177,7 @@ class SchedulerSide:
         plan = tracked.plan
         lo, hi = num_computed, num_computed + num_scheduled
         step = RequestStep(req_id, list(tracked.block_ids), num_computed, num_scheduled, tracked.prompt_len,
-                           ratio=tracked.ratio)
+                           ratio=tracked.ratio, precompute=tracked.precompute)
         b = self.block_tokens
         if not tracked.prefix_loaded:
             load_lo, load_hi = tracked.local_computed, tracked.local_computed + tracked.external_tokens

@@ -62,6 +62,11 @@ class ReusePlan:
     def has_chunk_hits(self) -> bool:
         return bool(self.chunk_hits)
 
+    def summary(self) -> dict[str, int]:
+        """The plan's counts as a request's statistics report them."""
+        return dict(prompt_tokens=self.num_tokens, prefix_hit_tokens=self.prefix_hit_tokens,
+                    chunk_hit_tokens=self.chunk_hit_tokens, chunk_tokens=self.num_chunk_tokens)
+
     def first_reused_token(self, computed: int = 0) -> int | None:
         """The first prompt position at or after ``computed`` whose KV Blend may take from
         a chunk block rather than compute: from there on the request's KV is approximate
