@@ -94,9 +94,11 @@ class UCMConnector(KVConnectorBase_V1):
         parallel = vllm_config.parallel_config
         self.tp_size = parallel.tensor_parallel_size
         model = vllm_config.model_config
+        from ucm.integration.vllm.model_identity import vllm_model_identity
+
         self.hash_context = HashContext(
             model_id=str(model.model), kv_dtype=f"{model.dtype}/{vllm_config.cache_config.cache_dtype}",
-            tp_size=self.tp_size)
+            tp_size=self.tp_size, model_identity=vllm_model_identity(vllm_config))
         self.store = shared_store(self.ucm_config)
         self.block_tokens = self.ucm_config.block_tokens
         self.scheduler_side: Optional[SchedulerSide] = None
