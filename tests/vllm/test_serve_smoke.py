@@ -32,16 +32,17 @@ UCM_LINE = re.compile(r"\) INFO .*\[connector\.py:\d+\] ucm request (?P<req>\S+)
                       r"prefix hit (?P<prefix>\d+), chunk hit (?P<chunk>\d+)$", re.M)
 
 
-def file_store(tmp: Path) -> list[dict[str, Any]]:
+def default_store(tmp: Path) -> Optional[list[dict[str, Any]]]:
+    """No ``ucm_connectors``: the default host-memory store, which lives in the worker's
+    process while the scheduler runs in the engine core's: the worker reports its keys."""
+    return None
+
+
+def file_store(tmp: Path) -> Optional[list[dict[str, Any]]]:
     return [{"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {"storage_backends": str(tmp / "store")}}]
 
 
-# The store the server uses. A file store for now: the default host-memory store
-# (UcmDramStore) is private to each vLLM process, and under serve the scheduler
-# (engine core) and the worker are different processes. Once the default store is
-# shared across them, switch to: lambda tmp: [{"ucm_connector_name": "UcmDramStore",
-# "ucm_connector_config": {}}] (or drop "ucm_connectors" for the default).
-STORE: Callable[[Path], list[dict[str, Any]]] = file_store
+STORE: Callable[[Path], Optional[list[dict[str, Any]]]] = default_store
 
 
 def free_port() -> int:
@@ -50,17 +51,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def kv_transfer_config(stores: list[dict[str, Any]]) -> dict[str, Any]:
+def kv_transfer_config(stores: Optional[list[dict[str, Any]]]) -> dict[str, Any]:
     blend = {"chunk_end_token_id": END, "compute_meta": {"model.layers.1.self_attn.attn": {"ratio": 0.5}}}
+    extra: dict[str, Any] = {"ucm_sparse_config": {"Blend": blend}}
+    if stores is not None:
+        extra["ucm_connectors"] = stores
     return {"kv_connector": "UCMBlendConnector", "kv_connector_module_path": "ucm.integration.vllm.blend_connector",
-            "kv_role": "kv_both",
-            "kv_connector_extra_config": {"ucm_connectors": stores, "ucm_sparse_config": {"Blend": blend}}}
+            "kv_role": "kv_both", "kv_connector_extra_config": extra}
 
 
 class Server:
     """``ucm-serve serve`` in its own session; output to a file (a pipe could fill and block it)."""
 
-    def __init__(self, model: Path, stores: list[dict[str, Any]], log: Path) -> None:
+    def __init__(self, model: Path, stores: Optional[list[dict[str, Any]]], log: Path) -> None:
         self.port, self.log = free_port(), log
         self.base = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items()
