@@ -7,10 +7,14 @@ was wrong. The keys now carry a fingerprint of the weight files (tests/test_mode
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 
 from tests.tiny_models import build_tiny_model
-from tests.vllm.conftest import Rag, blend_config, run_engine
+from tests.vllm.conftest import ROOT, Rag, blend_config, run_engine
 from tests.vllm.test_blend_llama import assert_same
 from ucm.model_identity import safetensors_header
 
@@ -52,3 +56,38 @@ def test_new_weights_at_the_same_path_miss_the_old_kv(tmp_path):
     assert reused[0]["stats"]["prefix_hit_tokens"] == 0
     assert reused[0]["stats"]["chunk_hit_tokens"] == 0
     assert_same(reused, plain)
+
+
+_IDENTITIES = """
+import json, sys
+from vllm.engine.arg_utils import EngineArgs
+from ucm.integration.vllm.model_identity import vllm_model_identity
+ids = {}
+for fmt in ("auto", "dummy"):
+    config = EngineArgs(model=sys.argv[1], load_format=fmt, skip_tokenizer_init=True, dtype="float32",
+                        max_model_len=4096, enforce_eager=True).create_engine_config()
+    ids[fmt] = vllm_model_identity(config)
+print("IDS" + json.dumps(ids))
+"""
+
+
+def _identities(model) -> dict[str, str]:
+    """vllm_model_identity of vLLM's own config objects, in a fresh process."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), VLLM_CPU_KVCACHE_SPACE="1")
+    proc = subprocess.run([sys.executable, "-c", _IDENTITIES, str(model)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [row for row in proc.stdout.splitlines() if row.startswith("IDS")][-1]
+    return json.loads(line[3:])
+
+
+def test_dummy_weights_keep_their_keys_across_processes_and_weight_rewrites(tmp_path):
+    """load_format='dummy' (benchmarks): random weights from a fixed seed, so the identity is
+    the config's, stable across processes and blind to the files; real weights are not."""
+    model = build_tiny_model("llama", tmp_path / "models", seed=0)
+    first, second = _identities(model), _identities(model)
+    assert first == second and first["auto"] != first["dummy"]
+    shutil.copyfile(build_tiny_model("llama", tmp_path / "new", seed=1) / "model.safetensors",
+                    model / "model.safetensors")
+    after = _identities(model)
+    assert after["dummy"] == first["dummy"] and after["auto"] != first["auto"]
