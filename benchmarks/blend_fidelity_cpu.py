@@ -24,7 +24,7 @@ Variants (``--variants``, all by default):
 Usage (Qwen2.5-Coder-0.5B converted by ``benchmarks/qwen_model.py``)::
 
     python benchmarks/blend_fidelity_cpu.py --model ~/.cache/ucm/models/Qwen2.5-Coder-0.5B-Instruct-f32 \\
-        --num-samples 24 --output-json docs/blend_fidelity_cpu_qwen.json
+        --num-samples 24 --output-json benchmarks/results/blend_fidelity_cpu_qwen.json
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ label; the plot shows, per prompt size, how much slower a prompt never seen befo
 through ucm (full prefill plus saving all its KV) than vLLM's own full prefill, measured
 side by side in the same run.
 
-    python benchmarks/plot_cold_saves.py --out docs/cold_saves_h100_s6.png \
+    python benchmarks/plot_cold_saves.py --out benchmarks/results/cold_saves_h100.png \
         "start (s5 cold fix)=docs/ttft_gpu_h100_s5_cold.json" "lent slots=docs/ttft_gpu_h100_s6_lent.json" ...
 """
 
