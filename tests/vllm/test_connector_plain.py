@@ -39,8 +39,6 @@ def test_prefix_blocks_are_reused_by_another_engine(tiny_models, tmp_path):
      {"ucm_sparse_config": {"Blend": {"chunk_end_token_id": 2}}}, {}, "use kv_connector='UCMBlendConnector'"),
     ("UCMBlendConnector", "ucm.integration.vllm.blend_connector",
      {"ucm_sparse_config": {"Blend": {"chunk_end_tokn_id": 2}}}, {}, "chunk_end_tokn_id"),
-    ("UCMBlendConnector", "ucm.integration.vllm.blend_connector",
-     {"ucm_sparse_config": {"Blend": {"chunk_end_token_id": 2}}}, {"enforce_eager": False}, "enforce_eager"),
 ])
 def test_bad_config_fails_at_engine_start(tiny_models, tmp_path, connector, module, ucm, engine, needle):
     spec = {"model": str(tiny_models["llama"]), "connector": connector, "module": module, "ucm": ucm,

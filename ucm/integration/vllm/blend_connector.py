@@ -2,7 +2,9 @@
 
 Same stores, hashing and transfers as :class:`UCMConnector`; in addition the
 scheduler splits prompts into chunks and plans chunk reuse, and the worker installs
-the Blend sparse agent. Without ENABLE_SPARSE it reuses prefix blocks only.
+the Blend sparse agent. Without ENABLE_SPARSE it reuses prefix blocks only. Runs in
+vLLM's default mode (torch.compile, CUDA graphs) and with ``enforce_eager``: only the
+steps that carry Blend work leave the compiled path (patches.py, patch point 4).
 """
 
 from __future__ import annotations
@@ -19,10 +21,6 @@ class UCMBlendConnector(UCMConnector):
             raise UcmConfigError("ucm_sparse_config.Blend", "UCMBlendConnector needs a Blend section "
                                  "with the chunk delimiter (chunk_end_token_id, blend_special_str or "
                                  "separator_token_ids)")
-        model = self._vllm_config.model_config
-        if not model.enforce_eager:
-            raise UcmConfigError("enforce_eager", "Blend changes the rows a forward computes, which a "
-                                 "compiled or CUDA-graph model cannot do; start vLLM with enforce_eager=True")
 
 
 __all__ = ["UCMBlendConnector", "UCMConnector"]

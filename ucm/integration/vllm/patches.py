@@ -26,15 +26,21 @@ Patch points:
    ``(attention_output, residual)`` right before the MLP).
 3. ``Attention.forward``: let the agent compute the attention of the kept rows
    instead of the backend.
+4. ``GPUModelRunner.execute_model`` and ``_determine_batch_execution_and_padding``: a
+   step whose connector metadata carries Blend work runs with ``force_eager`` (no CUDA
+   graph, no padding rows), and patch 1 runs its model call with ``skip_compiled`` (the
+   plain ``forward``, where patches 2 and 3 act). Every other step keeps vLLM's compiled
+   and CUDA-graph path untouched; patches 2 and 3 step aside while Dynamo traces them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -88,6 +94,52 @@ def _wrap_initialize_kv_cache(original: Callable) -> Callable:
     return initialize_kv_cache
 
 
+def _wrap_execute_model(original: Callable) -> Callable:
+    """Note, before vLLM picks the step's CUDA-graph mode and padding, whether the step
+    carries Blend work (patch point 4 reads it)."""
+    @functools.wraps(original)
+    def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any):
+        meta = getattr(scheduler_output, "kv_connector_metadata", None)
+        self._ucm_blend_step = bool(getattr(meta, "blend_active", False))
+        try:
+            return original(self, scheduler_output, *args, **kwargs)
+        finally:
+            self._ucm_blend_step = False
+
+    return execute_model
+
+
+def _wrap_batch_execution(original: Callable) -> Callable:
+    """A step with Blend work runs without CUDA graphs and without padding rows: Blend
+    changes how many rows each layer computes, which a captured graph cannot."""
+    @functools.wraps(original)
+    def determine(self, *args: Any, **kwargs: Any):
+        if getattr(self, "_ucm_blend_step", False):
+            kwargs["force_eager"] = True
+        return original(self, *args, **kwargs)
+
+    return determine
+
+
+@contextlib.contextmanager
+def _plain_model_forward() -> Iterator[None]:
+    """Run the model's plain (uncompiled) ``forward`` for this call: vLLM's
+    ``ForwardContext.skip_compiled``, which its compile decorator honours. The Blend
+    hooks live in Python code that a compiled graph has traced past."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        yield
+        return
+    context = get_forward_context()
+    before = context.skip_compiled
+    context.skip_compiled = True
+    try:
+        yield
+    finally:
+        context.skip_compiled = before
+
+
 def _wrap_model_forward(original: Callable) -> Callable:
     @functools.wraps(original)
     def _model_forward(self, *args: Any, **kwargs: Any):
@@ -118,7 +170,11 @@ def _blend_forward(agent: Any, forward: Callable[[], Any], input_batch: Any, pos
 
     try:
         state.maybe_execute_begin(BatchInfo(list(input_batch.req_ids[:input_batch.num_reqs]), positions))
-        out = forward()
+        if agent.step is None:
+            out = forward()  # no Blend work: vLLM's compiled / CUDA-graph path, untouched
+        else:
+            with _plain_model_forward():
+                out = forward()
     except Exception as exc:  # noqa: BLE001 - a cache must not take the engine down
         if not agent.abandon_step(exc):
             agent.execute_finished(torch.empty(0))
@@ -134,6 +190,8 @@ def _blend_forward(agent: Any, forward: Callable[[], Any], input_batch: Any, pos
 def _wrap_attention_forward(original: Callable) -> Callable:
     @functools.wraps(original)
     def forward(self, query, key, value, *args: Any, **kwargs: Any):
+        if torch.compiler.is_compiling():  # traced into a compiled graph: never a Blend step
+            return original(self, query, key, value, *args, **kwargs)
         out = state.maybe_execute_attention_forward(self, query, key, value)
         if out is None:
             return original(self, query, key, value, *args, **kwargs)
@@ -172,6 +230,8 @@ def check_attention_layer(name: str, layer: Any) -> None:
 def _wrap_layer(original: Callable, index: int) -> Callable:
     @functools.wraps(original)
     def forward(positions, hidden_states, residual, *args: Any, **kwargs: Any):
+        if torch.compiler.is_compiling():  # traced into a compiled graph: never a Blend step
+            return original(positions, hidden_states, residual, *args, **kwargs)
         positions, hidden_states, residual = state.maybe_execute_layer_begin(index, positions, hidden_states, residual)
         hidden_states, residual = original(positions, hidden_states, residual, *args, **kwargs)
         _, hidden_states, residual = state.maybe_execute_layer_finished(index, positions, hidden_states, residual)
@@ -183,7 +243,7 @@ def _wrap_layer(original: Callable, index: int) -> Callable:
 def _wrap_post_attention_norm(original: Callable) -> Callable:
     @functools.wraps(original)
     def forward(hidden_states, residual=None, *args: Any, **kwargs: Any):
-        if residual is not None:
+        if residual is not None and not torch.compiler.is_compiling():
             hidden_states, residual = state.maybe_execute_before_mlp(hidden_states, residual)
         return original(hidden_states, residual, *args, **kwargs)
 
@@ -195,6 +255,8 @@ def patch_points(attention_module: str) -> list[PatchPoint]:
         PatchPoint(RUNNER_MODULE, "GPUModelRunner", "initialize_kv_cache", _wrap_initialize_kv_cache),
         PatchPoint(RUNNER_MODULE, "GPUModelRunner", "_model_forward", _wrap_model_forward),
         PatchPoint(attention_module, "Attention", "forward", _wrap_attention_forward),
+        PatchPoint(RUNNER_MODULE, "GPUModelRunner", "execute_model", _wrap_execute_model),
+        PatchPoint(RUNNER_MODULE, "GPUModelRunner", "_determine_batch_execution_and_padding", _wrap_batch_execution),
     ]
 
 
