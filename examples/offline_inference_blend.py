@@ -114,6 +114,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "mount, shareable by several engines). Default: host memory (UcmDramStore).")
     parser.add_argument("--dram-gib", type=float, default=1.0,
                         help="Byte budget of the host-memory store (LRU beyond it). Ignored with --store-dir.")
+    parser.add_argument("--pay-policy", choices=("always", "auto"), default="always",
+                        help="'always' (default here): every blend mode blends, so the table compares ratios; "
+                             "'auto': a request is blended only where this process measured blending faster "
+                             "than a plain prefill (the production default), so a mode may run plain.")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="Run vLLM eager. Default: vLLM's default mode (torch.compile; CUDA graphs on GPUs), "
+                             "in which only the steps that blend leave the compiled path.")
     parser.add_argument("--seed", type=int, default=0,
                         help="Seeds the sample draw, each sample's passage shuffle and vLLM.")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
@@ -173,7 +180,8 @@ def ucm_extra_config(args: argparse.Namespace, delimiter: dict[str, Any]) -> dic
         store = {"ucm_connector_name": "UcmDramStore",
                  "ucm_connector_config": {"capacity_bytes": int(args.dram_gib * (1 << 30))}}
     meta = {f"model.layers.{layer}.self_attn.attn": {"ratio": 0.15} for layer in args.check_layers}
-    return {"ucm_connectors": [store], "ucm_sparse_config": {"Blend": dict(delimiter, compute_meta=meta)}}
+    blend = dict(delimiter, compute_meta=meta, pay_policy=args.pay_policy)
+    return {"ucm_connectors": [store], "ucm_sparse_config": {"Blend": blend}}
 
 
 def _model_layers(model_dir: str) -> Optional[int]:
@@ -335,7 +343,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     engine: dict[str, Any] = dict(
         # async_scheduling: vLLM 0.26 turns it on by default on CUDA; off, full-prefill TTFT
         # on an H200 measured 35 ms instead of 76 ms (20 questions, identical answers).
-        skip_tokenizer_init=True, enforce_eager=True, async_scheduling=False, dtype=args.dtype,
+        skip_tokenizer_init=True, enforce_eager=args.enforce_eager, async_scheduling=False, dtype=args.dtype,
         max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_model_len, enable_prefix_caching=False, disable_log_stats=False,
         seed=args.seed)

@@ -146,6 +146,7 @@ class BlendConfig:
     deviation_norm: str = "l2"  # "l1" or "l2" per token, summed over heads
     save_chunks: bool = True  # store each missed chunk's KV under its chunk keys for later requests
     min_chunk_tokens: int = 1  # shorter chunks are recomputed, not reused
+    pay_policy: str = "auto"  # "auto": blend a request only where it measured faster; "always": blend every one
 
     def __post_init__(self) -> None:
         if self.chunk_end_token_id is not None:
@@ -165,6 +166,7 @@ class BlendConfig:
         as_str("deviation_norm", self.deviation_norm, ("l1", "l2"))
         expect("save_chunks", self.save_chunks, bool, "bool")
         set_field(self, "min_chunk_tokens", as_int("min_chunk_tokens", self.min_chunk_tokens, lo=1))
+        as_str("pay_policy", self.pay_policy, ("auto", "always"))
 
     def _check_layers(self) -> None:
         """Sort by layer index and enforce gradual filtering: ratios never rise with depth."""
@@ -201,6 +203,11 @@ class BlendConfig:
                 "as token ids in separator_token_ids instead"))
 
     @property
+    def final_ratio(self) -> float:
+        """The share of reused rows recomputed after the last check layer."""
+        return self.check_layers[-1].ratio
+
+    @property
     def first_check_layer(self) -> int:
         """Index of the first check layer; every layer before it is computed in full."""
         return self.check_layers[0].layer_index
@@ -209,7 +216,7 @@ class BlendConfig:
     def from_dict(cls, data: Any) -> BlendConfig:
         data = expect("", data, Mapping, "a mapping")
         check_keys(data, (*_DELIMITER_KEYS, "compute_meta", "deviation_target", "deviation_norm",
-                           "save_chunks", "min_chunk_tokens"))
+                           "save_chunks", "min_chunk_tokens", "pay_policy"))
         kwargs = {k: v for k, v in data.items() if k != "compute_meta"}
         if "compute_meta" in data:
             with under("compute_meta"):
@@ -222,7 +229,7 @@ class BlendConfig:
                                for k in _DELIMITER_KEYS if (v := getattr(self, k)) is not None}
         out["compute_meta"] = {c.layer_name: {"ratio": c.ratio} for c in self.check_layers}
         out.update(deviation_target=self.deviation_target, deviation_norm=self.deviation_norm,
-                   save_chunks=self.save_chunks, min_chunk_tokens=self.min_chunk_tokens)
+                   save_chunks=self.save_chunks, min_chunk_tokens=self.min_chunk_tokens, pay_policy=self.pay_policy)
         return out
 
 

@@ -49,6 +49,9 @@ def blend_config(ratio: float = 1.0, store_dir: Path | None = None, check_layer:
                    "ucm_connector_config": {"storage_backends": str(store_dir)}}]
     section = {"chunk_end_token_id": END,
                "compute_meta": {f"model.layers.{check_layer}.self_attn.attn": {"ratio": ratio}}}
+    # These tests check what Blend computes, so they blend every request; the pay policy
+    # has its own tests (tests/test_pay_policy.py, tests/vllm/test_pay_policy_engine.py).
+    section.setdefault("pay_policy", "always")
     section.update(blend)
     return {"ucm_connectors": stores, "ucm_sparse_config": {"Blend": section}}
 

@@ -32,6 +32,7 @@ from ucm.integration.vllm.host_time import HOST_TIMES
 from ucm.integration.vllm.metadata import UcmConnectorMetadata
 from ucm.integration.vllm.kv_layout import PagedKV, token_slots
 from ucm.integration.vllm.row_plan import ReqContext, RequestAttention, RowPart, RowPlan
+from ucm.integration.vllm.step_timer import ForwardTimer
 from ucm.integration.vllm.worker_side import WorkerSide, layer_index
 from ucm.sparse.base import UcmSparseBase, UcmSparseRole
 from ucm.sparse.blend import paged_backend
@@ -77,9 +78,12 @@ class VllmBlendAgent(UcmSparseBase):
         self._layer_index: dict[str, int] = {}
         self._plan: Optional[RowPlan] = None  # rows the current layer frame computes
         self._next_plan: Optional[RowPlan] = None  # the same after the pending shrink
+        self.timer = ForwardTimer(worker.device)  # forward times for the scheduler's pay policy
+        self._fell_back = False  # this forward's Blend step failed and its batch ran twice
 
     # ---- forward boundaries -------------------------------------------------------------
     def execute_begin(self, batch: BatchInfo) -> None:
+        self.timer.start()
         self.step = None
         self._began = self._beginning = True
         self._batch = batch
@@ -109,6 +113,7 @@ class VllmBlendAgent(UcmSparseBase):
             return False
         step = self.method.end_step()
         self.step, self._beginning = None, False
+        self._fell_back = True  # the batch's time then covers two runs: not a sample
         self._plan = self._next_plan = None
         self.worker.abandon_loads()
         for req_id, num_reusable in self._reusable_counts(step).items():
@@ -178,6 +183,12 @@ class VllmBlendAgent(UcmSparseBase):
             for req_id, outcome in step.outcomes.items():
                 if outcome.num_reusable:
                     stats.record_step(req_id, outcome.num_reusable, outcome.num_recomputed_reusable)
+        if self._batch is not None and not self._fell_back:
+            tokens, seconds = self.worker.chunk_read
+            self.timer.stop(rows=int(self._batch.positions.shape[0]), blend=step is not None,
+                            kept=sum(step.row_counts.values()) if step is not None else 0,
+                            load_tokens=tokens, load_seconds=seconds)
+        self._fell_back = False
         self.step = None
         self._began = self._beginning = False
         self._batch = None

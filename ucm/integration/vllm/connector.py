@@ -113,7 +113,8 @@ class UCMConnector(KVConnectorBase_V1):
             if self.blend_on and self._prefix_caching:
                 check_request_hashing()
             self.scheduler_side = SchedulerSide(self.ucm_config, self.store, self.hash_context, self.block_tokens,
-                                                self.tp_size, self._delimiter() if self.blend_on else None)
+                                                self.tp_size, self._delimiter() if self.blend_on else None,
+                                                num_layers=model.hf_text_config.num_hidden_layers)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -213,16 +214,18 @@ class UCMConnector(KVConnectorBase_V1):
         return stats_registry.connector_stats(delta)
 
     def build_connector_worker_meta(self) -> Optional[UcmWorkerReport]:
-        """Keys the private (host-memory) tiers gained and lost this step, for the scheduler."""
-        if self._journal is None:
-            return None
-        added, dropped = self._journal.drain()
-        return UcmWorkerReport(added, dropped) if added or dropped else None
+        """Keys the private (host-memory) tiers gained and lost this step, and the forwards
+        timed since the last report, for the scheduler (which may be in another process)."""
+        added, dropped = self._journal.drain() if self._journal is not None else ([], [])
+        samples = self.agent.timer.take() if self.agent is not None else []
+        return UcmWorkerReport(added, dropped, samples) if added or dropped or samples else None
 
     def update_connector_output(self, connector_output: Any) -> None:
         report = getattr(connector_output, "kv_connector_worker_meta", None)
         if isinstance(report, UcmWorkerReport) and self.scheduler_side is not None:
             self.scheduler_side.held.update(report.added, report.dropped)
+            for sample in report.samples:
+                self.scheduler_side.pay_policy.observe(sample)
 
     @classmethod
     def build_kv_connector_stats(cls, data: Optional[dict[str, Any]] = None):
@@ -262,13 +265,14 @@ class UCMConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, Optional[dict[str, Any]]]:
         assert self.scheduler_side is not None
-        plan = self.scheduler_side.finished(request.request_id)
-        if plan is not None:
-            stats_registry.record_plan(request.request_id, plan)
+        tracked = self.scheduler_side.finished(request.request_id)
+        if tracked is not None:
+            plan, decision = tracked.plan, tracked.decision_stats()
+            stats_registry.record_plan(request.request_id, plan, **decision)
             if self.ucm_config.log_stats:
                 logger.info("ucm request %s: %d tokens, prefix hit %d, chunk hit %d", request.request_id,
                             plan.num_tokens, plan.prefix_hit_tokens, plan.chunk_hit_tokens)
             # The scheduler's part of the request's stats travels back with its output, so a
             # caller sees it whichever process the scheduler runs in (HTTP clients included).
-            return False, {STATS_PARAM: plan.summary()}
+            return False, {STATS_PARAM: {**plan.summary(), **decision}}
         return False, None

@@ -12,6 +12,8 @@ from typing import Optional
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
+from ucm.sparse.blend.pay_policy import StepSample
+
 
 @dataclass(frozen=True)
 class BlockLoad:
@@ -72,14 +74,15 @@ class UcmConnectorMetadata(KVConnectorMetadata):
 
 @dataclass
 class UcmWorkerReport(KVConnectorWorkerMetadata):
-    """What the workers' private (host-memory) tiers gained and lost in one step, for a
-    scheduler that may live in another process. Keys are rank keys, so the reports of
+    """What the workers' private (host-memory) tiers gained and lost in one step, and the
+    forwards they timed, for a scheduler that may live in another process. Keys are rank keys, so the reports of
     several TP ranks simply add up."""
 
     added: list[bytes] = field(default_factory=list)
     dropped: list[bytes] = field(default_factory=list)
+    samples: list[StepSample] = field(default_factory=list)  # forward times, for the pay policy
 
     def aggregate(self, other: "KVConnectorWorkerMetadata") -> "UcmWorkerReport":
         if not isinstance(other, UcmWorkerReport):
             return self
-        return UcmWorkerReport(self.added + other.added, self.dropped + other.dropped)
+        return UcmWorkerReport(self.added + other.added, self.dropped + other.dropped, self.samples + other.samples)

@@ -18,6 +18,7 @@ from ucm.hashing import HashContext, rank_key
 from ucm.integration.vllm.inflight import INFLIGHT
 from ucm.integration.vllm.metadata import BlockLoad, BlockSave, RequestStep, UcmConnectorMetadata
 from ucm.sparse.blend.chunking import Delimiter, split_prompt
+from ucm.sparse.blend.pay_policy import BlendPayPolicy, PayDecision
 from ucm.sparse.blend.plan import ReusePlan, build_plan
 from ucm.store.base import KVStoreBase
 from ucm.store.journal import HeldKeys
@@ -38,6 +39,15 @@ class _Tracked:
     saved: bool = False
     ratio: Optional[float] = None
     precompute: bool = False
+    decision: Optional[PayDecision] = None  # whether chunk reuse pays (None: no chunk hit to weigh)
+
+    @property
+    def blends(self) -> bool:
+        """Chunk blocks are loaded and blended (the pay policy said yes, or never asked)."""
+        return self.decision is None or self.decision.blend
+
+    def decision_stats(self) -> dict:
+        return self.decision.to_stats() if self.decision is not None else {}
 
 
 RATIO_ARG = "ucm_blend_ratio"
@@ -69,7 +79,7 @@ class SchedulerSide:
     """Lookup, planning and step metadata; owned by the connector's scheduler role."""
 
     def __init__(self, config: UcmConfig, store: KVStoreBase, hash_context: HashContext,
-                 block_tokens: int, tp_size: int, delimiter: Optional[Delimiter]) -> None:
+                 block_tokens: int, tp_size: int, delimiter: Optional[Delimiter], num_layers: int = 1) -> None:
         self.config = config
         self.store = store
         self.hash_context = hash_context
@@ -80,6 +90,9 @@ class SchedulerSide:
         # Keys the workers' private tiers hold, as they report them (they may run in other
         # processes, whose host memory the store here cannot see).
         self.held = HeldKeys()
+        blend = config.blend
+        pre = min(1.0, (blend.first_check_layer + 1) / max(num_layers, 1)) if blend else 1.0
+        self.pay_policy = BlendPayPolicy(pre, enabled=bool(blend and blend.pay_policy == "auto"))
 
     # ---- lookup ------------------------------------------------------------------
     def _exists(self, keys: Sequence[bytes]) -> list[bool]:
@@ -121,13 +134,27 @@ class SchedulerSide:
         # allocation is the one that counts, so remember it for the load range.
         tracked.local_computed = num_computed
         hit = min(tracked.plan.prefix_hit_tokens, len(prompt) - 1)
+        if tracked.decision is None and self.delimiter is not None and not precompute:
+            tracked.decision = self._weigh(tracked, max(hit, num_computed))
         return max(0, hit - num_computed)
+
+    def _weigh(self, tracked: _Tracked, computed: int) -> Optional[PayDecision]:
+        """Ask the pay policy, once per request, whether reusing its chunks beats computing them."""
+        plan = tracked.plan
+        b = self.block_tokens
+        reusable = sum(min(b, h.token_start + b - max(h.token_start, computed)) for h in plan.chunk_hits
+                       if h.token_start + b > computed)
+        if reusable <= 0:
+            return None
+        blend = self.config.blend
+        ratio = tracked.ratio if tracked.ratio is not None else (blend.final_ratio if blend else 1.0)
+        return self.pay_policy.decide(tracked.prompt_len - computed, reusable, ratio)
 
     def first_reused_token(self, req_id: str) -> Optional[int]:
         """Where the request's KV turns approximate (its first chunk token Blend may reuse
         beyond what vLLM already computed), or None when it reuses no chunk."""
         tracked = self.requests.get(req_id)
-        if tracked is None or self.delimiter is None:
+        if tracked is None or self.delimiter is None or not tracked.blends:
             return None
         return tracked.plan.first_reused_token(tracked.local_computed)
 
@@ -186,7 +213,7 @@ class SchedulerSide:
                 if a < z:
                     step.loads.append(BlockLoad(ref.key, ref.token_start, a, z, 0, chunk=False))
             tracked.prefix_loaded = True
-        if lo < tracked.prompt_len:
+        if lo < tracked.prompt_len and tracked.blends:
             for ref in plan.chunk_hits_in(lo, min(hi, tracked.prompt_len)):
                 a, z = max(ref.token_start, lo), min(ref.token_start + b, hi)
                 step.loads.append(BlockLoad(ref.key, ref.token_start, a, z, ref.rope_delta, chunk=True))
@@ -197,6 +224,5 @@ class SchedulerSide:
             tracked.saved = True
         return step
 
-    def finished(self, req_id: str) -> Optional[ReusePlan]:
-        tracked = self.requests.pop(req_id, None)
-        return tracked.plan if tracked else None
+    def finished(self, req_id: str) -> Optional[_Tracked]:
+        return self.requests.pop(req_id, None)

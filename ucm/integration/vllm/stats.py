@@ -62,9 +62,10 @@ class StatsRegistry:
             self._records.move_to_end(req_id)
         return entry
 
-    def record_plan(self, req_id: str, plan: ReusePlan) -> None:
+    def record_plan(self, req_id: str, plan: ReusePlan, **extra: Any) -> None:
+        """The scheduler's part: the plan's counts, and ``extra`` (the pay decision)."""
         with self._lock:
-            self._entry(req_id).update(plan.summary())
+            self._entry(req_id).update(plan.summary(), **extra)
 
     def record_step(self, req_id: str, num_reusable: int, num_recomputed: int) -> None:
         """Add one forward's Blend outcome for a request (chunked prefills add several)."""
@@ -101,8 +102,8 @@ class StatsRegistry:
 REGISTRY = StatsRegistry()  # the process's registry: the connector and Blend agent record here
 
 
-def record_plan(req_id: str, plan: ReusePlan) -> None:
-    REGISTRY.record_plan(req_id, plan)
+def record_plan(req_id: str, plan: ReusePlan, **extra: Any) -> None:
+    REGISTRY.record_plan(req_id, plan, **extra)
 
 
 def record_step(req_id: str, num_reusable: int, num_recomputed: int) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -114,6 +115,7 @@ class WorkerSide:
         self.views: dict[str, PagedKV] = {}
         self.vllm_block_size = 0
         self.reusable: dict[str, torch.Tensor] = {}  # req_id -> bool [num_scheduled] for this step
+        self.chunk_read: tuple[int, float] = (0, 0.0)  # this step's chunk tokens read from the store, seconds
         # Set by the Blend agent, which reads every chunk layer through wait_ready (vLLM's
         # backend does not): only then may a chunk load wait for its first reader.
         self.defer_chunk_loads = False
@@ -165,17 +167,23 @@ class WorkerSide:
         self._release_inflight()
         HOST_TIMES.add("load_release", start)
         self.reusable = {rid: torch.zeros(r.num_scheduled, dtype=torch.bool) for rid, r in meta.requests.items()}
+        self.chunk_read = (0, 0.0)
         items = [(req, load) for req in meta.requests.values() for load in req.loads]
         if not items:
             return
         keys = [rank_key(load.key, self.tp_rank) for _, load in items]
         start = HOST_TIMES.start()
+        began = time.perf_counter()
         try:
             blocks = self.store.wait(self.store.load(keys, BLOCK_LAYOUT))
         except StoreError as err:
             logger.warning("ucm: loading %d blocks failed (%s); recomputing them", len(keys), err)
             blocks = [None] * len(items)
         HOST_TIMES.add("load_store", start)
+        chunk = [load for _, load in items if load.chunk]
+        # The chunk blocks' share of the store's read, for the Blend pay policy.
+        self.chunk_read = (sum(load.hi - load.lo for load in chunk),
+                           (time.perf_counter() - began) * len(chunk) / len(items))
         groups: dict[bool, list[tuple[RequestStep, BlockLoad, torch.Tensor]]] = {False: [], True: []}
         marks: dict[str, np.ndarray] = {}  # reusable rows (numpy: no per-row Python objects)
         for (req, load), block in zip(items, blocks):

@@ -1,0 +1,87 @@
+"""The Blend pay policy: blend only where this process measured it faster (no engine)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ucm.sparse.blend.pay_policy import BlendPayPolicy, StepSample
+
+PRE = 2 / 32  # first check layer 1 of 32 layers
+
+
+def _policy(per_token_s: float, fixed_s: float, **kw) -> BlendPayPolicy:
+    """A policy fed with steps of a prefill costing per_token_s a row and Blend steps
+    costing fixed_s more than their rows' compute."""
+    policy = BlendPayPolicy(PRE, **kw)
+    policy.observe(StepSample(rows=4096, seconds=4096 * per_token_s))
+    for rows in (2048, 8192):
+        kept = int(rows * 0.2)
+        policy.observe(StepSample(rows=rows, blend=True, kept=kept,
+                                  seconds=fixed_s + per_token_s * policy.equivalent_rows(rows, kept)))
+    return policy
+
+
+def test_it_blends_until_it_has_measured_blend():
+    policy = BlendPayPolicy(PRE)
+    assert policy.decide(1000, 800, 0.15).reason == "measuring"
+    policy.observe(StepSample(rows=2000, seconds=0.05))
+    policy.observe(StepSample(rows=2000, blend=True, kept=400, seconds=0.2))
+    assert policy.decide(1000, 800, 0.15).blend  # one Blend sample of the two it wants
+    policy.observe(StepSample(rows=2000, blend=True, kept=400, seconds=0.2))
+    assert policy.measured
+
+
+def test_long_prompts_blend_and_short_ones_do_not():
+    """8B-like: 26 us a token, 20 ms fixed: 8K pays, 1K does not (216 vs ~75 ms; 26 vs ~29 ms)."""
+    policy = _policy(26e-6, 0.020)
+    long = policy.decide(8192, 7000, 0.15)
+    assert long.blend and long.reason == "pays" and long.blend_ms < long.plain_ms
+    short = policy.decide(1024, 900, 0.15)
+    assert not short.blend and short.reason == "does not pay"
+    assert short.to_stats()["blend_decision"] == "plain"
+
+
+def test_a_small_model_with_a_large_fixed_cost_never_blends():
+    """0.5B-like: 1.4K tokens prefill in ~46 ms, Blend's fixed cost ~80 ms."""
+    policy = _policy(33e-6, 0.080)
+    assert not policy.decide(1400, 1200, 0.15).blend
+    assert not policy.decide(1400, 1200, 0.0).blend
+
+
+def test_reading_chunks_slowly_tips_the_balance():
+    policy = _policy(26e-6, 0.020)
+    assert policy.decide(8192, 7000, 0.15).blend
+    policy.observe(StepSample(rows=1, seconds=0.0, load_tokens=7000, load_seconds=0.5))  # a slow file tier
+    assert not policy.decide(8192, 7000, 0.15).blend
+
+
+def test_the_margin_keeps_a_near_tie_plain():
+    policy = _policy(26e-6, 0.0, margin=0.05)
+    # No fixed cost and every row recomputed: Blend costs the same as plain, so not worth it.
+    assert not policy.decide(4096, 4000, 1.0).blend
+
+
+def test_off_blends_everything_and_nothing_to_reuse_is_plain():
+    assert BlendPayPolicy(PRE, enabled=False).decide(10, 5, 0.15).reason == "always"
+    assert not _policy(26e-6, 0.02).decide(8192, 0, 0.15).blend
+
+
+def test_blend_samples_before_any_plain_rate_are_fitted_later():
+    policy = BlendPayPolicy(PRE)
+    for _ in range(2):
+        policy.observe(StepSample(rows=8192, blend=True, kept=1638, seconds=0.075))
+    assert not policy.measured
+    policy.observe(StepSample(rows=8192, seconds=0.216))
+    assert policy.measured and policy.decide(8192, 7000, 0.15).blend
+
+
+def test_short_plain_steps_do_not_set_the_rate():
+    policy = BlendPayPolicy(PRE, min_rows=128)
+    policy.observe(StepSample(rows=8, seconds=0.03))  # a decode step: mostly per-step overhead
+    policy.observe(StepSample(rows=8192, blend=True, kept=1638, seconds=0.075))
+    assert not policy.measured
+
+
+def test_pre_is_checked():
+    with pytest.raises(ValueError):
+        BlendPayPolicy(0.0)

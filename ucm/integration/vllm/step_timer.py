@@ -1,0 +1,58 @@
+"""Time each forward of the worker without making the host wait for the device.
+
+The Blend pay policy (``ucm.sparse.blend.pay_policy``) needs what a plain prefill and
+a Blend step really cost in this process. On CUDA a forward's kernels run after the
+host has queued them, so its time is read from two events once the later one has
+completed (a later step, never a synchronisation); the interval also covers the gaps
+where the device waited for the host, which is the cost a host-bound step pays. On CPU
+the forward is synchronous and the host's clock is the time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any, Optional
+
+import torch
+
+from ucm.sparse.blend.pay_policy import StepSample
+
+MAX_PENDING = 64  # events of forwards whose time is not known yet (older ones are dropped)
+
+
+class ForwardTimer:
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._start: Optional[Any] = None
+        self._pending: deque[tuple[Any, Any, dict]] = deque()
+        self._done: list[StepSample] = []
+
+    def start(self) -> None:
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+
+    def stop(self, **sample: Any) -> None:
+        """End the forward begun by :meth:`start`; ``sample`` holds StepSample's other fields."""
+        began, self._start = self._start, None
+        if began is None:
+            return
+        if not self.cuda:
+            self._done.append(StepSample(seconds=time.perf_counter() - began, **sample))
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._pending.append((began, end, sample))
+        while len(self._pending) > MAX_PENDING:
+            self._pending.popleft()
+
+    def take(self) -> list[StepSample]:
+        """The samples whose time is known now (in order), forgetting them."""
+        while self._pending and self._pending[0][1].query():
+            began, end, sample = self._pending.popleft()
+            self._done.append(StepSample(seconds=began.elapsed_time(end) / 1e3, **sample))
+        out, self._done = self._done, []
+        return out
