@@ -78,7 +78,7 @@ class VllmBlendAgent(UcmSparseBase):
         self._layer_index: dict[str, int] = {}
         self._plan: Optional[RowPlan] = None  # rows the current layer frame computes
         self._next_plan: Optional[RowPlan] = None  # the same after the pending shrink
-        self.timer = ForwardTimer(worker.device)  # forward times for the scheduler's pay policy
+        self.timer = ForwardTimer(getattr(worker, "device", torch.device("cpu")))  # for the pay policy
         self._fell_back = False  # this forward's Blend step failed and its batch ran twice
 
     # ---- forward boundaries -------------------------------------------------------------
@@ -184,7 +184,7 @@ class VllmBlendAgent(UcmSparseBase):
                 if outcome.num_reusable:
                     stats.record_step(req_id, outcome.num_reusable, outcome.num_recomputed_reusable)
         if self._batch is not None and not self._fell_back:
-            tokens, seconds = self.worker.chunk_read
+            tokens, seconds = getattr(self.worker, "chunk_read", (0, 0.0))
             self.timer.stop(rows=int(self._batch.positions.shape[0]), blend=step is not None,
                             kept=sum(step.row_counts.values()) if step is not None else 0,
                             load_tokens=tokens, load_seconds=seconds)
