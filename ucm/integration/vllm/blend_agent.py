@@ -355,7 +355,7 @@ class VllmBlendAgent(UcmSparseBase):
         return RowPlan(local, self.slots[rows], q_pos, parts, every_row, paged=paged)
 
 
-def _tp_all_reduces(tp_size: int) -> tuple[Optional[Callable], Optional[Callable]]:
+def tp_all_reduces(tp_size: int) -> tuple[Optional[Callable], Optional[Callable]]:
     """With TP: vLLM's all-reduce of device tensors, and one of CPU tensors over the TP
     group's gloo group (it never waits for the GPU). Without: none."""
     if tp_size == 1:
@@ -368,21 +368,3 @@ def _tp_all_reduces(tp_size: int) -> tuple[Optional[Callable], Optional[Callable
 
     return tensor_model_parallel_all_reduce, host_all_reduce
 
-
-def install_agent(connector: Any, forward_context: dict[str, Any], kv_caches: dict[str, torch.Tensor]) -> VllmBlendAgent:
-    """Create this worker's Blend agent, make it the process's sparse agent, and make
-    sure the patch points are in place (the plugin applies them at start; a worker
-    started without the entry point gets them here, before its first forward)."""
-    from ucm.integration.vllm.patches import apply_patches, check_attention_layer
-    from ucm.sparse import state
-    from ucm.sparse.base import UcmSparseRole
-    from ucm.sparse.factory import create_sparse_method
-
-    for name in kv_caches:
-        check_attention_layer(name, forward_context[name])
-    method = create_sparse_method("Blend", connector.ucm_config.blend, UcmSparseRole.WORKER)
-    agent = VllmBlendAgent(method, connector.worker_side, lambda: connector._connector_metadata,
-                           *_tp_all_reduces(connector.tp_size))
-    apply_patches()
-    state.set_sparse_agent(agent)
-    return agent

@@ -165,9 +165,33 @@ class UCMConnector(KVConnectorBase_V1):
         assert self.worker_side is not None
         self.worker_side.register(kv_caches, layers)
         if self.blend_on:
-            from ucm.integration.vllm.blend_agent import install_agent
+            self.agent = self._install_agent(forward_context, kv_caches)
 
-            self.agent = install_agent(self, forward_context, kv_caches)
+    def _install_agent(self, forward_context: dict[str, Any], kv_caches: dict[str, torch.Tensor]) -> Any:
+        """Create this worker's Blend agent, make it the process's sparse agent, and make
+        sure the patch points are in place (the plugin applies them at start; a worker
+        started without the entry point gets them here, before its first forward)."""
+        from ucm.integration.vllm.blend_agent import VllmBlendAgent, tp_all_reduces
+        from ucm.integration.vllm.patches import apply_patches, check_attention_layer
+        from ucm.sparse import state
+        from ucm.sparse.base import UcmSparseRole
+        from ucm.sparse.factory import create_sparse_method
+
+        for name in kv_caches:
+            check_attention_layer(name, forward_context[name])
+        assert self.ucm_config.blend is not None and self.worker_side is not None
+        method = create_sparse_method("Blend", self.ucm_config.blend, UcmSparseRole.WORKER)
+        agent = VllmBlendAgent(method, self.worker_side, self._step_metadata, *tp_all_reduces(self.tp_size))
+        apply_patches()
+        state.set_sparse_agent(agent)
+        return agent
+
+    def _step_metadata(self) -> Optional[UcmConnectorMetadata]:
+        """This step's metadata, for the Blend agent (None outside a step)."""
+        if not self.has_connector_metadata():
+            return None
+        meta = self._get_connector_metadata()
+        return meta if isinstance(meta, UcmConnectorMetadata) else None
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
