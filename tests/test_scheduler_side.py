@@ -1,0 +1,120 @@
+"""The scheduler-side planner without an engine, in the style of vLLM's connector unit
+tests: a store, prompts, and the scheduler's outputs as plain objects, step by step."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from ucm.config import UcmConfig
+from ucm.hashing import HashContext, block_keys, chunk_block_keys, rank_key
+from ucm.integration.vllm.scheduler_side import SchedulerSide
+from ucm.sparse.blend.chunking import Delimiter
+from ucm.store.dram_store import UcmDramStore
+
+B = 4  # ucm block tokens
+END = 2
+CTX = HashContext(model_id="m", kv_dtype="f32", tp_size=1)
+SYS, C1, C2, C3 = [9] * 7 + [END], [3] * 7 + [END], [4] * 7 + [END], [5] * 7 + [END]
+Q = [6, 6, 6]
+
+
+def _side(store: UcmDramStore) -> SchedulerSide:
+    config = UcmConfig.from_dict({"block_tokens": B, "ucm_sparse_config": {"Blend": {
+        "chunk_end_token_id": END, "pay_policy": "always"}}})
+    return SchedulerSide(config, store, CTX, B, 1, Delimiter(chunk_end_token_id=END), num_layers=4)
+
+
+def _store(*prefixes: list[int], chunks: tuple[list[int], ...] = ()) -> UcmDramStore:
+    store = UcmDramStore(capacity_bytes=1 << 20)
+    seed = CTX.seed(None)
+    keys = [k for p in prefixes for k in block_keys(seed, p, B)] + \
+           [k for c in chunks for k in chunk_block_keys(seed, c, B)]
+    store.dump([rank_key(k, 0) for k in keys], [torch.zeros(2)] * len(keys), "x").result()
+    return store
+
+
+def _new(req_id: str, blocks: list[int], computed: int, scheduled: int) -> SimpleNamespace:
+    return SimpleNamespace(scheduled_new_reqs=[SimpleNamespace(req_id=req_id, block_ids=(blocks,),
+                                                                num_computed_tokens=computed)],
+                           scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set(),
+                                                                 num_computed_tokens=[]),
+                           num_scheduled_tokens={req_id: scheduled})
+
+
+def _cached(req_id: str, new_blocks, computed: int, scheduled: int, resumed: bool = False) -> SimpleNamespace:
+    return SimpleNamespace(scheduled_new_reqs=[],
+                           scheduled_cached_reqs=SimpleNamespace(
+                               req_ids=[req_id], new_block_ids=[new_blocks], num_computed_tokens=[computed],
+                               resumed_req_ids={req_id} if resumed else set()),
+                           num_scheduled_tokens={req_id: scheduled})
+
+
+def test_prefix_hits_are_reported_and_chunk_hits_are_loaded_not_reported():
+    prompt = SYS + C2 + C1 + Q
+    side = _side(_store(SYS, chunks=(C1, C2)))
+    assert side.num_new_matched_tokens("r", prompt, None, 0) == 8  # SYS's two blocks: exact prefix
+    side.after_alloc("r", 8)
+    meta = side.build_meta(_new("r", [0, 1, 2], 8, len(prompt) - 8))
+    step = meta.requests["r"]
+    prefix = [l for l in step.loads if not l.chunk]
+    chunk = [l for l in step.loads if l.chunk]
+    assert [(l.lo, l.hi) for l in prefix] == [(0, 4), (4, 8)]
+    assert sorted((l.lo, l.rope_delta) for l in chunk) == [(8, 8), (12, 8), (16, 16), (20, 16)]
+    assert meta.blend_active and step.blend
+    # Nothing new to save: SYS and both chunks are stored, and the blocks after the first
+    # reused chunk token hold approximate KV, never saved under prefix keys.
+    assert step.saves == []
+
+
+def test_a_missing_middle_chunk_does_not_stop_later_chunks():
+    prompt = SYS + C1 + C3 + C2 + Q
+    side = _side(_store(chunks=(C1, C2)))
+    assert side.num_new_matched_tokens("r", prompt, None, 0) == 0
+    side.after_alloc("r", 0)
+    step = side.build_meta(_new("r", [0, 1], 0, len(prompt))).requests["r"]
+    starts = sorted(l.token_start for l in step.loads if l.chunk)
+    assert starts == [8, 12, 24, 28]  # C1 and C2, not C3 (never stored)
+    saved = {s.token_start for s in step.saves}
+    assert {16, 20} <= saved  # C3's blocks are saved for later requests
+
+
+def test_chunked_prefill_loads_each_block_in_the_step_that_computes_it():
+    prompt = SYS + C1 + C2 + Q
+    side = _side(_store(chunks=(C1, C2)))
+    side.num_new_matched_tokens("r", prompt, None, 0)
+    side.after_alloc("r", 0)
+    first = side.build_meta(_new("r", [0], 0, 14)).requests["r"]
+    assert [(l.lo, l.hi) for l in first.loads] == [(8, 12), (12, 14)]  # C1's second block split at the edge
+    assert first.saves == []  # the prompt is not complete yet
+    second = side.build_meta(_cached("r", ([1],), 14, len(prompt) - 14)).requests["r"]
+    assert [(l.lo, l.hi) for l in second.loads] == [(14, 16), (16, 20), (20, 24)]
+    assert second.block_ids == [0, 1] and second.saves
+
+
+def test_a_preempted_request_reloads_and_saves_again_when_resumed():
+    prompt = SYS + C1 + C3 + Q
+    side = _side(_store(SYS, chunks=(C1,)))  # C3 is new: saved as a chunk
+    side.num_new_matched_tokens("r", prompt, None, 0)
+    side.after_alloc("r", 8)
+    first = side.build_meta(_new("r", [0, 1], 8, len(prompt) - 8)).requests["r"]
+    assert any(not l.chunk for l in first.loads) and first.saves
+    # Preempted: vLLM freed its blocks and schedules it again from 0 with new blocks.
+    side.num_new_matched_tokens("r", prompt, None, 0)
+    side.after_alloc("r", 8)
+    again = side.build_meta(_cached("r", ([5, 6],), 8, len(prompt) - 8, resumed=True)).requests["r"]
+    assert again.block_ids == [5, 6]
+    assert [(l.lo, l.hi) for l in again.loads if not l.chunk] == [(0, 4), (4, 8)]
+    assert again.saves
+
+
+def test_a_request_without_chunks_or_hits_ships_nothing():
+    side = _side(_store())
+    prompt = Q * 5
+    assert side.num_new_matched_tokens("r", prompt, None, 0) == 0
+    side.after_alloc("r", 0)
+    meta = side.build_meta(_new("r", [0], 0, len(prompt)))
+    assert not meta.blend_active
+    assert [s.token_start for s in meta.requests["r"].saves] == [0, 4, 8]  # its full blocks, saved
+    assert side.finished("r").plan.chunk_hit_tokens == 0 and side.finished("r") is None
