@@ -21,6 +21,10 @@ and the next one still runs):
   ratio 1.0 must give the tokens of a plain full prefill with logprobs within
   tolerance; ratio 0 must reuse the cached chunks. Each engine runs in its own process
   through tests/engine_runner.py.
+
+``--mode default`` (the default) runs every engine of ``equality`` and ``tp`` in vLLM's
+default mode (torch.compile + CUDA graphs: ucm runs a Blend step eagerly and every other
+step on the compiled path); ``--mode eager`` sets ``enforce_eager=True`` in all of them.
 """
 
 from __future__ import annotations
@@ -313,7 +317,9 @@ def run_engine(spec: dict, workdir: Path, enable_sparse: bool) -> dict:
     backend = [ln for ln in proc.stderr.splitlines() if "backend" in ln.lower() and "attention" in ln.lower()]
     result = json.loads(out_path.read_text())
     scheduling = [ln[-60:] for ln in (proc.stdout + "\n" + proc.stderr).splitlines() if "synchronous scheduling is" in ln]
-    result["_log"] = backend[:3] + scheduling[:1] + [ln[-300:] for ln in proc.stderr.splitlines()
+    compiled = [ln[-160:] for ln in proc.stderr.splitlines()
+                if "torch.compile" in ln or "Graph capturing finished" in ln or "enforce_eager" in ln.lower()]
+    result["_log"] = backend[:3] + scheduling[:1] + compiled[:3] + [ln[-300:] for ln in proc.stderr.splitlines()
                                                      if "ucm" in ln and ("WARN" in ln or "ERROR" in ln)][:8]
     result["_seconds"] = round(time.time() - t0, 1)
     return result
@@ -324,16 +330,18 @@ def _diff(a: dict, b: dict) -> tuple[bool, float]:
     return same, max(abs(p - q) for p, q in zip(a["logprobs"], b["logprobs"]))
 
 
-def equality(workdir: Path) -> dict:
+def equality(workdir: Path, eager: bool, dtypes: tuple[str, ...] = ("float16", "bfloat16")) -> dict:
     model = str(build_tiny_llama(workdir / "tiny_llama"))
     rag = Rag(seed=0)
     prompts = [rag.prompt([2, 0, 1], 0), rag.prompt([0, 3, 1], 2), rag.prompt([1, 1, 2], 3), rag.prompt([4, 2], 1)]
     out: dict[str, Any] = {}
+    # pay_policy "always": these checks are about the Blend path itself, which the policy
+    # would skip on a model this small (a plain prefill is faster there).
     blend = {"ucm_connectors": [{"ucm_connector_name": "UcmDramStore", "ucm_connector_config": {}}],
-             "ucm_sparse_config": {"Blend": {"chunk_end_token_id": END,
+             "ucm_sparse_config": {"Blend": {"chunk_end_token_id": END, "pay_policy": "always",
                                              "compute_meta": {"model.layers.1.self_attn.attn": {"ratio": 1.0}}}}}
-    for dtype in ("float16", "bfloat16"):
-        engine = {"dtype": dtype, "gpu_memory_utilization": 0.25, "max_model_len": 4096}
+    for dtype in dtypes:
+        engine = {"dtype": dtype, "gpu_memory_utilization": 0.25, "max_model_len": 4096, "enforce_eager": eager}
         gen = lambda name, ps, **kw: {"op": "generate", "name": name, "prompts": ps, "max_tokens": 8, **kw}  # noqa: E731
         plain = run_engine({"model": model, "ucm": None, "engine": engine, "actions": [
             gen("main", [{"ids": p} for p in prompts])]}, workdir / f"plain_{dtype}", enable_sparse=False)
@@ -378,7 +386,7 @@ def equality(workdir: Path) -> dict:
     return out
 
 
-def equality_tp(workdir: Path, tp: int) -> dict:
+def equality_tp(workdir: Path, tp: int, eager: bool) -> dict:
     """Tensor parallel: Blend with ``tp`` ranks against one rank (fp16, tiny Llama).
 
     The host-memory store is private to each process, so the TP engine uses the file
@@ -395,14 +403,14 @@ def equality_tp(workdir: Path, tp: int) -> dict:
     def blend(store: Path) -> dict:
         return {"ucm_connectors": [{"ucm_connector_name": "UcmNfsStore",
                                     "ucm_connector_config": {"storage_backends": str(store)}}],
-                "ucm_sparse_config": {"Blend": {"chunk_end_token_id": END, "compute_meta": {
+                "ucm_sparse_config": {"Blend": {"chunk_end_token_id": END, "pay_policy": "always", "compute_meta": {
                     "model.layers.1.self_attn.attn": {"ratio": 1.0}}}}}
 
     actions = [gen("precompute", [{"ids": rag.chunks[i]} for i in range(5)], max_tokens=1),
                gen("ratio1", [{"ids": p} for p in prompts], batch=False),
                gen("ratio015", [{"ids": p, "ratio": 0.15} for p in prompts], batch=False)]
     engine = {"dtype": "float16", "gpu_memory_utilization": 0.25, "max_model_len": 4096,
-              "enable_prefix_caching": False}
+              "enable_prefix_caching": False, "enforce_eager": eager}
     plain = run_engine({"model": model, "ucm": None, "engine": engine, "actions": [
         gen("main", [{"ids": p} for p in prompts])]}, workdir / "tp_plain1", enable_sparse=False)
     one = run_engine({"model": model, "ucm": blend(workdir / "store_tp1"), "engine": engine, "actions": actions},
@@ -549,24 +557,31 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=["inspect", "micro", "saves", "equality"])
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--tp", type=int, default=2, help="ranks for the 'tp' section")
+    ap.add_argument("--mode", choices=["default", "eager"], default="default",
+                    help="engines of 'equality' and 'tp': vLLM's default mode (torch.compile + CUDA graphs) "
+                         "or enforce_eager=True")
+    ap.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"], choices=["float16", "bfloat16"],
+                    help="dtypes of the 'equality' section")
     args = ap.parse_args()
+    eager = args.mode == "eager"
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ucm_gpu_check_"))
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"mode": {"mode": args.mode, "enforce_eager": eager}}
     if "inspect" in args.only:
         section("inspect", inspect_vllm, results)
     if "micro" in args.only:
         section("micro", micro, results)
     if "equality" in args.only:
-        section("equality", lambda: equality(workdir), results)
+        section("equality", lambda: equality(workdir, eager, tuple(args.dtypes)), results)
     if "saves" in args.only:
         section("saves", saves, results)
     if "tp" in args.only:
-        section("tp", lambda: equality_tp(workdir, args.tp), results)
+        section("tp", lambda: equality_tp(workdir, args.tp, eager), results)
     Path(args.out).write_text(json.dumps(results, indent=1, default=str))
-    print("\nSUMMARY", json.dumps({k: {kk: vv for kk, vv in v.items() if kk.startswith(("PASS", "error"))}
-                                   for k, v in results.items()}, default=str))
+    print("\nSUMMARY", args.mode, "mode", json.dumps(
+        {k: {kk: vv for kk, vv in v.items() if kk.startswith(("PASS", "error"))} for k, v in results.items()
+         if k != "mode"}, default=str))
     eq = results.get("equality", {})
     for dtype in ("float16", "bfloat16"):
         if isinstance(eq.get(dtype), dict):

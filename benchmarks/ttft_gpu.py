@@ -17,7 +17,15 @@ this script is both the driver and (with ``--engine``) the per-engine worker:
 TTFT of one request = wall time of ``LLM.generate`` of that request alone with
 ``max_tokens=1`` (after warm-up); median over ``--reps`` requests. Throughput: the
 same engine given ``--concurrency`` RAG requests at once (requests/s and mean TTFT
-from vLLM's request metrics).
+from vLLM's request metrics), each asking ``--tput-max-tokens`` new tokens.
+
+``--mode default`` (the default) runs every engine in vLLM's default mode
+(torch.compile + CUDA graphs); ``--mode eager`` sets ``enforce_eager=True`` in every
+engine. An engine kind ending in ``_eager`` (``plain_eager``, ``dram_eager``) is eager
+whatever ``--mode`` says, so both modes can be timed side by side in one run.
+``--decode-batches 1 32`` adds decode time per output token (ms/token) at those batch
+sizes: ``--decode-tokens`` greedy tokens after a RAG prompt of ``--decode-chunks`` chunks
+(plain: a full prefill; ucm: Blend at 0.15), from vLLM's per-request timestamps.
 
     PYTHONPATH=/tmp/site:. VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_USE_V2_MODEL_RUNNER=0 \\
         python benchmarks/ttft_gpu.py --out-dir $OUT
@@ -90,6 +98,39 @@ def _median_ms(xs: list[float]) -> float:
     return round(statistics.median(xs) * 1e3, 2)
 
 
+def _decode_ms(outs: list[Any], each: bool = False) -> Any:
+    """Decode ms per output token of finished requests from vLLM's engine-core
+    timestamps (first to last token, so the prefill is not in it): each request's
+    value, or their median."""
+    vals = []
+    for o in outs:
+        m = getattr(o, "metrics", None)
+        n = len(o.outputs[0].token_ids)
+        if m is None or n < 2 or not getattr(m, "last_token_ts", 0) or not getattr(m, "first_token_ts", 0):
+            continue
+        vals.append((m.last_token_ts - m.first_token_ts) / (n - 1) * 1e3)
+    if each:
+        return vals
+    return round(statistics.median(vals), 3) if vals else None
+
+
+def _summarise_stats(stats: list[dict]) -> dict:
+    """ucm's per-request stats over a batch: means of the numbers, counts of the other
+    values (e.g. a per-request Blend decision), so a policy's choice shows in the result."""
+    out: dict[str, Any] = {}
+    keys = sorted({k for s in stats for k in s})
+    for k in keys:
+        vals = [s.get(k) for s in stats if s.get(k) is not None]
+        if vals and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            out[k] = round(statistics.mean(vals), 3)
+        elif vals and all(isinstance(v, (str, bool)) for v in vals):
+            counts: dict[str, int] = {}
+            for v in vals:
+                counts[str(v)] = counts.get(str(v), 0) + 1
+            out[k] = counts
+    return out
+
+
 def _time_gc() -> None:
     """Count Python's garbage-collector pauses as host phases ``gc0``/``gc1``/``gc2``: a
     full collection stops every thread of the engine process, whatever it was doing."""
@@ -127,10 +168,21 @@ def _allocator_counts() -> dict[str, int]:
     return {k: int(stats.get(k, 0)) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")}
 
 
+def base_kind(kind: str) -> str:
+    """The engine configuration of a kind: ``plain_eager`` is ``plain`` forced eager."""
+    return kind[: -len("_eager")] if kind.endswith("_eager") else kind
+
+
+def eager_for(kind: str, mode: str) -> bool:
+    """``enforce_eager`` of an engine: ``--mode`` decides, a ``_eager`` kind is always eager."""
+    return mode == "eager" or kind.endswith("_eager")
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, kind: str) -> None:
         self.args = args
         self.kind = kind
+        self.base = base_kind(kind)  # what the engine is; self.kind is its label
         self.prompts = Prompts(pool=max(args.chunks) if args.pool is None else args.pool, seed=args.seed)
         self.llm = self._engine()
         from vllm import SamplingParams
@@ -150,23 +202,25 @@ class Bench:
 
         a = self.args
         engine: dict[str, Any] = dict(
-            model=a.model_dir, load_format="dummy", skip_tokenizer_init=True, dtype=a.dtype,
-            enforce_eager=True, max_model_len=a.max_model_len, max_num_batched_tokens=a.max_batched_tokens,
+            model=a.model_dir, load_format="auto" if a.real_model else "dummy", skip_tokenizer_init=True, dtype=a.dtype,
+            enforce_eager=eager_for(self.kind, a.mode), max_model_len=a.max_model_len, max_num_batched_tokens=a.max_batched_tokens,
             max_num_seqs=max(64, a.concurrency), gpu_memory_utilization=a.gpu_mem, seed=0,
-            disable_log_stats=False, enable_prefix_caching=self.kind == "plain",
+            disable_log_stats=False, enable_prefix_caching=self.base == "plain",
             tensor_parallel_size=a.tp, async_scheduling=a.scheduling == "async")
-        if self.kind != "plain":
-            if self.kind.startswith("dram"):
+        if self.base != "plain":
+            if self.base.startswith("dram"):
                 stores = [{"ucm_connector_name": "UcmDramStore",
                            "ucm_connector_config": {"capacity_bytes": a.dram_gib * 2**30}}]
             else:
                 stores = [{"ucm_connector_name": "UcmNfsStore",
                            "ucm_connector_config": {"storage_backends": a.file_dir, "io_threads": a.io_threads}}]
-            block_tokens = 64 if self.kind == "dram_b64" else a.block_tokens
+            block_tokens = 64 if self.base == "dram_b64" else a.block_tokens
             extra = {"ucm_connectors": stores, "block_tokens": block_tokens,
                      "ucm_sparse_config": {"Blend": {
                          "chunk_end_token_id": END,
                          "compute_meta": {f"model.layers.{a.check_layer}.self_attn.attn": {"ratio": 0.15}}}}}
+            if a.pay_policy:  # else ucm's default (auto: blend a request only where it measured faster)
+                extra["ucm_sparse_config"]["Blend"]["pay_policy"] = a.pay_policy
             engine["kv_transfer_config"] = KVTransferConfig(
                 kv_connector="UCMBlendConnector", kv_connector_module_path="ucm.integration.vllm.blend_connector",
                 kv_role="kv_both", kv_connector_extra_config=extra)
@@ -240,6 +294,7 @@ class Bench:
                 vals = [s.get(key) for s in stats if s.get(key) is not None]
                 if vals:
                     entry[key] = round(statistics.mean(vals), 3)
+            entry["ucm"] = _summarise_stats(stats)
         by_mode = self.allocator_by_mode.get((mode, n_chunks))
         if by_mode is not None:  # counted around each of this mode's requests (interleaved modes)
             entry["allocator"] = by_mode
@@ -267,16 +322,57 @@ class Bench:
             if salted:
                 p["cache_salt"] = f"tput-{n_chunks}-{i}-{time.time()}"
             prompts.append(p)
+        new = self.args.tput_max_tokens
         t0 = time.perf_counter()
-        outs = self.llm.generate(prompts, [self.params(ratio)] * c, use_tqdm=False)
+        outs = self.llm.generate(prompts, [self.params(ratio, max_tokens=new)] * c, use_tqdm=False)
         wall = time.perf_counter() - t0
         ttfts = [o.metrics.first_token_latency for o in outs
                  if getattr(o, "metrics", None) is not None and getattr(o.metrics, "first_token_latency", 0)]
-        entry = {"requests": c, "wall_s": round(wall, 3), "req_per_s": round(c / wall, 2),
+        entry = {"requests": c, "max_tokens": new, "wall_s": round(wall, 3), "req_per_s": round(c / wall, 2),
+                 "output_tok_per_s": round(sum(len(o.outputs[0].token_ids) for o in outs) / wall, 1),
                  "mean_ttft_ms": round(statistics.mean(ttfts) * 1e3, 1) if ttfts else None,
                  "ttft_source": "vllm metrics first_token_latency" if ttfts else "none"}
+        if new > 1:
+            entry["decode_ms_per_token"] = _decode_ms(outs)
+        stats = [self.stats(o) for o in outs] if self.base != "plain" else []
+        if stats:
+            entry["ucm"] = _summarise_stats(stats)
         self.results["throughput"].setdefault(str(n_chunks), {})[mode] = entry
         print(f"[{self.kind}] throughput {n_chunks:2d} chunks {mode}: {entry}", flush=True)
+
+    def decode(self, mode: str, ratio: Optional[float], salted: bool) -> None:
+        """Decode time per output token at each ``--decode-batches`` size: that many RAG
+        prompts of ``--decode-chunks`` chunks at once, ``--decode-tokens`` greedy tokens
+        each; per request (last_token_ts - first_token_ts) / (tokens - 1) from vLLM's
+        engine-core timestamps (the prefill is outside it), median over requests and
+        ``--decode-reps`` repeats. The wall time of the batch is kept next to it."""
+        a = self.args
+        n_tok = a.decode_tokens
+        chunks = min(a.decode_chunks, len(self.prompts.chunks))
+        for batch in a.decode_batches:
+            per_token, walls = [], []
+            for rep in range(a.decode_reps + 1):  # the first repeat is a warm-up
+                prompts = []
+                for i in range(batch):
+                    p: dict[str, Any] = {"prompt_token_ids": self.prompts.rag(chunks)}
+                    if salted:
+                        p["cache_salt"] = f"decode-{batch}-{rep}-{i}-{random.random()}"
+                    prompts.append(p)
+                t0 = time.perf_counter()
+                outs = self.llm.generate(prompts, [self.params(ratio, max_tokens=n_tok)] * batch, use_tqdm=False)
+                wall = time.perf_counter() - t0
+                if rep:
+                    per_token += _decode_ms(outs, each=True)
+                    walls.append(wall)
+            entry = {"batch": batch, "new_tokens": n_tok, "context_chunks": chunks,
+                     "ms_per_token": round(statistics.median(per_token), 3) if per_token else None,
+                     "ms_per_token_min": round(min(per_token), 3) if per_token else None,
+                     "ms_per_token_max": round(max(per_token), 3) if per_token else None,
+                     "wall_s": [round(w, 3) for w in walls]}
+            if self.base != "plain":
+                entry["ucm"] = _summarise_stats([self.stats(o) for o in outs])
+            self.results.setdefault("decode", {}).setdefault(str(batch), {})[mode] = entry
+            print(f"[{self.kind}] decode batch {batch:2d} {mode}: {entry}", flush=True)
 
     # ---- the scenarios ------------------------------------------------------------
     def run_plain(self) -> None:
@@ -293,8 +389,10 @@ class Bench:
         for (mode, n), (times, _, hosts) in samples.items():
             self.record(mode, n, times, hosts=hosts)
         if a.concurrency:
-            for n in a.chunks:
+            for n in a.tput_chunks or a.chunks:
                 self.throughput("full_prefill", n, None, salted=True)
+        if a.decode_batches:
+            self.decode("decode_full_prefill", None, salted=True)
 
     def _drop_page_cache(self) -> None:
         for dirpath, _, names in os.walk(self.args.file_dir):
@@ -338,11 +436,11 @@ class Bench:
             for n in a.chunks:
                 for r in (0.15, 0.0):
                     self.one(self.prompts.rag(n), ratio=r)
-        ratios = {"dram": a.ratios, "dram_b64": a.b64_ratios}.get(self.kind, a.file_ratios)
-        if self.kind.startswith("file") and a.file_cold:
+        ratios = {"dram": a.ratios, "dram_b64": a.b64_ratios}.get(self.base, a.file_ratios)
+        if self.base.startswith("file") and a.file_cold:
             os.sync()
         def blend(n: int, r: float) -> tuple[float, Any]:
-            if self.kind.startswith("file") and a.file_cold:
+            if self.base.startswith("file") and a.file_cold:
                 self._drop_page_cache()
             return self.one(self.prompts.rag(n), ratio=r)
 
@@ -350,10 +448,12 @@ class Bench:
                                      for n in a.chunks for r in ratios], self.kind)
         for (mode, n), (times, outs, hosts) in samples.items():
             self.record(mode, n, times, [self.stats(o) for o in outs], hosts=hosts)
-        if a.concurrency and self.kind == "dram":
-            for n in a.chunks:
+        if a.concurrency and self.base == "dram":
+            for n in a.tput_chunks or a.chunks:
                 self.throughput("blend_0.15", n, 0.15, salted=False)
-        if self.kind == "dram" and a.cold_reps:
+        if a.decode_batches:
+            self.decode("decode_blend_0.15", 0.15, salted=False)
+        if self.base == "dram" and a.cold_reps:
             for n in a.chunks:  # cold prompt through ucm: full prefill plus saving its KV
                 times = [self.one(self.prompts.rag(n), salt=f"cold-{n}-{i}-{random.random()}")[0]
                          for i in range(a.cold_reps)]
@@ -448,30 +548,32 @@ class Bench:
 
 def engine_main(args: argparse.Namespace) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    if args.engine != "plain":
+    base = base_kind(args.engine)
+    if base != "plain":
         os.environ["ENABLE_SPARSE"] = "1"
-    if args.engine in ("dram_cudnn", "dram_flex"):
-        os.environ["UCM_BLEND_ATTENTION"] = args.engine.split("_")[1]
-    if args.engine == "dram_torchload":
+    if base in ("dram_cudnn", "dram_flex"):
+        os.environ["UCM_BLEND_ATTENTION"] = base.split("_")[1]
+    if base == "dram_torchload":
         os.environ["UCM_LOAD_KERNEL"] = "torch"
-    if args.engine == "dram_nodefer":
+    if base == "dram_nodefer":
         from ucm.integration.vllm import worker_side
 
         worker_side.DEFER_CHUNK_LOADS = False
-    load_group = -1 if args.engine in ("dram_whole", "dram_torchload") else args.load_group
+    load_group = -1 if base in ("dram_whole", "dram_torchload") else args.load_group
     if load_group is not None:
         from ucm.integration.vllm import worker_side
 
         worker_side.LOAD_LAYER_GROUP = load_group
     bench = Bench(args, args.engine)
     bench.results["engine_start_s"] = bench.start_seconds
-    if args.engine == "plain":
+    bench.results["enforce_eager"] = eager_for(args.engine, args.mode)
+    if base == "plain":
         bench.run_plain()
     else:
         bench.run_ucm()
     if args.profile and args.engine in args.profile_engines:
         bench.profile()
-    if args.host_profile and args.engine != "plain":
+    if args.host_profile and base != "plain":
         bench.host_profile()
     Path(args.result).write_text(json.dumps(bench.results, indent=1))
 
@@ -520,16 +622,17 @@ def run_engine_process(args: argparse.Namespace, kind: str, out_dir: Path, extra
 
 
 # Engine kind -> prefix of its modes in the merged table.
-PREFIX = {"plain": "", "dram": "", "dram_b64": "b64_", "dram_whole": "whole_", "dram_torchload": "torchload_",
+PREFIX = {"plain": "", "dram": "", "plain_eager": "eager_", "dram_eager": "eager_", "dram_b64": "b64_", "dram_whole": "whole_", "dram_torchload": "torchload_",
           "dram_cudnn": "cudnn_", "dram_flex": "flex_", "dram_nodefer": "nodefer_", "file": "file_"}
-MODE_ORDER = ["full_prefill", "prefix_hit", "blend_0", "blend_0.05", "blend_0.15", "blend_0.3", "blend_1",
+MODE_ORDER = ["full_prefill", "eager_full_prefill", "prefix_hit", "eager_prefix_hit", "blend_0", "blend_0.05", "blend_0.15", "blend_0.3", "blend_1",
               "b64_blend_0", "b64_blend_0.15", "nodefer_blend_0", "nodefer_blend_0.15", "file_blend_0",
-              "file_blend_0.15", "ucm_cold"]
+              "file_blend_0.15", "eager_blend_0", "eager_blend_0.15", "ucm_cold", "eager_ucm_cold"]
 
 
 def merge(results: list[dict]) -> dict:
     table: dict[str, dict[str, dict]] = {}
     tput: dict[str, dict[str, dict]] = {}
+    decode: dict[str, dict[str, dict]] = {}
     for res in results:
         prefix = PREFIX.get(res.get("kind"), "")
         for n, modes in res.get("modes", {}).items():
@@ -538,7 +641,10 @@ def merge(results: list[dict]) -> dict:
         for n, modes in res.get("throughput", {}).items():
             for mode, entry in modes.items():
                 tput.setdefault(n, {})[prefix + mode] = entry
-    return {"ttft": table, "throughput": tput}
+        for b, modes in res.get("decode", {}).items():
+            for mode, entry in modes.items():
+                decode.setdefault(b, {})[prefix + mode] = entry
+    return {"ttft": table, "throughput": tput, "decode": decode}
 
 
 def render(merged: dict, meta: dict) -> str:
@@ -566,13 +672,25 @@ def render(merged: dict, meta: dict) -> str:
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if merged["throughput"]:
         lines.append("")
-        lines.append(f"Throughput, {meta.get('concurrency')} concurrent requests (max_tokens=1):")
+        lines.append(f"Throughput, {meta.get('concurrency')} concurrent requests "
+                     f"(max_tokens={meta.get('tput_max_tokens', 1)}):")
         lines.append("")
-        lines.append("| chunks | mode | req/s | mean TTFT ms | wall s |")
-        lines.append("|---|---|---|---|---|")
+        lines.append("| chunks | mode | req/s | mean TTFT ms | wall s | decode ms/token |")
+        lines.append("|---|---|---|---|---|---|")
         for n in sorted(merged["throughput"], key=int):
             for m, e in merged["throughput"][n].items():
-                lines.append(f"| {n} | {m} | {e['req_per_s']} | {e['mean_ttft_ms']} | {e['wall_s']} |")
+                lines.append(f"| {n} | {m} | {e['req_per_s']} | {e['mean_ttft_ms']} | {e['wall_s']} | "
+                             f"{e.get('decode_ms_per_token', '')} |")
+    if merged.get("decode"):
+        lines.append("")
+        lines.append("Decode, ms per output token (median over requests):")
+        lines.append("")
+        lines.append("| batch | mode | ms/token | min | max | context chunks |")
+        lines.append("|---|---|---|---|---|---|")
+        for b in sorted(merged["decode"], key=int):
+            for m, e in merged["decode"][b].items():
+                lines.append(f"| {b} | {m} | {e['ms_per_token']} | {e['ms_per_token_min']} | "
+                             f"{e['ms_per_token_max']} | {e['context_chunks']} |")
     return "\n".join(lines)
 
 
@@ -584,7 +702,7 @@ def plot(merged: dict, path: Path, title: str) -> None:
 
     table = merged["ttft"]
     sizes = sorted(table, key=int)
-    modes = [m for m in MODE_ORDER if any(m in table[n] for n in sizes) and m != "ucm_cold"]
+    modes = [m for m in MODE_ORDER if any(m in table[n] for n in sizes) and "ucm_cold" not in m]
     fig, ax = plt.subplots(figsize=(11, 5))
     width = 0.8 / max(1, len(modes))
     for i, m in enumerate(modes):
@@ -611,7 +729,7 @@ def driver(args: argparse.Namespace) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = write_model(Path(args.model_dir), tiny=args.tiny, tiny_layers=args.tiny_layers)
+    model_dir = args.real_model or write_model(Path(args.model_dir), tiny=args.tiny, tiny_layers=args.tiny_layers)
     if "file" in args.engines:
         import shutil
 
@@ -623,9 +741,19 @@ def driver(args: argparse.Namespace) -> None:
               str(args.gpu_mem), "--block-tokens", str(args.block_tokens), "--check-layer", str(args.check_layer),
               "--file-dir", args.file_dir, "--dram-gib", str(args.dram_gib), "--tp", str(args.tp),
               "--cold-reps", str(args.cold_reps), "--warmup-rounds", str(args.warmup_rounds), "--seed", str(args.seed),
-              "--io-threads", str(args.io_threads), "--dtype", args.dtype]
+              "--io-threads", str(args.io_threads), "--dtype", args.dtype, "--mode", args.mode,
+              "--tput-max-tokens", str(args.tput_max_tokens), "--decode-tokens", str(args.decode_tokens),
+              "--decode-chunks", str(args.decode_chunks), "--decode-reps", str(args.decode_reps)]
+    if args.tput_chunks:
+        common += ["--tput-chunks", *map(str, args.tput_chunks)]
+    if args.decode_batches:
+        common += ["--decode-batches", *map(str, args.decode_batches)]
     if args.load_group is not None:
         common += ["--load-group", str(args.load_group)]
+    if args.real_model:
+        common += ["--real-model", args.real_model]
+    if args.pay_policy:
+        common += ["--pay-policy", args.pay_policy]
     common += ["--engines", *args.engines, "--b64-ratios", *map(str, args.b64_ratios),
                "--profile-engines", *args.profile_engines]
     if args.profile:
@@ -658,7 +786,9 @@ def finish(results: list[dict], args: argparse.Namespace, out_dir: Path) -> None
 
     merged = merge(results)
     meta = {"date": datetime.date.today().isoformat(), "concurrency": args.concurrency,
-            "scheduling": args.scheduling,
+            "tput_max_tokens": args.tput_max_tokens, "scheduling": args.scheduling, "mode": args.mode,
+            "pay_policy": args.pay_policy or "ucm default (auto)",
+            "enforce_eager": {r.get("kind"): r.get("enforce_eager") for r in results},
             "argv": " ".join(sys.argv), "engines": {r.get("kind"): {k: r.get(k) for k in
                                                                  ("engine_start_s", "precompute_s", "error")}
                                                     for r in results}}
@@ -675,14 +805,14 @@ def finish(results: list[dict], args: argparse.Namespace, out_dir: Path) -> None
     except OSError:
         pass
     full = {"meta": meta, "results": results, **merged}
-    (out_dir / "ttft_gpu.json").write_text(json.dumps(full, indent=1))
+    (out_dir / f"{args.name}.json").write_text(json.dumps(full, indent=1))
     text = render(merged, meta)
-    (out_dir / "ttft_gpu.md").write_text(text + "\n")
+    (out_dir / f"{args.name}.md").write_text(text + "\n")
     print(json.dumps(meta, indent=1))
     print(text)
     try:
-        plot(merged, out_dir / "ttft_gpu.png", f"Blend TTFT, Llama-3-8B shape (dummy bf16), {meta.get('gpu', '')}, "
-                                               f"vLLM {meta.get('vllm', '')}")
+        plot(merged, out_dir / f"{args.name}.png", f"Blend TTFT, {args.model_label}, {meta.get('gpu', '')}, "
+                                                 f"vLLM {meta.get('vllm', '')}, {args.mode} mode")
     except Exception as exc:  # noqa: BLE001
         print("plot failed:", exc)
 
@@ -707,6 +837,23 @@ def main() -> None:
                     help="ratios for the 'dram_b64' engine (--ratios is for 'dram')")
     ap.add_argument("--profile-engines", nargs="*", default=["dram"])
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--tput-max-tokens", type=int, default=1, help="new tokens per throughput request")
+    ap.add_argument("--tput-chunks", nargs="*", type=int, default=None,
+                    help="prompt sizes (chunks) of the throughput runs (default: every --chunks)")
+    ap.add_argument("--mode", choices=["default", "eager"], default="default",
+                    help="default: vLLM's default mode (torch.compile + CUDA graphs) in every engine; eager: "
+                         "enforce_eager=True in every engine (kinds ending in _eager are eager in both)")
+    ap.add_argument("--decode-batches", nargs="*", type=int, default=[],
+                    help="measure decode ms/token at these batch sizes (e.g. 1 32)")
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--decode-chunks", type=int, default=8, help="RAG prompt size (chunks) before the decode")
+    ap.add_argument("--decode-reps", type=int, default=2, help="timed repeats per batch size (after one warm-up)")
+    ap.add_argument("--pay-policy", choices=["auto", "always"], default=None,
+                    help="Blend.pay_policy of the ucm engines (default: ucm's own, auto)")
+    ap.add_argument("--name", default="ttft_gpu", help="stem of the result files in --out-dir")
+    ap.add_argument("--real-model", default=None,
+                    help="a model directory with real weights (load_format auto) instead of the dummy 8B shape")
+    ap.add_argument("--model-label", default="Llama-3-8B shape (dummy bf16)", help="model name in the plot title")
     ap.add_argument("--cold-reps", type=int, default=3)
     ap.add_argument("--warmup-rounds", type=int, default=3,
                     help="warm-up rounds over every size and ratio 0/0.15 before timing ucm engines")
@@ -752,8 +899,8 @@ def main() -> None:
         merged = {"ttft": saved["ttft"], "throughput": saved["throughput"]}
         print(render(merged, saved["meta"]))
         m = saved["meta"]
-        plot(merged, out_dir / "ttft_gpu.png",
-             f"Blend TTFT, Llama-3-8B shape (dummy bf16), {m.get('gpu', '')}, vLLM {m.get('vllm', '')}")
+        plot(merged, out_dir / f"{args.name}.png",
+             f"Blend TTFT, {args.model_label}, {m.get('gpu', '')}, vLLM {m.get('vllm', '')}, {m.get('mode', 'eager')} mode")
         return
     if args.engine:
         engine_main(args)
