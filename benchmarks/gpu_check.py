@@ -370,7 +370,7 @@ def equality(workdir: Path, eager: bool, dtypes: tuple[str, ...] = ("float16", "
         # same KV (ratio 0 output depends on every loaded row).
         torchload = run_engine({"model": model, "ucm": blend, "engine": dict(engine, enable_prefix_caching=False),
                                 "env": {"UCM_LOAD_KERNEL": "torch"},
-                                "module_attrs": {"ucm.integration.vllm.worker_side:LOAD_LAYER_GROUP": -1},
+                                "module_attrs": {"ucm.engine.worker_side:LOAD_LAYER_GROUP": -1},
                                 "actions": ucm_actions[1:]},  # the same requests in the same order
             workdir / f"torchload_{dtype}", enable_sparse=True)
         loads = []
@@ -444,8 +444,8 @@ def saves() -> dict:
     "sampler" to the end of its copy)."""
     import torch
 
-    from ucm.integration.vllm import kv_saver
-    from ucm.integration.vllm.kv_saver import BLOCK_LAYOUT, STAGE_BLOCKS, KVSaver
+    from ucm.engine import kv_saver
+    from ucm.engine.kv_saver import BLOCK_LAYOUT, STAGE_BLOCKS, KVSaver
     from ucm.store.dram_store import UcmDramStore
 
     out: dict[str, Any] = {}
@@ -510,8 +510,8 @@ def _save_gather_8k() -> dict:
     results and GPU time side by side (CUDA events, median of 10)."""
     import torch
 
-    from ucm.integration.vllm import kv_load
-    from ucm.integration.vllm.kv_layout import flash_attn_view, token_slots
+    from ucm.engine import kv_load
+    from ucm.engine.kv_layout import flash_attn_view, token_slots
     from ucm.sparse.blend.rope import RopeSpec
 
     layers, heads, dim, bs, b = 32, 8, 128, 16, 16

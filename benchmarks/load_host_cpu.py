@@ -23,9 +23,9 @@ import torch
 from tqdm import tqdm
 
 from ucm.hashing import rank_key
-from ucm.integration.vllm.kv_saver import BLOCK_LAYOUT
-from ucm.integration.vllm.metadata import BlockLoad, RequestStep, UcmConnectorMetadata
-from ucm.integration.vllm.worker_side import LayerInfo, WorkerSide
+from ucm.engine.kv_saver import BLOCK_LAYOUT
+from ucm.engine.step_meta import BlockLoad, RequestStep, StepPlan
+from ucm.engine.worker_side import LayerInfo, WorkerSide
 from ucm.sparse.blend.rope import RopeSpec
 from ucm.store.dram_store import UcmDramStore
 
@@ -52,7 +52,7 @@ def main() -> None:
     loads = [BlockLoad(k, prefix + i * tokens, prefix + i * tokens, prefix + (i + 1) * tokens, prefix, True)
              for i, k in enumerate(keys)]
     n = prefix + args.blocks * tokens + 64
-    meta = UcmConnectorMetadata({"r": RequestStep("r", list(range(n // vllm_block + 1)), 0, n, n,
+    meta = StepPlan({"r": RequestStep("r", list(range(n // vllm_block + 1)), 0, n, n,
                                                  loads=loads, blend=True)}, True)
     for _ in range(5):
         worker.start_load(meta)

@@ -136,7 +136,7 @@ def _time_gc() -> None:
     full collection stops every thread of the engine process, whatever it was doing."""
     import gc
 
-    from ucm.integration.vllm.host_time import HOST_TIMES
+    from ucm.engine.host_time import HOST_TIMES
 
     started = [0.0]
 
@@ -238,7 +238,7 @@ class Bench:
         if salt:
             prompt["cache_salt"] = salt
         if self.args.host_times:
-            from ucm.integration.vllm.host_time import HOST_TIMES
+            from ucm.engine.host_time import HOST_TIMES
 
             HOST_TIMES.enabled = True
             HOST_TIMES.take()  # drop what earlier, untimed work left
@@ -250,7 +250,7 @@ class Bench:
         return dt, out
 
     def stats(self, out: Any) -> dict:
-        from ucm.integration.vllm.stats import request_stats
+        from ucm.engine.stats import request_stats
 
         return request_stats(out.request_id)
 
@@ -466,7 +466,7 @@ class Bench:
         import io
         import pstats
 
-        from ucm.integration.vllm.inflight import INFLIGHT
+        from ucm.engine.inflight import INFLIGHT
 
         n = max(self.args.chunks)
         reps = max(1, self.args.host_profile_reps)
@@ -504,7 +504,7 @@ class Bench:
         import torch
         from torch.profiler import ProfilerActivity, profile
 
-        from ucm.integration.vllm.inflight import INFLIGHT
+        from ucm.engine.inflight import INFLIGHT
 
         n = max(self.args.chunks)
         acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
@@ -556,12 +556,12 @@ def engine_main(args: argparse.Namespace) -> None:
     if base == "dram_torchload":
         os.environ["UCM_LOAD_KERNEL"] = "torch"
     if base == "dram_nodefer":
-        from ucm.integration.vllm import worker_side
+        from ucm.engine import worker_side
 
         worker_side.DEFER_CHUNK_LOADS = False
     load_group = -1 if base in ("dram_whole", "dram_torchload") else args.load_group
     if load_group is not None:
-        from ucm.integration.vllm import worker_side
+        from ucm.engine import worker_side
 
         worker_side.LOAD_LAYER_GROUP = load_group
     bench = Bench(args, args.engine)

@@ -273,7 +273,7 @@ class Runner:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         stats: dict[str, Any] = {}
         if self.blend:
-            from ucm.integration.vllm.stats import request_stats
+            from ucm.engine.stats import request_stats
 
             stats = request_stats(out.request_id)
         return ModeRun.from_stats(clean_answer(text), ids, ttft_ms, len(token_ids), stats, raw_text=text,

@@ -17,7 +17,7 @@ import sys
 def _stats(out) -> dict:
     """ucm's record of a request: the in-process registry (scheduler and worker parts) or,
     with vLLM's multiprocess engine, the scheduler's part that comes back with the output."""
-    from ucm.integration.vllm.stats import request_stats
+    from ucm.engine.stats import request_stats
 
     return request_stats(out.request_id) or dict((out.kv_transfer_params or {}).get("ucm_stats", {}))
 
@@ -25,7 +25,7 @@ def _stats(out) -> dict:
 def _generate(llm, action: dict) -> list[dict]:
     from vllm import SamplingParams
 
-    from ucm.integration.vllm.stats import request_stats
+    from ucm.engine.stats import request_stats
 
     prompts, params = [], []
     for item in action["prompts"]:
@@ -155,7 +155,7 @@ def run(spec: dict) -> dict:
 
             out[name] = [{"patched": bool(getattr(Attention.forward, "_ucm_patched", False))}]
         elif action["op"] == "totals":
-            from ucm.integration.vllm.stats import totals
+            from ucm.engine.stats import totals
 
             out[name] = [totals()]
         else:

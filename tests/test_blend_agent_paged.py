@@ -16,8 +16,8 @@ import torch
 
 from ucm.config import BlendConfig, CheckLayer
 from ucm.integration.vllm.blend_agent import BatchInfo, VllmBlendAgent
-from ucm.integration.vllm.kv_layout import flash_attn_view
-from ucm.integration.vllm.metadata import RequestStep, UcmConnectorMetadata
+from ucm.engine.kv_layout import flash_attn_view
+from ucm.engine.step_meta import RequestStep, StepPlan
 from ucm.sparse.base import UcmSparseRole
 from ucm.sparse.blend import attention, paged_attention
 from ucm.sparse.blend.blend import Blend
@@ -55,7 +55,7 @@ def _run(backend: str, monkeypatch) -> tuple[list[torch.Tensor], dict[str, int]]
     reqs = _requests()
     worker = SimpleNamespace(views=views, vllm_block_size=BS, wait_loads=lambda: None,
                              reusable={r[0]: r[4] for r in reqs})
-    meta = UcmConnectorMetadata()
+    meta = StepPlan()
     meta.blend_active = True
     for req_id, block_ids, computed, scheduled, _ in reqs:
         meta.requests[req_id] = RequestStep(req_id, block_ids, computed, scheduled, computed + scheduled, blend=True)

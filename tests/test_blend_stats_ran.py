@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import torch
 
 from ucm.config import BlendConfig, CheckLayer
-from ucm.integration.vllm import stats
+from ucm.engine import stats
 from ucm.integration.vllm.blend_agent import VllmBlendAgent
 from ucm.sparse.base import UcmSparseRole
 from ucm.sparse.blend.blend import Blend, RequestRows

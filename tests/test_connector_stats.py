@@ -1,6 +1,7 @@
 """ucm's counters as vLLM KV-connector stats: aggregation across workers and steps."""
 
-from ucm.integration.vllm import stats
+from ucm.engine import stats
+from ucm.integration.vllm.connector_stats import UcmConnectorStats
 
 
 def test_interval_counters_reset_after_take():
@@ -12,11 +13,15 @@ def test_interval_counters_reset_after_take():
     assert stats.request_stats("req")["recompute_ratio"] == 0.15  # the caller's id without vLLM's suffix
 
 
+def _stats(data: dict) -> UcmConnectorStats:
+    return UcmConnectorStats(data=dict(data))
+
+
 def test_aggregate_and_reduce():
-    a = stats.connector_stats({"reusable_tokens": 100, "recomputed_tokens": 10, "loaded_blocks": 4})
-    b = stats.connector_stats({"reusable_tokens": 300, "recomputed_tokens": 50})
+    a = _stats({"reusable_tokens": 100, "recomputed_tokens": 10, "loaded_blocks": 4})
+    b = _stats({"reusable_tokens": 300, "recomputed_tokens": 50})
     total = a.aggregate(b)
     assert total.reduce() == {"reusable_tokens": 400, "recomputed_tokens": 60, "loaded_blocks": 4,
                               "recompute_ratio": 0.15}
     assert not total.is_empty()
-    assert stats.connector_stats({"loaded_blocks": 0}).is_empty()
+    assert _stats({"loaded_blocks": 0}).is_empty()

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from ucm.hashing import rank_key
-from ucm.integration.vllm import worker_side as ws
-from ucm.integration.vllm.kv_layout import PendingLoad
-from ucm.integration.vllm.kv_saver import BLOCK_LAYOUT
-from ucm.integration.vllm.metadata import BlockLoad, RequestStep, UcmConnectorMetadata
-from ucm.integration.vllm.worker_side import LayerInfo, WorkerSide
+from ucm.engine import worker_side as ws
+from ucm.engine.kv_layout import PendingLoad
+from ucm.engine.kv_saver import BLOCK_LAYOUT
+from ucm.engine.step_meta import BlockLoad, RequestStep, StepPlan
+from ucm.engine.worker_side import LayerInfo, WorkerSide
 from ucm.store.dram_store import UcmDramStore
 
 HEADS, DIM, LAYERS, VBS, BT, NUM_BLOCKS = 2, 8, 3, 8, 4, 6
@@ -32,10 +32,10 @@ def _worker(defer: bool) -> tuple[WorkerSide, dict[str, torch.Tensor]]:
     return worker, caches
 
 
-def _meta() -> UcmConnectorMetadata:
+def _meta() -> StepPlan:
     """One request of 16 tokens: a prefix block (rows 0-3), chunk blocks for rows 4-7 and
     8-10 (the last one partial), rows 11-15 computed."""
-    meta = UcmConnectorMetadata()
+    meta = StepPlan()
     meta.blend_active = True
     req = RequestStep("r", block_ids=[4, 1], num_computed=0, num_scheduled=16, prompt_len=16, blend=True)
     req.loads = [BlockLoad(b"p0", 0, 0, 4, 0, chunk=False), BlockLoad(b"c0", 4, 4, 8, 0, chunk=True),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ucm.integration.vllm.host_time import HostTimes
+from ucm.engine.host_time import HostTimes
 
 
 def test_disabled_records_nothing():

@@ -4,7 +4,7 @@ import concurrent.futures as cf
 import threading
 import time
 
-from ucm.integration.vllm.inflight import InflightSaves
+from ucm.engine.inflight import InflightSaves
 
 
 def test_wait_blocks_until_the_dump_of_a_requested_key_finishes():

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from ucm.integration.vllm.inflight import InflightSaves
+from ucm.engine.inflight import InflightSaves
 from ucm.store import Task, UcmNfsStore
 from ucm.store import nfs_store
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ucm.integration.vllm.kv_layout import flash_attn_view, token_slots
+from ucm.engine.kv_layout import flash_attn_view, token_slots
 
 HEADS, DIM, BS, NUM_BLOCKS = 2, 8, 4, 6
 

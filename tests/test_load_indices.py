@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from ucm.integration.vllm.kv_layout import owner_runs
-from ucm.integration.vllm.metadata import BlockLoad, RequestStep
-from ucm.integration.vllm.worker_side import WorkerSide
+from ucm.engine.kv_layout import owner_runs
+from ucm.engine.step_meta import BlockLoad, RequestStep
+from ucm.engine.worker_side import WorkerSide
 from ucm.store.dram_store import UcmDramStore
 
 

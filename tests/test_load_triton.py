@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ucm.integration.vllm import kv_load
-from ucm.integration.vllm.kv_layout import flash_attn_view, token_slots
+from ucm.engine import kv_load
+from ucm.engine.kv_layout import flash_attn_view, token_slots
 from ucm.sparse.blend.rope import RopeSpec, rotate
 
 HEADS, DIM, T, BS, NUM_BLOCKS = 2, 16, 4, 8, 12

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ucm.integration.vllm.kv_layout import flash_attn_view
+from ucm.engine.kv_layout import flash_attn_view
 from ucm.sparse.blend import attention, paged_backend
 from ucm.sparse.blend.attention import causal_attention_by_position
 from ucm.sparse.blend.paged_attention import (LARGE_TILES, SMALL_TILES, PagedBatch, launch_tiles, paged_attention,

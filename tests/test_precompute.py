@@ -72,7 +72,7 @@ def _engine_main(model: str, out_path: str) -> None:
     from vllm.config import KVTransferConfig
 
     from tests.vllm.conftest import Rag, blend_config
-    from ucm.integration.vllm.stats import request_stats
+    from ucm.engine.stats import request_stats
 
     rag = Rag(seed=0)
     llm = LLM(model, skip_tokenizer_init=True, enforce_eager=True, dtype="float32", max_model_len=2048,

@@ -58,7 +58,7 @@ def _engine_main(model: str, store_dir: str, out_path: str, multiprocess: str = 
 
     from tests.vllm.conftest import Rag, blend_config
     from ucm.integration.vllm.precompute import precompute_chunks
-    from ucm.integration.vllm.stats import request_stats
+    from ucm.engine.stats import request_stats
 
     writes = _slow_writes()
     llm = LLM(model, skip_tokenizer_init=True, enforce_eager=True, dtype="float32", max_model_len=2048,

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ucm.integration.vllm import kv_saver
-from ucm.integration.vllm.kv_saver import STAGE_BLOCKS, host_targets
+from ucm.engine import kv_saver
+from ucm.engine.kv_saver import STAGE_BLOCKS, host_targets
 from ucm.store.base import StoreError
 from ucm.store.dram_store import UcmDramStore
 

@@ -3,13 +3,12 @@ tests: a store, prompts, and the scheduler's outputs as plain objects, step by s
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 
 from ucm.config import UcmConfig
+from ucm.engine.scheduler_side import SchedulerSide
+from ucm.engine.step_meta import ScheduledRequest
 from ucm.hashing import HashContext, block_keys, chunk_block_keys, rank_key
-from ucm.integration.vllm.scheduler_side import SchedulerSide
 from ucm.sparse.blend.chunking import Delimiter
 from ucm.store.dram_store import UcmDramStore
 
@@ -35,20 +34,13 @@ def _store(*prefixes: list[int], chunks: tuple[list[int], ...] = ()) -> UcmDramS
     return store
 
 
-def _new(req_id: str, blocks: list[int], computed: int, scheduled: int) -> SimpleNamespace:
-    return SimpleNamespace(scheduled_new_reqs=[SimpleNamespace(req_id=req_id, block_ids=(blocks,),
-                                                                num_computed_tokens=computed)],
-                           scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set(),
-                                                                 num_computed_tokens=[]),
-                           num_scheduled_tokens={req_id: scheduled})
+def _new(req_id: str, blocks: list[int], computed: int, scheduled: int) -> list[ScheduledRequest]:
+    return [ScheduledRequest(req_id, computed, scheduled, blocks, new=True)]
 
 
-def _cached(req_id: str, new_blocks, computed: int, scheduled: int, resumed: bool = False) -> SimpleNamespace:
-    return SimpleNamespace(scheduled_new_reqs=[],
-                           scheduled_cached_reqs=SimpleNamespace(
-                               req_ids=[req_id], new_block_ids=[new_blocks], num_computed_tokens=[computed],
-                               resumed_req_ids={req_id} if resumed else set()),
-                           num_scheduled_tokens={req_id: scheduled})
+def _cached(req_id: str, new_blocks: list[int] | None, computed: int, scheduled: int,
+            resumed: bool = False) -> list[ScheduledRequest]:
+    return [ScheduledRequest(req_id, computed, scheduled, new_blocks, resumed=resumed)]
 
 
 def test_prefix_hits_are_reported_and_chunk_hits_are_loaded_not_reported():
@@ -88,7 +80,7 @@ def test_chunked_prefill_loads_each_block_in_the_step_that_computes_it():
     first = side.build_meta(_new("r", [0], 0, 14)).requests["r"]
     assert [(l.lo, l.hi) for l in first.loads] == [(8, 12), (12, 14)]  # C1's second block split at the edge
     assert first.saves == []  # the prompt is not complete yet
-    second = side.build_meta(_cached("r", ([1],), 14, len(prompt) - 14)).requests["r"]
+    second = side.build_meta(_cached("r", [1], 14, len(prompt) - 14)).requests["r"]
     assert [(l.lo, l.hi) for l in second.loads] == [(14, 16), (16, 20), (20, 24)]
     assert second.block_ids == [0, 1] and second.saves
 
@@ -103,7 +95,7 @@ def test_a_preempted_request_reloads_and_saves_again_when_resumed():
     # Preempted: vLLM freed its blocks and schedules it again from 0 with new blocks.
     side.num_new_matched_tokens("r", prompt, None, 0)
     side.after_alloc("r", 8)
-    again = side.build_meta(_cached("r", ([5, 6],), 8, len(prompt) - 8, resumed=True)).requests["r"]
+    again = side.build_meta(_cached("r", [5, 6], 8, len(prompt) - 8, resumed=True)).requests["r"]
     assert again.block_ids == [5, 6]
     assert [(l.lo, l.hi) for l in again.loads if not l.chunk] == [(0, 4), (4, 8)]
     assert again.saves

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from ucm.integration.vllm import stats
-from ucm.integration.vllm.stats import StatsRegistry
+from ucm.engine import stats
+from ucm.engine.stats import StatsRegistry
 
 
 def plan(tokens: int = 10, chunk_hit: int = 0) -> SimpleNamespace:

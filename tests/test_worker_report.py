@@ -19,7 +19,7 @@ def test_reports_of_two_ranks_add_up_and_a_foreign_report_is_ignored():
 def test_scheduler_counts_reported_keys_as_stored():
     from ucm.config import UcmConfig
     from ucm.hashing import HashContext, rank_key
-    from ucm.integration.vllm.scheduler_side import SchedulerSide
+    from ucm.engine.scheduler_side import SchedulerSide
     from ucm.store.dram_store import UcmDramStore
 
     side = SchedulerSide(UcmConfig.from_dict({}), UcmDramStore(capacity_bytes=1 << 16),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ucm.integration.vllm.kv_saver import STAGE_BLOCKS
-from ucm.integration.vllm.worker_side import LayerInfo, WorkerSide
+from ucm.engine.kv_saver import STAGE_BLOCKS
+from ucm.engine.worker_side import LayerInfo, WorkerSide
 from ucm.store.dram_store import UcmDramStore
 
 

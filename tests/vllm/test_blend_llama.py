@@ -127,7 +127,7 @@ def test_rope_slices_of_one_layer_give_the_same_loads(llama, blend_zero, tmp_pat
     output depends on it)."""
     spec = {"model": llama, "engine": {"enable_prefix_caching": False},
             "ucm": blend_config(0.0, save_chunks=False),
-            "module_attrs": {"ucm.integration.vllm.kv_load:ROPE_SLICE_BYTES": 1},
+            "module_attrs": {"ucm.engine.kv_load:ROPE_SLICE_BYTES": 1},
             "actions": [PRECOMPUTE, _gen("batch8", BATCH8)]}
     sliced = run_engine(spec, tmp_path_factory.mktemp("rope_slices"))
     assert any(r["stats"].get("reusable_tokens", 0) for r in sliced["batch8"])

@@ -27,13 +27,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from ucm.integration.vllm import stats
-from ucm.integration.vllm.host_time import HOST_TIMES
-from ucm.integration.vllm.metadata import UcmConnectorMetadata
-from ucm.integration.vllm.kv_layout import PagedKV, token_slots
-from ucm.integration.vllm.row_plan import ReqContext, RequestAttention, RowPart, RowPlan
-from ucm.integration.vllm.step_timer import ForwardTimer
-from ucm.integration.vllm.worker_side import WorkerSide, layer_index
+from ucm.engine import stats
+from ucm.engine.host_time import HOST_TIMES
+from ucm.engine.step_meta import StepPlan
+from ucm.engine.kv_layout import PagedKV, token_slots
+from ucm.engine.row_plan import ReqContext, RequestAttention, RowPart, RowPlan
+from ucm.engine.step_timer import ForwardTimer
+from ucm.engine.worker_side import WorkerSide, layer_index
 from ucm.sparse.base import UcmSparseBase, UcmSparseRole
 from ucm.sparse.blend import paged_backend
 from ucm.sparse.blend.blend import Blend, BlendStep, RequestRows
@@ -59,7 +59,7 @@ class BatchInfo:
 class VllmBlendAgent(UcmSparseBase):
     """Drives :class:`Blend` through one vLLM worker's forward passes."""
 
-    def __init__(self, method: Blend, worker: WorkerSide, metadata: Callable[[], Optional[UcmConnectorMetadata]],
+    def __init__(self, method: Blend, worker: WorkerSide, metadata: Callable[[], Optional[StepPlan]],
                  all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                  host_all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
         super().__init__(method.config, UcmSparseRole.WORKER)
@@ -134,7 +134,7 @@ class VllmBlendAgent(UcmSparseBase):
         masks = {req_id: self.worker.reusable.get(req_id) for req_id in req_ids}
         return {req_id: int(mask.sum()) for req_id, mask in masks.items() if mask is not None}
 
-    def _begin_step(self, meta: UcmConnectorMetadata, batch: BatchInfo) -> None:
+    def _begin_step(self, meta: StepPlan, batch: BatchInfo) -> None:
         requests, contexts, slots = [], {}, []
         row = 0
         device = batch.positions.device

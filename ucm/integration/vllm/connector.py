@@ -23,16 +23,18 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from ucm.config import UcmConfig, UcmConfigError, sparse_enabled
+from ucm.engine import stats as stats_registry
+from ucm.engine.host_time import HOST_TIMES
+from ucm.engine.scheduler_side import SchedulerSide, request_is_precompute, request_ratio
+from ucm.engine.step_meta import ScheduledRequest
+from ucm.engine.worker_side import LayerInfo, WorkerSide, layer_index
 from ucm.hashing import HashContext
 from ucm.integration.vllm.config_checks_vllm import check_config_for_vllm
-from ucm.integration.vllm import stats as stats_registry
-from ucm.integration.vllm.host_time import HOST_TIMES
+from ucm.integration.vllm.connector_stats import UcmConnectorStats
 from ucm.integration.vllm.logs import route_ucm_logs
 from ucm.integration.vllm.metadata import UcmConnectorMetadata, UcmWorkerReport
 from ucm.integration.vllm.prefix_cache_guard import check_request_hashing, withhold_from_prefix_cache
-from ucm.integration.vllm.scheduler_side import SchedulerSide, request_is_precompute, request_ratio
 from ucm.integration.vllm.startup_checks import check_at_start
-from ucm.integration.vllm.worker_side import LayerInfo, WorkerSide, layer_index
 from ucm.sparse.blend.chunking import Delimiter
 from ucm.sparse.blend.rope import RopeSpec
 from ucm.store.base import KVStoreBase
@@ -64,6 +66,20 @@ def shared_store(config: UcmConfig) -> KVStoreBase:
 
 
 STATS_PARAM = "ucm_stats"  # key of the request's ucm statistics in its output's kv_transfer_params
+
+
+def scheduled_requests(scheduler_output: Any) -> list[ScheduledRequest]:
+    """vLLM's SchedulerOutput as the engine's planner reads it (first KV-cache group)."""
+    out = [ScheduledRequest(new.req_id, new.num_computed_tokens, scheduler_output.num_scheduled_tokens[new.req_id],
+                            list(new.block_ids[0]), new=True)
+           for new in scheduler_output.scheduled_new_reqs]
+    cached = scheduler_output.scheduled_cached_reqs
+    for i, req_id in enumerate(cached.req_ids):
+        ids = cached.new_block_ids[i]
+        out.append(ScheduledRequest(req_id, cached.num_computed_tokens[i], scheduler_output.num_scheduled_tokens[req_id],
+                                    list(ids[0]) if ids is not None else None,
+                                    resumed=req_id in cached.resumed_req_ids))
+    return out
 
 
 def _cache_writer(layer: Any):
@@ -235,7 +251,7 @@ class UCMConnector(KVConnectorBase_V1):
         delta.update(stats_registry.take_interval())
         if not any(delta.values()):
             return None
-        return stats_registry.connector_stats(delta)
+        return UcmConnectorStats(data=dict(delta))
 
     def build_connector_worker_meta(self) -> Optional[UcmWorkerReport]:
         """Keys the private (host-memory) tiers gained and lost this step, and the forwards
@@ -253,7 +269,7 @@ class UCMConnector(KVConnectorBase_V1):
 
     @classmethod
     def build_kv_connector_stats(cls, data: Optional[dict[str, Any]] = None):
-        return stats_registry.connector_stats(data or {})
+        return UcmConnectorStats(data=dict(data or {}))
 
     def shutdown(self) -> None:
         if self.worker_side is not None:
@@ -283,7 +299,10 @@ class UCMConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         assert self.scheduler_side is not None
         start = HOST_TIMES.start()
-        meta = self.scheduler_side.build_meta(scheduler_output)
+        meta = UcmConnectorMetadata.wrap(self.scheduler_side.build_meta(scheduled_requests(scheduler_output)))
+        if meta.has_loads and hasattr(scheduler_output, "has_sync_kv_loads"):
+            # Our loads feed this very forward: vLLM must start them before it.
+            scheduler_output.has_sync_kv_loads = True
         HOST_TIMES.add("meta", start)
         return meta
 

@@ -1,75 +1,27 @@
-"""What the scheduler-side connector tells the worker side for one step.
+"""The engine's step plan and worker report in the shapes vLLM's connector API carries.
 
-The scheduler already knows each request's block ids, positions and reuse plan,
-so it ships them here instead of the worker reverse-engineering them from a
-backend's attention metadata (which differs per backend and version).
+Scheduler -> worker: :class:`UcmConnectorMetadata` is a :class:`ucm.engine.step_meta.StepPlan`
+that vLLM can ship as ``KVConnectorMetadata``. Worker -> scheduler:
+:class:`UcmWorkerReport` (vLLM's ``KVConnectorWorkerMetadata``, aggregated over TP ranks).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
+from ucm.engine.step_meta import StepPlan
 from ucm.sparse.blend.pay_policy import StepSample
 
 
-@dataclass(frozen=True)
-class BlockLoad:
-    """Load one stored block into this request's paged slots.
-
-    Tokens ``[lo, hi)`` of the prompt (a subrange of the block's
-    ``[token_start, token_start + block_tokens)``) are written; K is rotated by
-    ``rope_delta`` positions. ``chunk`` loads only fill layers from the first check
-    layer on (earlier layers are recomputed anyway).
-    """
-
-    key: bytes
-    token_start: int
-    lo: int
-    hi: int
-    rope_delta: int
-    chunk: bool
-
-
-@dataclass(frozen=True)
-class BlockSave:
-    """Save prompt tokens ``[token_start, token_start + block_tokens)`` under ``key``,
-    K rotated back by ``-rope_delta`` (to the positions the key stands for)."""
-
-    key: bytes
-    token_start: int
-    rope_delta: int
-
-
 @dataclass
-class RequestStep:
-    """One scheduled request in one step."""
+class UcmConnectorMetadata(StepPlan, KVConnectorMetadata):
+    """A step plan, as vLLM's connector metadata."""
 
-    req_id: str
-    block_ids: list[int]
-    num_computed: int  # tokens already in the paged cache before this step
-    num_scheduled: int  # rows of this request in the step's batch
-    prompt_len: int
-    loads: list[BlockLoad] = field(default_factory=list)
-    saves: list[BlockSave] = field(default_factory=list)
-    blend: bool = False  # this step loads reused chunk KV for the request
-    ratio: Optional[float] = None  # per-request recompute ratio (SamplingParams.extra_args)
-    precompute: bool = False  # a chunk precompute: its saves land before the step ends
-
-
-@dataclass
-class UcmConnectorMetadata(KVConnectorMetadata):
-    """All scheduled requests of a step that ucm has to do anything about.
-
-    When ``blend_active`` is set every scheduled request is listed (Blend computes
-    attention itself for the rows after the check layer and needs every request's
-    block ids); otherwise only requests with loads or saves.
-    """
-
-    requests: dict[str, RequestStep] = field(default_factory=dict)
-    blend_active: bool = False
+    @classmethod
+    def wrap(cls, plan: StepPlan) -> "UcmConnectorMetadata":
+        return cls(requests=plan.requests, blend_active=plan.blend_active)
 
 
 @dataclass

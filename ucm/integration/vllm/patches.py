@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ucm.integration.vllm.host_time import HOST_TIMES
+from ucm.engine.host_time import HOST_TIMES
 from ucm.integration.vllm.startup_checks import SUPPORTED_DECODER_LAYERS, check_decoder_layers, decoder_layers
 from ucm.sparse import state
 

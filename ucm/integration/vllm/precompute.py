@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from ucm.integration.vllm.scheduler_side import PRECOMPUTE_ARG
+from ucm.engine.scheduler_side import PRECOMPUTE_ARG
 
 logger = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ def check_at_start(vllm_config: Any, blend_on: bool) -> None:
 def check_env_switches(device_type: str) -> None:
     """Each ucm implementation switch holds an allowed value, and a forced Triton kernel
     can run on ``device_type``."""
-    from ucm.integration.vllm import kv_load
+    from ucm.engine import kv_load
     from ucm.sparse.blend import attention, rope
 
     for choice in (kv_load.KERNEL, rope.KERNEL, attention.KERNEL):

@@ -11,7 +11,7 @@ and K is read and written twice. This kernel reads each staged element once and 
 it once, rotation included, for all layers; one launch per load.
 
 Layout: the staged tensor is contiguous; the caches are ``[num_blocks, block_size,
-heads, head_dim]`` *views* (:class:`ucm.integration.vllm.kv_layout.PagedKV`) with any
+heads, head_dim]`` *views* (:class:`ucm.engine.kv_layout.PagedKV`) with any
 strides, as long as every layer's view has the same shape, strides and dtype (vLLM
 allocates one equal tensor per layer). The layers are addressed from the first layer's
 base by element offsets (``data_ptr`` differences), so no pointer table is needed.

@@ -160,10 +160,3 @@ def take_interval() -> dict[str, int]:
         out = dict(_INTERVAL)
         _INTERVAL.clear()
         return out
-
-
-def connector_stats(data: dict[str, Any]):
-    """A vLLM ``KVConnectorStats`` over ucm's counters (built lazily: imports vllm)."""
-    from ucm.integration.vllm.connector_stats import UcmConnectorStats
-
-    return UcmConnectorStats(data=dict(data))

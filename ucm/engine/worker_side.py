@@ -3,7 +3,7 @@
 Loads run at the start of a step (before the forward): prefix blocks fill every
 layer as they are; chunk blocks fill only the layers Blend does not recompute
 (from the first check layer on), with K re-rotated to the chunk's new position.
-Saves run after the forward, in :mod:`ucm.integration.vllm.kv_saver`.
+Saves run after the forward, in :mod:`ucm.engine.kv_saver`.
 
 On CUDA nothing here waits for the host: blocks are copied straight from the
 store's tensors (no host-side concatenation; asynchronous when they are pinned)
@@ -32,11 +32,11 @@ import numpy as np
 import torch
 
 from ucm.hashing import rank_key
-from ucm.integration.vllm.host_time import HOST_TIMES
-from ucm.integration.vllm.kv_layout import PagedKV, PendingLoad, ProbedPagedKV, paged_kv_view, request_slots
-from ucm.integration.vllm.kv_saver import BLOCK_LAYOUT, KVSaver
-from ucm.integration.vllm.metadata import BlockLoad, RequestStep, UcmConnectorMetadata
-from ucm.integration.vllm.kv_load import write_layers
+from ucm.engine.host_time import HOST_TIMES
+from ucm.engine.kv_layout import PagedKV, PendingLoad, ProbedPagedKV, paged_kv_view, request_slots
+from ucm.engine.kv_saver import BLOCK_LAYOUT, KVSaver
+from ucm.engine.step_meta import BlockLoad, RequestStep, StepPlan
+from ucm.engine.kv_load import write_layers
 from ucm.sparse.blend.rope import RopeSpec
 from ucm.sparse.blend.transfer import stage_runs, strided_copies_available, to_device
 from ucm.store.arena import coalesce_runs
@@ -159,7 +159,7 @@ class WorkerSide:
         return [info for info in self.layers if info.index >= first]
 
     # ---- load ------------------------------------------------------------------------
-    def start_load(self, meta: UcmConnectorMetadata) -> None:
+    def start_load(self, meta: StepPlan) -> None:
         if self._deferred is not None:
             raise RuntimeError("ucm: the previous step's chunk load was never issued (no reader of its "
                                "layers and no wait_loads); its KV would be missing from the cache")
@@ -384,7 +384,7 @@ class WorkerSide:
         return errors
 
     # ---- save ------------------------------------------------------------------------
-    def save(self, meta: UcmConnectorMetadata) -> None:
+    def save(self, meta: StepPlan) -> None:
         """Save the step's blocks (kv_saver.KVSaver), after every pending load landed."""
         self.wait_loads()
         self.saver.save(meta, self.views, [info.name for info in self.layers], self.vllm_block_size)

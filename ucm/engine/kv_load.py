@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ucm.integration.vllm.kv_layout import PagedKV
+from ucm.engine.kv_layout import PagedKV
 from ucm.kernel_choice import KernelChoice
 from ucm.sparse.blend.rope import RopeSpec, _delta_cos_sin, apply_rotation, delta_rotate
 

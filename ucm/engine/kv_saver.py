@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from ucm.hashing import rank_key
-from ucm.integration.vllm.inflight import INFLIGHT
-from ucm.integration.vllm.kv_layout import PagedKV, request_slots
-from ucm.integration.vllm.kv_load import read_layers
-from ucm.integration.vllm.metadata import UcmConnectorMetadata
+from ucm.engine.inflight import INFLIGHT
+from ucm.engine.kv_layout import PagedKV, request_slots
+from ucm.engine.kv_load import read_layers
+from ucm.engine.step_meta import StepPlan
 from ucm.sparse.blend.rope import RopeSpec
 from ucm.store import pinned
 from ucm.store.arena import coalesce_runs
@@ -84,7 +84,7 @@ class KVSaver:
         """Bytes of one stored block (0 before :meth:`reserve`)."""
         return math.prod(self.block_shape) * self.element_size if self.block_shape else 0
 
-    def save(self, meta: UcmConnectorMetadata, views: dict[str, PagedKV], layer_names: list[str],
+    def save(self, meta: StepPlan, views: dict[str, PagedKV], layer_names: list[str],
              vllm_block_size: int) -> None:
         """Dump every block ``meta`` asks to save; ``layer_names`` in layer order."""
         saves = [(req, s) for req in meta.requests.values() for s in req.saves]

@@ -15,8 +15,8 @@ from typing import Any, Optional, Sequence
 
 from ucm.config import UcmConfig
 from ucm.hashing import HashContext, rank_key
-from ucm.integration.vllm.inflight import INFLIGHT
-from ucm.integration.vllm.metadata import BlockLoad, BlockSave, RequestStep, UcmConnectorMetadata
+from ucm.engine.inflight import INFLIGHT
+from ucm.engine.step_meta import BlockLoad, BlockSave, RequestStep, ScheduledRequest, StepPlan
 from ucm.sparse.blend.chunking import Delimiter, split_prompt
 from ucm.sparse.blend.pay_policy import BlendPayPolicy, PayDecision
 from ucm.sparse.blend.plan import ReusePlan, build_plan
@@ -166,38 +166,28 @@ class SchedulerSide:
         tracked.prefix_loaded = num_external_tokens == 0
 
     # ---- per step -------------------------------------------------------------------
-    def build_meta(self, scheduler_output: Any) -> UcmConnectorMetadata:
-        meta = UcmConnectorMetadata()
+    def build_meta(self, scheduled: Sequence[ScheduledRequest]) -> StepPlan:
+        """The step's plan from the requests the engine scheduled (in batch order)."""
+        meta = StepPlan()
         steps: list[RequestStep] = []
-        for new in scheduler_output.scheduled_new_reqs:
-            tracked = self.requests.get(new.req_id)
+        for req in scheduled:
+            tracked = self.requests.get(req.req_id)
             if tracked is None:
                 continue
-            tracked.block_ids = list(new.block_ids[0])
-            steps.append(self._step(new.req_id, tracked, new.num_computed_tokens,
-                                    scheduler_output.num_scheduled_tokens[new.req_id]))
-        cached = scheduler_output.scheduled_cached_reqs
-        for i, req_id in enumerate(cached.req_ids):
-            tracked = self.requests.get(req_id)
-            if tracked is None:
-                continue
-            new_ids = cached.new_block_ids[i]
-            if req_id in cached.resumed_req_ids:
-                # Preempted and resumed: vLLM recomputes from num_computed; reload and resave.
-                tracked.block_ids = list(new_ids[0]) if new_ids is not None else []
-                tracked.prefix_loaded = tracked.external_tokens == 0
-                tracked.saved = False
-            elif new_ids is not None:
-                tracked.block_ids.extend(new_ids[0])
-            steps.append(self._step(req_id, tracked, cached.num_computed_tokens[i],
-                                    scheduler_output.num_scheduled_tokens[req_id]))
+            if req.new or req.resumed:
+                # A resumed request was preempted: the engine recomputes it from
+                # num_computed into new blocks, so its loads and saves start again.
+                tracked.block_ids = list(req.block_ids or [])
+                if req.resumed:
+                    tracked.prefix_loaded = tracked.external_tokens == 0
+                    tracked.saved = False
+            elif req.block_ids:
+                tracked.block_ids.extend(req.block_ids)
+            steps.append(self._step(req.req_id, tracked, req.num_computed, req.num_scheduled))
         meta.blend_active = any(s.blend for s in steps)
         for s in steps:
             if meta.blend_active or s.loads or s.saves:
                 meta.requests[s.req_id] = s
-        if any(s.loads for s in steps) and hasattr(scheduler_output, "has_sync_kv_loads"):
-            # Our loads feed this very forward: vLLM must start them before it.
-            scheduler_output.has_sync_kv_loads = True
         return meta
 
     def _step(self, req_id: str, tracked: _Tracked, num_computed: int, num_scheduled: int) -> RequestStep:

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from ucm.integration.vllm.kv_layout import PagedKV
+from ucm.engine.kv_layout import PagedKV
 from ucm.sparse.blend import attention
 from ucm.sparse.blend.transfer import to_device
 

@@ -1,0 +1,90 @@
+"""What the scheduler half of the engine tells the worker half for one step.
+
+The scheduler already knows each request's block ids, positions and reuse plan, so it
+ships them here instead of the worker reverse-engineering them from an attention
+backend's metadata (which differs per backend and version). Plain dataclasses: the
+vLLM adapter wraps a :class:`StepPlan` into vLLM's connector metadata
+(``ucm.integration.vllm.metadata``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class BlockLoad:
+    """Load one stored block into this request's paged slots.
+
+    Tokens ``[lo, hi)`` of the prompt (a subrange of the block's
+    ``[token_start, token_start + block_tokens)``) are written; K is rotated by
+    ``rope_delta`` positions. ``chunk`` loads only fill layers from the first check
+    layer on (earlier layers are recomputed anyway).
+    """
+
+    key: bytes
+    token_start: int
+    lo: int
+    hi: int
+    rope_delta: int
+    chunk: bool
+
+
+@dataclass(frozen=True)
+class BlockSave:
+    """Save prompt tokens ``[token_start, token_start + block_tokens)`` under ``key``,
+    K rotated back by ``-rope_delta`` (to the positions the key stands for)."""
+
+    key: bytes
+    token_start: int
+    rope_delta: int
+
+
+@dataclass
+class RequestStep:
+    """One scheduled request in one step."""
+
+    req_id: str
+    block_ids: list[int]
+    num_computed: int  # tokens already in the paged cache before this step
+    num_scheduled: int  # rows of this request in the step's batch
+    prompt_len: int
+    loads: list[BlockLoad] = field(default_factory=list)
+    saves: list[BlockSave] = field(default_factory=list)
+    blend: bool = False  # this step loads reused chunk KV for the request
+    ratio: Optional[float] = None  # per-request recompute ratio (SamplingParams.extra_args)
+    precompute: bool = False  # a chunk precompute: its saves land before the step ends
+
+
+@dataclass
+class StepPlan:
+    """All scheduled requests of a step that ucm has to do anything about.
+
+    When ``blend_active`` is set every scheduled request is listed (Blend computes
+    attention itself for the rows after the check layer and needs every request's
+    block ids); otherwise only requests with loads or saves.
+    """
+
+    requests: dict[str, RequestStep] = field(default_factory=dict)
+    blend_active: bool = False
+
+    @property
+    def has_loads(self) -> bool:
+        return any(step.loads for step in self.requests.values())
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request the engine's scheduler put in a step, as the planner needs it.
+
+    ``block_ids``: a new request's blocks, or those a running request gained this step
+    (None: none); a ``resumed`` request (preempted before) lists all its blocks anew.
+    """
+
+    req_id: str
+    num_computed: int
+    num_scheduled: int
+    block_ids: Optional[list[int]] = None
+    new: bool = False
+    resumed: bool = False
