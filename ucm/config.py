@@ -22,6 +22,10 @@ import yaml
 
 from ucm.config_checks import (Section, UcmConfigError, as_float, as_int, as_seq, as_str, check_keys, expect,
                                set_field, suggest, under)
+from ucm.config_chunks import SHARED_KEYS, check_chunk_settings, check_chunk_tokens, shared_to_dict
+from ucm.config_epic import EpicConfig
+
+SELECTIONS = ("deviation", "query", "mixed")  # Blend's ranking of reused tokens at a check layer
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +105,6 @@ class StoreSpec:
 
 LAYER_NAME_FORM = "model.layers.<N>.self_attn.attn"
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.self_attn\.attn")
-_DELIMITER_KEYS = ("chunk_end_token_id", "blend_special_str", "separator_token_ids")
 
 
 @dataclass(frozen=True)
@@ -147,26 +150,14 @@ class BlendConfig:
     save_chunks: bool = True  # store each missed chunk's KV under its chunk keys for later requests
     min_chunk_tokens: int = 1  # shorter chunks are recomputed, not reused
     pay_policy: str = "auto"  # "auto": blend a request only where it measured faster; "always": blend every one
+    selection: str = "deviation"  # how a check layer ranks reused tokens: "deviation", "query" or "mixed"
 
     def __post_init__(self) -> None:
-        if self.chunk_end_token_id is not None:
-            set_field(self, "chunk_end_token_id", as_int("chunk_end_token_id", self.chunk_end_token_id, lo=0))
-        if self.blend_special_str is not None:
-            as_str("blend_special_str", self.blend_special_str)
-        if self.separator_token_ids is not None:
-            ids = as_seq("separator_token_ids", self.separator_token_ids, "token id")
-            ids = tuple(as_int(f"separator_token_ids[{i}]", t, lo=0) for i, t in enumerate(ids))
-            set_field(self, "separator_token_ids", ids)
-        given = [k for k in _DELIMITER_KEYS if getattr(self, k) is not None]
-        if len(given) != 1:
-            got = ", ".join(given) or "none"
-            raise UcmConfigError("", f"set exactly one chunk delimiter of {', '.join(_DELIMITER_KEYS)}; got {got}")
+        check_chunk_settings(self)
         self._check_layers()
         as_str("deviation_target", self.deviation_target, ("k", "v", "kv"))
         as_str("deviation_norm", self.deviation_norm, ("l1", "l2"))
-        expect("save_chunks", self.save_chunks, bool, "bool")
-        set_field(self, "min_chunk_tokens", as_int("min_chunk_tokens", self.min_chunk_tokens, lo=1))
-        as_str("pay_policy", self.pay_policy, ("auto", "always"))
+        as_str("selection", self.selection, SELECTIONS)
 
     def _check_layers(self) -> None:
         """Sort by layer index and enforce gradual filtering: ratios never rise with depth."""
@@ -190,17 +181,7 @@ class BlendConfig:
                     f"not an attention layer of this model: it has {num_layers} layers, so a check layer "
                     f"index must be in [0, {num_layers}) ({LAYER_NAME_FORM.replace('<N>', '0')} .. "
                     f"{LAYER_NAME_FORM.replace('<N>', str(num_layers - 1))})"))
-        if vocab_size is not None:
-            ids = [("chunk_end_token_id", self.chunk_end_token_id)] if self.chunk_end_token_id is not None else []
-            ids += [(f"separator_token_ids[{i}]", t) for i, t in enumerate(self.separator_token_ids or ())]
-            for key, token in ids:
-                if token >= vocab_size:
-                    raise UcmConfigError(key, f"token id {token} is outside the model's vocabulary of {vocab_size} "
-                                              f"(allowed: 0..{vocab_size - 1}); it would never match a prompt token")
-        if self.blend_special_str is not None and not has_tokenizer:
-            raise UcmConfigError("blend_special_str", (
-                "needs a tokenizer, but the engine runs with skip_tokenizer_init=True; give the separator "
-                "as token ids in separator_token_ids instead"))
+        check_chunk_tokens(self, vocab_size, has_tokenizer)
 
     @property
     def final_ratio(self) -> float:
@@ -212,11 +193,16 @@ class BlendConfig:
         """Index of the first check layer; every layer before it is computed in full."""
         return self.check_layers[0].layer_index
 
+    @property
+    def first_reused_layer(self) -> int:
+        """The first layer where loaded chunk KV replaces computed KV (chunk loads fill it
+        and every later layer): Blend's first check layer."""
+        return self.first_check_layer
+
     @classmethod
     def from_dict(cls, data: Any) -> BlendConfig:
         data = expect("", data, Mapping, "a mapping")
-        check_keys(data, (*_DELIMITER_KEYS, "compute_meta", "deviation_target", "deviation_norm",
-                           "save_chunks", "min_chunk_tokens", "pay_policy"))
+        check_keys(data, (*SHARED_KEYS, "compute_meta", "deviation_target", "deviation_norm", "selection"))
         kwargs = {k: v for k, v in data.items() if k != "compute_meta"}
         if "compute_meta" in data:
             with under("compute_meta"):
@@ -225,16 +211,16 @@ class BlendConfig:
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v
-                               for k in _DELIMITER_KEYS if (v := getattr(self, k)) is not None}
+        out = shared_to_dict(self)
         out["compute_meta"] = {c.layer_name: {"ratio": c.ratio} for c in self.check_layers}
         out.update(deviation_target=self.deviation_target, deviation_norm=self.deviation_norm,
-                   save_chunks=self.save_chunks, min_chunk_tokens=self.min_chunk_tokens, pay_policy=self.pay_policy)
+                   selection=self.selection)
         return out
 
 
 #: Sparse method name (key of ``ucm_sparse_config``) -> (config class, UcmConfig field).
-SPARSE_METHODS: dict[str, tuple[type, str]] = {"Blend": (BlendConfig, "blend")}
+SPARSE_METHODS: dict[str, tuple[type, str]] = {"Blend": (BlendConfig, "blend"), "EPIC": (EpicConfig, "epic")}
+ChunkMethodConfig = Union[BlendConfig, EpicConfig]
 
 
 @dataclass(frozen=True)
@@ -242,6 +228,7 @@ class UcmConfig:
     """Everything ucm reads from the user, validated."""
     stores: tuple[StoreSpec, ...] = (StoreSpec("UcmDramStore", DramStoreConfig()),)  # tiers, fastest first
     blend: Optional[BlendConfig] = None
+    epic: Optional[EpicConfig] = None
     use_layerwise: bool = True  # load/save KV per layer so that I/O overlaps compute
     log_stats: bool = True
     block_tokens: int = 16  # tokens per stored block (hashing and store granularity)
@@ -251,6 +238,21 @@ class UcmConfig:
         as_int("block_tokens", self.block_tokens, 1, 4096)
         expect("use_layerwise", self.use_layerwise, bool, "bool")
         expect("log_stats", self.log_stats, bool, "bool")
+        named = [name for name, (_, attr) in SPARSE_METHODS.items() if getattr(self, attr) is not None]
+        if len(named) > 1:
+            raise UcmConfigError("ucm_sparse_config", f"configure one sparse method per engine; got {len(named)}: "
+                                                      f"{' and '.join(named)}")
+
+    @property
+    def method_name(self) -> Optional[str]:
+        """The configured sparse method's registry name ("Blend", "EPIC"), or None."""
+        return next((name for name, (_, attr) in SPARSE_METHODS.items() if getattr(self, attr) is not None), None)
+
+    @property
+    def chunk_method(self) -> Optional[ChunkMethodConfig]:
+        """The configured chunk-reuse method's section (at most one is set), or None."""
+        name = self.method_name
+        return getattr(self, SPARSE_METHODS[name][1]) if name is not None else None
 
     @classmethod
     def from_dict(cls, data: Any) -> UcmConfig:
@@ -304,11 +306,12 @@ class UcmConfig:
         else:
             config = cls.from_dict(extra or {})
         sparse = sparse_enabled(env)
-        if sparse != (config.blend is not None):
+        name = config.method_name
+        if sparse != (name is not None):
             logger.warning("%s is %s but ucm_sparse_config %s", ENABLE_SPARSE_ENV, "on" if sparse else "off",
-                           "names no method" if sparse else "sets Blend: Blend will not run")
-        logger.info("ucm config from %s: stores=%s, blend=%s", f"{CONFIG_FILE_ENV}={path}" if path else
-                    EXTRA_CONFIG_KEY, [s.name for s in config.stores], config.blend is not None)
+                           "names no method" if sparse else f"sets {name}: {name} will not run")
+        logger.info("ucm config from %s: stores=%s, sparse method=%s", f"{CONFIG_FILE_ENV}={path}" if path else
+                    EXTRA_CONFIG_KEY, [s.name for s in config.stores], name)
         return config
 
 

@@ -40,3 +40,4 @@ def create_sparse_method(name: str, config: object, role: str) -> UcmSparseBase:
 
 
 register_sparse_method("Blend", "ucm.sparse.blend.blend", "Blend")
+register_sparse_method("EPIC", "ucm.sparse.epic.epic", "Epic")

@@ -29,45 +29,11 @@ import torch
 from ucm.sparse.base import UcmSparseBase
 from ucm.sparse.blend.selection import GradualFilter, token_deviation
 from ucm.sparse.blend.transfer import to_device
+from ucm.sparse.rows import RequestOutcome, RequestRows  # noqa: F401  (RequestRows: re-exported)
 
 logger = logging.getLogger(__name__)
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class RequestRows:
-    """One request's rows in the flattened batch of a forward pass."""
-
-    req_id: str
-    row_start: int
-    num_rows: int
-    reusable: torch.Tensor  # bool [num_rows], CPU: rows whose KV was loaded from cache
-    always: Optional[torch.Tensor] = None  # bool [num_rows]: rows never skipped
-    ratio: Optional[float] = None  # overrides every check layer's ratio for this request
-
-    @property
-    def num_reusable(self) -> int:
-        return int(self.reusable.sum())
-
-
-@dataclass
-class RequestOutcome:
-    """What Blend decided for one request in one forward (for stats).
-
-    ``num_recomputed_reusable`` starts at every reusable row: until a check layer
-    selects, every row is computed in full (cached KV is reused only from the first
-    check layer on), so stats must not count a row as reused before a selection kept
-    its cached KV.
-    """
-
-    num_rows: int
-    num_reusable: int
-    num_recomputed_reusable: int
-
-    @property
-    def recompute_fraction(self) -> float:
-        return self.num_recomputed_reusable / self.num_reusable if self.num_reusable else 1.0
 
 
 @dataclass
@@ -206,6 +172,11 @@ class Blend(UcmSparseBase):
         self.target = config.deviation_target
         self.norm = config.deviation_norm
         self.step: Optional[BlendStep] = None
+
+    @property
+    def first_reused_layer(self) -> int:
+        """Layers before the first check layer compute every row; loaded chunk KV is used from it on."""
+        return min(self.check_ratios)
 
     def begin_step(self, requests: list[RequestRows], num_rows: int,
                    all_reduce: Optional[AllReduce] = None) -> BlendStep:
