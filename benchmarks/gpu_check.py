@@ -368,9 +368,9 @@ def equality(workdir: Path, eager: bool, dtypes: tuple[str, ...] = ("float16", "
         # The same reuse requests with the loads written the previous way (per-layer torch
         # ops, whole blocks): the Triton load kernel and layer-group copies must load the
         # same KV (ratio 0 output depends on every loaded row).
-        torchload = run_engine({"model": model, "ucm": blend, "engine": dict(engine, enable_prefix_caching=False),
+        torchload = run_engine({"model": model, "ucm": dict(blend, engine_options={"load_layer_group": -1}),
+                                "engine": dict(engine, enable_prefix_caching=False),
                                 "env": {"UCM_LOAD_KERNEL": "torch"},
-                                "module_attrs": {"ucm.engine.worker_side:LOAD_LAYER_GROUP": -1},
                                 "actions": ucm_actions[1:]},  # the same requests in the same order
             workdir / f"torchload_{dtype}", enable_sparse=True)
         loads = []
@@ -471,14 +471,14 @@ def saves() -> dict:
     big = torch.randn(1030, 32, 2, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
     store = UcmDramStore(capacity_bytes=big.shape[0] * big[0].nbytes)
     saver = KVSaver(store, block_tokens=16, tp_rank=0, rope=None, max_step_tokens=8192)
+    default = saver.copies_queued
     saver.reserve(num_layers=32, num_kv_heads=8, head_dim=128, element_size=2)
     small = torch.ones(64, device="cuda")
     small_host = torch.empty(64, pin_memory=True)
     latency = {}
-    default = kv_saver.COPIES_QUEUED
     try:
         for label, depth in (("queued_1", 1), ("queued_2", 2), ("queued_all", 10**9), ("queued_1_again", 1)):
-            kv_saver.COPIES_QUEUED = depth
+            saver.copies_queued = depth
             keys = [hashlib.sha256(f"{label}-{i}".encode()).digest() for i in range(big.shape[0])]
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -495,7 +495,7 @@ def saves() -> dict:
             latency[label] = {"small_copy_ms": round(ready.elapsed_time(done), 2),
                               "save_ms": round((time.perf_counter() - t0) * 1e3, 1)}
     finally:
-        kv_saver.COPIES_QUEUED = default
+        saver.copies_queued = default
     out["behind_a_cold_8k_save"] = latency
     del big
     out["read_layers_8k"] = _save_gather_8k()

@@ -221,6 +221,14 @@ class Bench:
                          "compute_meta": {f"model.layers.{a.check_layer}.self_attn.attn": {"ratio": 0.15}}}}}
             if a.pay_policy:  # else ucm's default (auto: blend a request only where it measured faster)
                 extra["ucm_sparse_config"]["Blend"]["pay_policy"] = a.pay_policy
+            options = {}
+            if self.base == "dram_nodefer":
+                options["defer_chunk_loads"] = False
+            load_group = -1 if self.base in ("dram_whole", "dram_torchload") else a.load_group
+            if load_group is not None:
+                options["load_layer_group"] = load_group
+            if options:
+                extra["engine_options"] = options
             engine["kv_transfer_config"] = KVTransferConfig(
                 kv_connector="UCMBlendConnector", kv_connector_module_path="ucm.integration.vllm.blend_connector",
                 kv_role="kv_both", kv_connector_extra_config=extra)
@@ -555,15 +563,6 @@ def engine_main(args: argparse.Namespace) -> None:
         os.environ["UCM_BLEND_ATTENTION"] = base.split("_")[1]
     if base == "dram_torchload":
         os.environ["UCM_LOAD_KERNEL"] = "torch"
-    if base == "dram_nodefer":
-        from ucm.engine import worker_side
-
-        worker_side.DEFER_CHUNK_LOADS = False
-    load_group = -1 if base in ("dram_whole", "dram_torchload") else args.load_group
-    if load_group is not None:
-        from ucm.engine import worker_side
-
-        worker_side.LOAD_LAYER_GROUP = load_group
     bench = Bench(args, args.engine)
     bench.results["engine_start_s"] = bench.start_seconds
     bench.results["enforce_eager"] = eager_for(args.engine, args.mode)
@@ -827,7 +826,7 @@ def main() -> None:
                          "written by per-layer torch ops instead of the Triton load kernel; dram_cudnn / "
                          "dram_flex: host-memory store, exact-mask attention by cuDNN / FlexAttention over "
                          "a gathered context instead of the paged Triton kernel; dram_nodefer: chunk loads "
-                         "issued before the forward (worker_side.DEFER_CHUNK_LOADS off)")
+                         "issued before the forward (engine_options.defer_chunk_loads off)")
     ap.add_argument("--chunks", nargs="+", type=int, default=[6, 8, 16], help="chunks of 512 tokens per prompt")
     ap.add_argument("--pool", type=int, default=None, help="chunks in the pool (default: max --chunks)")
     ap.add_argument("--reps", type=int, default=10)
@@ -863,7 +862,7 @@ def main() -> None:
     ap.add_argument("--block-tokens", type=int, default=16)
     ap.add_argument("--check-layer", type=int, default=1)
     ap.add_argument("--load-group", type=int, default=None,
-                    help="worker_side.LOAD_LAYER_GROUP for the ucm engines (default: ucm's own)")
+                    help="engine_options.load_layer_group for the ucm engines (default: ucm's own)")
     ap.add_argument("--dram-gib", type=int, default=8, help="host-memory tier capacity (pinned at engine start)")
     ap.add_argument("--file-dir", default="/var/tmp/ucm_ttft_kv")
     ap.add_argument("--file-cold", action="store_true")

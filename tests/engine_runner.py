@@ -133,11 +133,6 @@ def run(spec: dict) -> dict:
         os.environ[key] = value
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    for target, value in spec.get("module_attrs", {}).items():  # "pkg.module:NAME" -> value
-        import importlib
-
-        module, name = target.split(":")
-        setattr(importlib.import_module(module), name, value)  # the worker runs in this process
     for fault in spec.get("faults", []):
         _inject_fault(fault["target"], fault["fail_on_call"])
     if "start_errors" in spec:  # engines that must be refused at start, one after another

@@ -1,4 +1,4 @@
-"""A chunk load with a Blend agent is deferred to its first reader (worker_side.DEFER_CHUNK_LOADS):
+"""A chunk load with a Blend agent is deferred to its first reader (EngineOptions.defer_chunk_loads):
 start_load writes prefix blocks at once and leaves chunk layers untouched; the first read
 of a chunk layer (or wait_loads) writes every chunk layer, exactly as an immediate load
 would; a step whose chunk load nobody issued is refused, never silently lost."""
@@ -8,21 +8,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ucm.hashing import rank_key
+from ucm.config import EngineOptions
 from ucm.engine import worker_side as ws
 from ucm.engine.kv_layout import PendingLoad
 from ucm.engine.kv_saver import BLOCK_LAYOUT
 from ucm.engine.step_meta import BlockLoad, RequestStep, StepPlan
 from ucm.engine.worker_side import LayerInfo, WorkerSide
+from ucm.hashing import rank_key
 from ucm.store.dram_store import UcmDramStore
 
 HEADS, DIM, LAYERS, VBS, BT, NUM_BLOCKS = 2, 8, 3, 8, 4, 6
 NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
 
 
-def _worker(defer: bool) -> tuple[WorkerSide, dict[str, torch.Tensor]]:
+def _worker(defer: bool, options: EngineOptions = EngineOptions()) -> tuple[WorkerSide, dict[str, torch.Tensor]]:
     store = UcmDramStore(capacity_bytes=1 << 20)
-    worker = WorkerSide(store, block_tokens=BT, tp_rank=0, rope=None, first_check_layer=1, max_step_tokens=64)
+    worker = WorkerSide(store, block_tokens=BT, tp_rank=0, rope=None, first_check_layer=1, max_step_tokens=64,
+                        options=options)
     caches = {name: torch.zeros(2, NUM_BLOCKS, VBS, HEADS, DIM) for name in NAMES}  # FLASH_ATTN planes
     worker.register(caches, [LayerInfo(name, i, "FLASH_ATTN", HEADS, DIM) for i, name in enumerate(NAMES)])
     worker.defer_chunk_loads = defer
@@ -64,13 +66,12 @@ def test_chunk_layers_are_written_by_their_first_reader_only():
         assert caches[name][:, 1, 3:].abs().sum() == 0  # row 11 on: not loaded
 
 
-def test_deferred_load_writes_what_an_immediate_load_writes(monkeypatch):
+def test_deferred_load_writes_what_an_immediate_load_writes():
     deferred, caches_d = _worker(defer=True)
     deferred.start_load(_meta())
     deferred.wait_loads()  # no reader (e.g. a step vLLM's backend computes): issued here
     assert deferred._deferred is None
-    immediate, caches_i = _worker(defer=True)
-    monkeypatch.setattr(ws, "DEFER_CHUNK_LOADS", False)
+    immediate, caches_i = _worker(defer=True, options=EngineOptions(defer_chunk_loads=False))
     immediate.start_load(_meta())
     assert all(view.ready is None for view in immediate.views.values())
     for got, want in zip(_snapshot(caches_d), _snapshot(caches_i)):

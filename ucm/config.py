@@ -218,6 +218,26 @@ class BlendConfig:
         return out
 
 
+@dataclass(frozen=True)
+class EngineOptions(Section):
+    """How the engine moves KV and shrinks rows (``engine_options``). The defaults are the
+    measured best; benchmarks and tests set others to compare (docs/DECISIONS.md)."""
+
+    defer_chunk_loads: bool = True  # a Blend step's chunk load is issued by its first reader (the check layer)
+    load_layer_group: Optional[int] = None  # None: 6 with pitched copies, else -1; -1 whole blocks; 0/k layer groups
+    rope_slice_bytes: int = 64 << 20  # device bytes of re-rotated K per slice on the torch load path
+    shrink_before_mlp: bool = True  # a check layer drops its unselected rows before its MLP
+    save_copies_queued: int = 1  # device -> host save copies queued at a time on CUDA
+
+    def __post_init__(self) -> None:
+        expect("defer_chunk_loads", self.defer_chunk_loads, bool, "bool")
+        if self.load_layer_group is not None:
+            as_int("load_layer_group", self.load_layer_group, lo=-1)
+        as_int("rope_slice_bytes", self.rope_slice_bytes, lo=1)
+        expect("shrink_before_mlp", self.shrink_before_mlp, bool, "bool")
+        as_int("save_copies_queued", self.save_copies_queued, lo=1)
+
+
 #: Sparse method name (key of ``ucm_sparse_config``) -> (config class, UcmConfig field).
 SPARSE_METHODS: dict[str, tuple[type, str]] = {"Blend": (BlendConfig, "blend"), "EPIC": (EpicConfig, "epic")}
 ChunkMethodConfig = Union[BlendConfig, EpicConfig]
@@ -232,6 +252,7 @@ class UcmConfig:
     use_layerwise: bool = True  # load/save KV per layer so that I/O overlaps compute
     log_stats: bool = True
     block_tokens: int = 16  # tokens per stored block (hashing and store granularity)
+    engine: EngineOptions = EngineOptions()  # engine_options
 
     def __post_init__(self) -> None:
         set_field(self, "stores", as_seq("ucm_connectors", self.stores, "store"))
@@ -258,7 +279,8 @@ class UcmConfig:
     def from_dict(cls, data: Any) -> UcmConfig:
         """Parse the content of ``kv_connector_extra_config`` (or of the YAML file)."""
         data = expect("", data, Mapping, "a mapping")
-        check_keys(data, ("ucm_connectors", "ucm_sparse_config", "use_layerwise", "log_stats", "block_tokens"))
+        check_keys(data, ("ucm_connectors", "ucm_sparse_config", "use_layerwise", "log_stats", "block_tokens",
+                          "engine_options"))
         kwargs: dict[str, Any] = {k: data[k] for k in ("use_layerwise", "log_stats", "block_tokens") if k in data}
         if "ucm_connectors" in data:
             with under("ucm_connectors"):
@@ -267,6 +289,9 @@ class UcmConfig:
                     with under(f"[{i}]"):
                         specs.append(StoreSpec.from_dict(item))
                 kwargs["stores"] = tuple(specs)
+        if "engine_options" in data:
+            with under("engine_options"):
+                kwargs["engine"] = EngineOptions.from_dict(data["engine_options"])
         if "ucm_sparse_config" in data:
             with under("ucm_sparse_config"):
                 methods = expect("", data["ucm_sparse_config"], Mapping, "a mapping")
@@ -284,7 +309,8 @@ class UcmConfig:
                   if getattr(self, attr) is not None}
         if sparse:
             out["ucm_sparse_config"] = sparse
-        out.update(use_layerwise=self.use_layerwise, log_stats=self.log_stats, block_tokens=self.block_tokens)
+        out.update(use_layerwise=self.use_layerwise, log_stats=self.log_stats, block_tokens=self.block_tokens,
+                   engine_options=self.engine.to_dict())
         return out
 
     @classmethod

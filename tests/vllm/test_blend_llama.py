@@ -122,12 +122,11 @@ def test_mixed_batch_equals_one_at_a_time(blend_zero):
 
 
 def test_rope_slices_of_one_layer_give_the_same_loads(llama, blend_zero, tmp_path_factory):
-    """Chunk loads rotate K of several layers per launch (kv_load.ROPE_SLICE_BYTES, torch path);
+    """Chunk loads rotate K of several layers per launch (engine_options.rope_slice_bytes, torch path);
     one layer per slice must load exactly the same KV (ratio 0: every reused row's
     output depends on it)."""
     spec = {"model": llama, "engine": {"enable_prefix_caching": False},
-            "ucm": blend_config(0.0, save_chunks=False),
-            "module_attrs": {"ucm.engine.kv_load:ROPE_SLICE_BYTES": 1},
+            "ucm": dict(blend_config(0.0, save_chunks=False), engine_options={"rope_slice_bytes": 1}),
             "actions": [PRECOMPUTE, _gen("batch8", BATCH8)]}
     sliced = run_engine(spec, tmp_path_factory.mktemp("rope_slices"))
     assert any(r["stats"].get("reusable_tokens", 0) for r in sliced["batch8"])
@@ -136,11 +135,10 @@ def test_rope_slices_of_one_layer_give_the_same_loads(llama, blend_zero, tmp_pat
 
 def test_check_layer_mlp_on_kept_rows_only_is_exact(llama, blend_zero, tmp_path_factory):
     """The check layer drops the rows it does not keep before its MLP
-    (blend_agent.SHRINK_BEFORE_MLP); running that MLP on every row and dropping them at
+    (engine_options.shrink_before_mlp); running that MLP on every row and dropping them at
     the next layer must give the same outputs."""
     spec = {"model": llama, "engine": {"enable_prefix_caching": False},
-            "ucm": blend_config(0.0, save_chunks=False),
-            "module_attrs": {"ucm.integration.vllm.blend_agent:SHRINK_BEFORE_MLP": False},
+            "ucm": dict(blend_config(0.0, save_chunks=False), engine_options={"shrink_before_mlp": False}),
             "actions": [PRECOMPUTE, _gen("batch8", BATCH8)]}
     late = run_engine(spec, tmp_path_factory.mktemp("shrink_late"))
     assert any(r["stats"].get("reusable_tokens", 0) for r in late["batch8"])

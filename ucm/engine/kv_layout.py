@@ -21,7 +21,7 @@ import torch
 
 
 class PendingLoad:
-    """A load of some layers that is not issued yet (see ``worker_side.DEFER_CHUNK_LOADS``).
+    """A load of some layers that is not issued yet (see ``EngineOptions.defer_chunk_loads``).
 
     It stands in those layers' :attr:`PagedKV.ready` until issued; the first access to
     any of them issues it, which replaces every such ``ready`` with the real event.

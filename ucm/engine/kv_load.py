@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 KERNEL_ENV = "UCM_LOAD_KERNEL"
 # Torch path: K of as many layers at once as fit in this many bytes is rotated in one
 # launch; 64 MiB = 4 layers of an 8K-token Llama-3-8B load, 8 at 4K tokens.
-ROPE_SLICE_BYTES = 64 << 20
+ROPE_SLICE_BYTES = 64 << 20  # the default of EngineOptions.rope_slice_bytes
 
 ROWS = ("source", "slot", "position", "delta")  # the rows of the ``[4, R]`` index tensor
 KERNEL = KernelChoice(KERNEL_ENV, ("auto", "torch", "triton"), module_name="ucm.sparse.blend.load_triton",
@@ -57,16 +57,19 @@ def _kernel_for(staged: torch.Tensor, views: Sequence[PagedKV]) -> Any:
 
 def write_layers(staged: torch.Tensor, first: int, views: Sequence[PagedKV], rows: torch.Tensor,
                  rope: Optional[RopeSpec], rotate: bool, full_rows: bool,
-                 located: Optional[dict[tuple, tuple[torch.Tensor, ...]]] = None) -> None:
+                 located: Optional[dict[tuple, tuple[torch.Tensor, ...]]] = None,
+                 rope_slice_bytes: int = ROPE_SLICE_BYTES) -> None:
     """Write staged layers ``first..first+len(views)-1`` into ``views``.
 
     ``rows``: int64 ``[4, R]`` on the device (:data:`ROWS`); ``full_rows``: the rows are
     every staged row in order (no gather needed). ``located``: slot addresses per
-    layout, shared between calls of one load (torch path). Ordered on the current stream.
+    layout, shared between calls of one load (torch path). ``rope_slice_bytes``: device
+    bytes of re-rotated K per slice on the torch path. Ordered on the current stream.
     """
     ks, vs = [v.k for v in views], [v.v for v in views]
     if not _ran_kernel("scatter_blocks", staged, views, (staged, first, ks, vs, rows, rope, rotate)):
-        _write_torch(staged, first, views, rows, rope, rotate, full_rows, {} if located is None else located)
+        _write_torch(staged, first, views, rows, rope, rotate, full_rows, {} if located is None else located,
+                     rope_slice_bytes)
 
 
 def read_layers(blocks: torch.Tensor, views: Sequence[PagedKV], rows: torch.Tensor,
@@ -117,7 +120,7 @@ def _read_torch(blocks: torch.Tensor, views: Sequence[PagedKV], rows: torch.Tens
 
 def _write_torch(staged: torch.Tensor, first: int, views: Sequence[PagedKV], rows: torch.Tensor,
                  rope: Optional[RopeSpec], rotate: bool, full_rows: bool,
-                 located: dict[tuple, tuple[torch.Tensor, ...]]) -> None:
+                 located: dict[tuple, tuple[torch.Tensor, ...]], rope_slice_bytes: int) -> None:
     source, slot, position, delta = rows
     cos = sin = None
     if rotate:
@@ -126,9 +129,9 @@ def _write_torch(staged: torch.Tensor, first: int, views: Sequence[PagedKV], row
     heads, dim = staged.shape[-2], staged.shape[-1]
     # K of several layers as [layers, rows, H, D], rotated in one launch (per-layer
     # launches cost ~50 us of host time each on CUDA); slices of at most
-    # ROPE_SLICE_BYTES keep the extra device memory small.
+    # rope_slice_bytes keep the extra device memory small.
     layer_bytes = staged[:, 0, 0].numel() * staged.element_size()
-    per_slice = max(1, ROPE_SLICE_BYTES // max(1, layer_bytes))
+    per_slice = max(1, rope_slice_bytes // max(1, layer_bytes))
     k_slice: Optional[torch.Tensor] = None
     for q, view in enumerate(views):
         if q % per_slice == 0:

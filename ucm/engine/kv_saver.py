@@ -58,8 +58,9 @@ class KVSaver:
     """Gathers, rotates back and dumps a step's blocks; counts saves and failures."""
 
     def __init__(self, store: KVStoreBase, block_tokens: int, tp_rank: int, rope: Optional[RopeSpec],
-                 max_step_tokens: int = 0) -> None:
+                 max_step_tokens: int = 0, copies_queued: int = COPIES_QUEUED) -> None:
         self.store = store
+        self.copies_queued = copies_queued  # device -> host copies queued at a time (CUDA)
         self.block_tokens = block_tokens
         self.max_step_tokens = max_step_tokens  # tokens one forward may save: the staging headroom
         self.tp_rank = tp_rank
@@ -151,7 +152,7 @@ class KVSaver:
             lent = self.store.lend_blocks(len(keys), tuple(blocks.shape[1:]), blocks.dtype)
             try:
                 stream.wait_event(gathered)
-                host = self._copy_to_host(blocks, lent, stream)
+                host = self._copy_to_host(blocks, lent, stream, self.copies_queued)
                 del blocks  # copies landed: free the device memory before slower tiers write
                 return self.store.wait(self.store.dump(keys, host, BLOCK_LAYOUT))
             except BaseException:
@@ -166,9 +167,10 @@ class KVSaver:
         return Task([future], lambda results: results[0], f"dump of {len(keys)} blocks")
 
     @staticmethod
-    def _copy_to_host(per_block: torch.Tensor, lent: Optional[list[torch.Tensor]], stream: Any) -> list[torch.Tensor]:
+    def _copy_to_host(per_block: torch.Tensor, lent: Optional[list[torch.Tensor]], stream: Any,
+                      copies_queued: int) -> list[torch.Tensor]:
         """Copy ``per_block`` ([blocks, ...]) to the host, piece by piece
-        (:func:`host_targets`), with at most COPIES_QUEUED pieces queued at a time;
+        (:func:`host_targets`), with at most ``copies_queued`` pieces queued at a time;
         returns one host tensor per block.
 
         Why so few at a time: copies queued ahead (2 GiB for a cold 8K-token prompt) delay
@@ -182,7 +184,7 @@ class KVSaver:
                 event = torch.cuda.Event()
                 event.record(stream)
                 queued.append(event)
-                if len(queued) >= COPIES_QUEUED:
+                if len(queued) >= copies_queued:
                     queued.pop(0).synchronize()
         for event in queued:
             event.synchronize()

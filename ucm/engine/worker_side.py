@@ -13,7 +13,7 @@ stream, in layer groups (the first check layer alone first), and each layer's
 :class:`PagedKV` view carries an event that Blend's first access to that layer waits
 on, so layer ``i + 1``'s transfer overlaps layer ``i``'s compute. With a Blend agent the
 chunk load is not even issued before the forward: the check layer's first read issues
-it (:data:`DEFER_CHUNK_LOADS`), while the GPU computes the layers before it.
+it (``EngineOptions.defer_chunk_loads``), while the GPU computes the layers before it.
 
 A block that fails to load is never used: a failed prefix block is reported to
 vLLM (which recomputes from there), a failed chunk block leaves its rows marked
@@ -31,12 +31,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from ucm.hashing import rank_key
+from ucm.config import EngineOptions
 from ucm.engine.host_time import HOST_TIMES
 from ucm.engine.kv_layout import PagedKV, PendingLoad, ProbedPagedKV, paged_kv_view, request_slots
+from ucm.engine.kv_load import write_layers
 from ucm.engine.kv_saver import BLOCK_LAYOUT, KVSaver
 from ucm.engine.step_meta import BlockLoad, RequestStep, StepPlan
-from ucm.engine.kv_load import write_layers
+from ucm.hashing import rank_key
 from ucm.sparse.blend.rope import RopeSpec
 from ucm.sparse.blend.transfer import stage_runs, strided_copies_available, to_device
 from ucm.store.arena import coalesce_runs
@@ -45,26 +46,15 @@ from ucm.store.base import KVStoreBase, StoreError
 logger = logging.getLogger(__name__)
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
-# Chunk loads on CUDA, in layer groups written as each arrives (the compute stream
-# waits per layer, not for the whole load). None: 6 when strided copies are available
-# (one pitched copy per run of blocks lying back to back in the arena and group, so a
-# group costs ~35 copy calls for an 8K-token prompt), else -1. -1: whole stored blocks
-# in one transfer (the check layer waits for the whole load). 0: the first check layer
-# alone, then all other layers; k > 0: the first check layer alone, then groups of k.
-LOAD_LAYER_GROUP: Optional[int] = None
-
-
-# Chunk loads with a Blend agent: issued when the forward first reads a layer they fill
-# (the first check layer), not in start_load, so that their host work (index rows,
-# ~35 copy calls per layer group, the load kernels: ~4 ms for an 8K-token prompt) runs
-# while the GPU computes the layers before the check layer. False: issued in start_load.
-DEFER_CHUNK_LOADS = True
-
-
-def _load_layer_group() -> int:
-    """:data:`LOAD_LAYER_GROUP`, resolved."""
-    if LOAD_LAYER_GROUP is not None:
-        return int(LOAD_LAYER_GROUP)
+def load_layer_group(options: EngineOptions) -> int:
+    """Layers per chunk-load group on CUDA, each written as it arrives (the compute stream
+    waits per layer, not for the whole load). Unset: 6 when strided copies are available
+    (one pitched copy per run of blocks lying back to back in the arena and group, so a
+    group costs ~35 copy calls for an 8K-token prompt), else -1. -1: whole stored blocks
+    in one transfer (the check layer waits for the whole load). 0: the first check layer
+    alone, then all other layers; k > 0: the first check layer alone, then groups of k."""
+    if options.load_layer_group is not None:
+        return options.load_layer_group
     return 6 if strided_copies_available() else -1
 
 
@@ -104,9 +94,11 @@ class WorkerSide:
     """Store <-> paged KV transfers of one worker (one TP rank)."""
 
     def __init__(self, store: KVStoreBase, block_tokens: int, tp_rank: int, rope: Optional[RopeSpec],
-                 first_check_layer: Optional[int], max_step_tokens: int = 0) -> None:
+                 first_check_layer: Optional[int], max_step_tokens: int = 0,
+                 options: EngineOptions = EngineOptions()) -> None:
         self.store = store
-        self.saver = KVSaver(store, block_tokens, tp_rank, rope, max_step_tokens)
+        self.options = options
+        self.saver = KVSaver(store, block_tokens, tp_rank, rope, max_step_tokens, options.save_copies_queued)
         self.block_tokens = block_tokens
         self.tp_rank = tp_rank
         self.rope = rope
@@ -200,13 +192,15 @@ class WorkerSide:
         for req_id, mark in marks.items():
             self.reusable[req_id] = torch.from_numpy(mark)
         self._write(groups[False], self.layers, side_stream=False)
-        if groups[True] and self.defer_chunk_loads and DEFER_CHUNK_LOADS:
+        if groups[True] and self.defer_chunk_loads and self.options.defer_chunk_loads:
             self._defer(groups[True], self._chunk_layers())
         else:
             self._write(groups[True], self._chunk_layers(), side_stream=True)
 
     def _defer(self, loads: list[tuple[RequestStep, BlockLoad, torch.Tensor]], layers: list[LayerInfo]) -> None:
-        """Leave a chunk load for its first reader (:data:`DEFER_CHUNK_LOADS`).
+        """Leave a chunk load for its first reader (``EngineOptions.defer_chunk_loads``): its
+        host work (index rows, ~35 copy calls per layer group, the load kernels: ~4 ms for an
+        8K-token prompt) then runs while the GPU computes the layers before the check layer.
 
         On CUDA its copies will be ordered after the work queued so far (an event recorded
         now), as if issued here: not after the layers the forward queues in between.
@@ -284,7 +278,7 @@ class WorkerSide:
     def _layer_groups(self, layers: list[LayerInfo]) -> list[list[LayerInfo]]:
         if not layers:
             return []
-        group = _load_layer_group()
+        group = load_layer_group(self.options)
         if group < 0:
             return [layers]
         rest = layers[1:]
@@ -322,7 +316,7 @@ class WorkerSide:
             full_rows = bool(len(loads) * self.block_tokens == rows.shape[1])
             position_of = {info.name: p for p, info in enumerate(self.layers)}
             located: dict[tuple, tuple[torch.Tensor, ...]] = {}  # slot addresses per layout
-            whole = stream is None or _load_layer_group() < 0
+            whole = stream is None or load_layer_group(self.options) < 0
             runs = coalesce_runs(sources)
             pinned_runs: dict[int, bool] = {}
             for group in (self._layer_groups(layers) if stream is not None else [layers]):
@@ -337,7 +331,8 @@ class WorkerSide:
                 for view in views:
                     view.ready = None  # this write is ordered on `stream` itself
                 start = HOST_TIMES.start()
-                write_layers(staged, p0 - s0, views, rows, self.rope, rotate, full_rows, located)
+                write_layers(staged, p0 - s0, views, rows, self.rope, rotate, full_rows, located,
+                             self.options.rope_slice_bytes)
                 HOST_TIMES.add("load_write", start)
                 if stream is not None:
                     event = torch.cuda.Event()

@@ -42,12 +42,6 @@ from ucm.sparse.blend.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
-# Shrink to the kept rows inside a check layer, before its MLP (False: at the next
-# layer's start, running the check layer's MLP on every row). Exact either way; a
-# module constant so tests and benchmarks can compare the two.
-SHRINK_BEFORE_MLP = True
-
-
 @dataclass
 class BatchInfo:
     """What the model runner knows about the batch it is about to run."""
@@ -61,7 +55,8 @@ class VllmBlendAgent(UcmSparseBase):
 
     def __init__(self, method: Blend, worker: WorkerSide, metadata: Callable[[], Optional[StepPlan]],
                  all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 host_all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+                 host_all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 shrink_before_mlp: bool = True) -> None:
         super().__init__(method.config, UcmSparseRole.WORKER)
         self.method = method
         self.worker = worker
@@ -70,6 +65,9 @@ class VllmBlendAgent(UcmSparseBase):
         self.all_reduce = all_reduce  # TP: device tensors (the deviations)
         self.host_all_reduce = host_all_reduce  # TP: CPU tensors, no wait on the GPU (reusable rows)
         self.last_layer = -1
+        # Shrink to the kept rows inside a check layer, before its MLP (False: at the next
+        # layer's start, running the check layer's MLP on every row). Exact either way.
+        self.shrink_before_mlp = shrink_before_mlp
         self.step: Optional[BlendStep] = None
         self._began = False  # the model-runner patch announced the current forward
         self._beginning = False  # execute_begin is under way (a failure there is ucm's)
@@ -213,7 +211,7 @@ class VllmBlendAgent(UcmSparseBase):
         saves ~(1 - ratio) of one layer's MLP.
         """
         step = self.step
-        if step is None or not SHRINK_BEFORE_MLP:
+        if step is None or not self.shrink_before_mlp:
             return hidden_states, residual
         return self._shrink(step, hidden_states, residual)
 

@@ -138,8 +138,8 @@ class UCMConnector(KVConnectorBase_V1):
             self.worker_side = WorkerSide(
                 self.store, self.block_tokens, get_tensor_model_parallel_rank(),
                 RopeSpec.from_hf_config(model.hf_text_config),
-                blend.first_check_layer if blend else None,
-                max_step_tokens=vllm_config.scheduler_config.max_num_batched_tokens)
+                method.first_reused_layer if method else None,
+                max_step_tokens=vllm_config.scheduler_config.max_num_batched_tokens, options=self.ucm_config.engine)
             journal = KeyJournal()
             self._journal = journal if self.store.attach_journal(journal) else None
 
@@ -195,9 +195,11 @@ class UCMConnector(KVConnectorBase_V1):
 
         for name in kv_caches:
             check_attention_layer(name, forward_context[name])
-        assert self.ucm_config.blend is not None and self.worker_side is not None
-        method = create_sparse_method("Blend", self.ucm_config.blend, UcmSparseRole.WORKER)
-        agent = VllmBlendAgent(method, self.worker_side, self._step_metadata, *tp_all_reduces(self.tp_size))
+        name, config = self.ucm_config.method_name, self.ucm_config.chunk_method
+        assert name is not None and config is not None and self.worker_side is not None
+        method = create_sparse_method(name, config, UcmSparseRole.WORKER)  # Blend or EPIC: the same agent
+        agent = VllmBlendAgent(method, self.worker_side, self._step_metadata, *tp_all_reduces(self.tp_size),
+                               shrink_before_mlp=self.ucm_config.engine.shrink_before_mlp)
         apply_patches()
         state.set_sparse_agent(agent)
         return agent
