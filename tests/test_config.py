@@ -60,6 +60,7 @@ BAD = [
     ("top-unknown-key", {"use_layer_wise": True}, "use_layer_wise", ["did you mean 'use_layerwise'", "log_stats"]),
     ("top-non-str-key", {1: True}, "1", ["unknown key", "ucm_connectors"]),
     ("use_layerwise-str", {"use_layerwise": "yes"}, "use_layerwise", ["expected bool", "got str"]),
+    ("use_layerwise-false", {"use_layerwise": False}, "use_layerwise", ["always", "layer"]),
     ("log_stats-int", {"log_stats": 1}, "log_stats", ["expected bool", "got int"]),
     ("connectors-empty", {"ucm_connectors": []}, "ucm_connectors", ["at least one store"]),
     ("connectors-str", {"ucm_connectors": "UcmDramStore"}, "ucm_connectors", ["expected a list of store", "got str"]),
@@ -209,7 +210,7 @@ def test_gradual_filtering_sorted_by_numeric_layer_index() -> None:
     {}, EXAMPLE, store("UcmNfsStore", storage_backends="/kv", capacity_bytes=1 << 30, io_threads=2),
     {**blend(separator_token_ids=[1, 2], deviation_target="kv", deviation_norm="l1", save_chunks=False,
              min_chunk_tokens=16, compute_meta={L1: {"ratio": 0.3}, L3: {"ratio": 0}}), "log_stats": False},
-    {**blend(blend_special_str="# # #"), "use_layerwise": False},
+    {**blend(blend_special_str="# # #"), "use_layerwise": True},
 ], ids=["defaults", "example", "nfs", "separator-ids", "special-str"])
 def test_round_trip(extra) -> None:
     cfg = parse(copy.deepcopy(extra))

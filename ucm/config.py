@@ -258,6 +258,10 @@ class UcmConfig:
         set_field(self, "stores", as_seq("ucm_connectors", self.stores, "store"))
         as_int("block_tokens", self.block_tokens, 1, 4096)
         expect("use_layerwise", self.use_layerwise, bool, "bool")
+        if not self.use_layerwise:  # a setting that would silently do nothing is refused
+            raise UcmConfigError("use_layerwise", "ucm always loads KV layer-wise (chunk loads in layer groups issued "
+                                 "by the first reading layer, prefix loads before the forward); false is not "
+                                 "supported: leave the key out or set true")
         expect("log_stats", self.log_stats, bool, "bool")
         named = [name for name, (_, attr) in SPARSE_METHODS.items() if getattr(self, attr) is not None]
         if len(named) > 1:
