@@ -83,5 +83,7 @@ def test_short_plain_steps_do_not_set_the_rate():
 
 
 def test_pre_is_checked():
-    with pytest.raises(ValueError):
-        BlendPayPolicy(0.0)
+    for pre in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError):
+            BlendPayPolicy(pre)
+    assert BlendPayPolicy(0.0).equivalent_rows(100, 10) == 10  # EPIC: no layer computes every row

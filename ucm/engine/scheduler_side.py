@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from ucm.config import UcmConfig
+from ucm.config import SELECTIONS, UcmConfig
 from ucm.hashing import HashContext, rank_key
 from ucm.engine.inflight import INFLIGHT
 from ucm.engine.step_meta import BlockLoad, BlockSave, RequestStep, ScheduledRequest, StepPlan
@@ -39,6 +39,9 @@ class _Tracked:
     saved: bool = False
     ratio: Optional[float] = None
     precompute: bool = False
+    selection: Optional[str] = None  # Blend's per-request ranking
+    epic_tokens: Optional[int] = None  # EPIC's per-request k
+    suffix_start: Optional[int] = None  # where the question after the last chunk begins
     decision: Optional[PayDecision] = None  # whether chunk reuse pays (None: no chunk hit to weigh)
 
     @property
@@ -51,6 +54,8 @@ class _Tracked:
 
 
 RATIO_ARG = "ucm_blend_ratio"
+SELECTION_ARG = "ucm_blend_selection"  # Blend: "deviation", "query" or "mixed" for this request
+EPIC_TOKENS_ARG = "ucm_epic_tokens"  # EPIC: k for this request
 PRECOMPUTE_ARG = "ucm_chunk_precompute"  # set by precompute_chunks: store chunks under chunk keys only
 
 
@@ -68,6 +73,32 @@ def request_ratio(extra_args: Optional[dict]) -> Optional[float]:
                      RATIO_ARG, value)
         return None
     return float(value)
+
+
+def request_selection(extra_args: Optional[dict]) -> Optional[str]:
+    """The per-request Blend ranking from ``SamplingParams.extra_args`` (None: the config's);
+    a bad value is logged and ignored, like a bad ratio."""
+    if not extra_args or SELECTION_ARG not in extra_args:
+        return None
+    value = extra_args[SELECTION_ARG]
+    if value not in SELECTIONS:
+        logger.error("ucm: extra_args[%r]=%r is not one of %s; using the configured selection",
+                     SELECTION_ARG, value, ", ".join(SELECTIONS))
+        return None
+    return value
+
+
+def request_epic_tokens(extra_args: Optional[dict]) -> Optional[int]:
+    """The per-request EPIC k from ``SamplingParams.extra_args`` (None: the config's); a bad
+    value (not an int >= 0) is logged and ignored."""
+    if not extra_args or EPIC_TOKENS_ARG not in extra_args:
+        return None
+    value = extra_args[EPIC_TOKENS_ARG]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        logger.error("ucm: extra_args[%r]=%r is not an int >= 0; using the configured recompute_tokens",
+                     EPIC_TOKENS_ARG, value)
+        return None
+    return value
 
 
 def request_is_precompute(extra_args: Optional[dict]) -> bool:
@@ -90,9 +121,20 @@ class SchedulerSide:
         # Keys the workers' private tiers hold, as they report them (they may run in other
         # processes, whose host memory the store here cannot see).
         self.held = HeldKeys()
-        blend = config.blend
-        pre = min(1.0, (blend.first_check_layer + 1) / max(num_layers, 1)) if blend else 1.0
-        self.pay_policy = BlendPayPolicy(pre, enabled=bool(blend and blend.pay_policy == "auto"))
+        method = config.chunk_method
+        self.pay_policy = BlendPayPolicy(self._full_layers_share(config, num_layers),
+                                         enabled=bool(method and method.pay_policy == "auto"))
+
+    @staticmethod
+    def _full_layers_share(config: UcmConfig, num_layers: int) -> float:
+        """Share of the layers that compute every row of a reusing request (the pay
+        policy's ``pre``): Blend's layers up to its first check layer, which selects;
+        none for EPIC, whose rows are fixed from layer 0."""
+        method = config.chunk_method
+        if method is None:
+            return 1.0
+        full = method.first_reused_layer + (1 if config.blend is not None else 0)
+        return min(1.0, full / max(num_layers, 1))
 
     # ---- lookup ------------------------------------------------------------------
     def _exists(self, keys: Sequence[bytes]) -> list[bool]:
@@ -108,28 +150,33 @@ class SchedulerSide:
         return found
 
     def plan_request(self, req_id: str, prompt: Sequence[int], cache_salt: Optional[str],
-                     ratio: Optional[float] = None, precompute: bool = False) -> _Tracked:
+                     ratio: Optional[float] = None, precompute: bool = False, *,
+                     selection: Optional[str] = None, epic_tokens: Optional[int] = None) -> _Tracked:
         tracked = self.requests.get(req_id)
         if tracked is not None:
             return tracked
-        blend = self.config.blend
+        method = self.config.chunk_method
         split = split_prompt(prompt, self.delimiter) if self.delimiter is not None else None
         plan = build_plan(
             prompt, split, self.hash_context.seed(cache_salt), self.block_tokens, self._exists,
-            min_chunk_tokens=blend.min_chunk_tokens if blend else 1,
-            save_chunks=bool(blend and blend.save_chunks), chunk_precompute=precompute,
+            min_chunk_tokens=method.min_chunk_tokens if method else 1,
+            save_chunks=bool(method and method.save_chunks), chunk_precompute=precompute,
         )
-        tracked = _Tracked(plan=plan, prompt_len=len(prompt), ratio=ratio, precompute=precompute)
+        tracked = _Tracked(plan=plan, prompt_len=len(prompt), ratio=ratio, precompute=precompute,
+                           selection=selection, epic_tokens=epic_tokens,
+                           suffix_start=split.suffix.start if split is not None and split.has_chunks else None)
         self.requests[req_id] = tracked
         logger.debug("request %s: %d tokens, prefix hit %d, chunk hit %d", req_id, len(prompt),
                      plan.prefix_hit_tokens, plan.chunk_hit_tokens)
         return tracked
 
     def num_new_matched_tokens(self, req_id: str, prompt: Sequence[int], cache_salt: Optional[str],
-                               num_computed: int, ratio: Optional[float] = None, precompute: bool = False) -> int:
+                               num_computed: int, ratio: Optional[float] = None, precompute: bool = False, *,
+                               selection: Optional[str] = None, epic_tokens: Optional[int] = None) -> int:
         """Prefix tokens we can load beyond what vLLM already has (never the whole prompt:
         vLLM must compute at least the last token to produce logits)."""
-        tracked = self.plan_request(req_id, prompt, cache_salt, ratio, precompute)
+        tracked = self.plan_request(req_id, prompt, cache_salt, ratio, precompute, selection=selection,
+                                    epic_tokens=epic_tokens)
         # vLLM's own prefix cache already holds [0, num_computed); the last call before
         # allocation is the one that counts, so remember it for the load range.
         tracked.local_computed = num_computed
@@ -146,9 +193,17 @@ class SchedulerSide:
                        if h.token_start + b > computed)
         if reusable <= 0:
             return None
-        blend = self.config.blend
-        ratio = tracked.ratio if tracked.ratio is not None else (blend.final_ratio if blend else 1.0)
-        return self.pay_policy.decide(tracked.prompt_len - computed, reusable, ratio)
+        return self.pay_policy.decide(tracked.prompt_len - computed, reusable, self._recompute_share(tracked, reusable))
+
+    def _recompute_share(self, tracked: _Tracked, reusable: int) -> float:
+        """The share of a request's reusable tokens its method will recompute, expected."""
+        blend, epic = self.config.blend, self.config.epic
+        if blend is not None:
+            return tracked.ratio if tracked.ratio is not None else blend.final_ratio
+        if epic is not None:
+            k = tracked.epic_tokens if tracked.epic_tokens is not None else epic.recompute_tokens
+            return min(1.0, k * len(tracked.plan.reused_chunk_starts()) / reusable)
+        return 1.0
 
     def first_reused_token(self, req_id: str) -> Optional[int]:
         """Where the request's KV turns approximate (its first chunk token Blend may reuse
@@ -194,7 +249,8 @@ class SchedulerSide:
         plan = tracked.plan
         lo, hi = num_computed, num_computed + num_scheduled
         step = RequestStep(req_id, list(tracked.block_ids), num_computed, num_scheduled, tracked.prompt_len,
-                           ratio=tracked.ratio, precompute=tracked.precompute)
+                           ratio=tracked.ratio, precompute=tracked.precompute, selection=tracked.selection,
+                           recompute_tokens=tracked.epic_tokens, suffix_start=tracked.suffix_start)
         b = self.block_tokens
         if not tracked.prefix_loaded:
             load_lo, load_hi = tracked.local_computed, tracked.local_computed + tracked.external_tokens
@@ -208,6 +264,8 @@ class SchedulerSide:
                 a, z = max(ref.token_start, lo), min(ref.token_start + b, hi)
                 step.loads.append(BlockLoad(ref.key, ref.token_start, a, z, ref.rope_delta, chunk=True))
                 step.blend = True
+            if step.blend:
+                step.chunk_starts = plan.reused_chunk_starts()
         if not tracked.saved and hi >= tracked.prompt_len:
             step.saves = [BlockSave(r.key, r.token_start, r.rope_delta)
                           for r in plan.prefix_saves + plan.chunk_saves]

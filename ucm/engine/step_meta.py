@@ -19,8 +19,9 @@ class BlockLoad:
 
     Tokens ``[lo, hi)`` of the prompt (a subrange of the block's
     ``[token_start, token_start + block_tokens)``) are written; K is rotated by
-    ``rope_delta`` positions. ``chunk`` loads only fill layers from the first check
-    layer on (earlier layers are recomputed anyway).
+    ``rope_delta`` positions. ``chunk`` loads only fill layers from the sparse method's
+    first reused layer on (Blend: its first check layer, earlier layers are recomputed
+    anyway; EPIC: every layer).
     """
 
     key: bytes
@@ -55,6 +56,10 @@ class RequestStep:
     blend: bool = False  # this step loads reused chunk KV for the request
     ratio: Optional[float] = None  # per-request recompute ratio (SamplingParams.extra_args)
     precompute: bool = False  # a chunk precompute: its saves land before the step ends
+    selection: Optional[str] = None  # per-request Blend ranking ("deviation", "query", "mixed")
+    recompute_tokens: Optional[int] = None  # per-request EPIC k (first tokens of each reused chunk)
+    chunk_starts: tuple[int, ...] = ()  # prompt positions where the request's reused chunks begin
+    suffix_start: Optional[int] = None  # prompt position where the question after the last chunk begins
 
 
 @dataclass

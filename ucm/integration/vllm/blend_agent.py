@@ -144,7 +144,11 @@ class VllmBlendAgent(UcmSparseBase):
                 raise RuntimeError(f"ucm Blend: request {req_id} is scheduled but missing from the "
                                    "connector metadata")
             reusable = self.worker.reusable.get(req_id, torch.zeros(req.num_scheduled, dtype=torch.bool))
-            requests.append(RequestRows(req_id, row, req.num_scheduled, reusable, ratio=req.ratio))
+            # The method (Blend or EPIC) picks its rows from what the plan says of them.
+            requests.append(RequestRows(req_id, row, req.num_scheduled, reusable, ratio=req.ratio,
+                                        selection=req.selection, first_position=req.num_computed,
+                                        chunk_starts=tuple(req.chunk_starts),
+                                        recompute_tokens=req.recompute_tokens, suffix_start=req.suffix_start))
             ids = np.asarray(req.block_ids, dtype=np.int64)
             tables[index, :len(ids)] = ids
             # numpy, not torch: torch's CPU ops on 8K-element index vectors went through its
@@ -269,7 +273,7 @@ class VllmBlendAgent(UcmSparseBase):
         if step.is_check_layer(idx):
             check_start = HOST_TIMES.start()
             cached_k, cached_v = view.gather(self.slots[self.rows_dev])
-            step.select(idx, k, cached_k, v, cached_v)
+            step.select(idx, k, cached_k, v, cached_v, query=q, scale=layer.impl.scale)
             kept = step.kept_local
             assert kept is not None
             rows = step.rows[kept]

@@ -25,12 +25,13 @@ def check_config_for_vllm(config: UcmConfig, vllm_config: Any) -> None:
     """Raise :class:`UcmConfigError` for a setting the model of ``vllm_config`` cannot
     honour. The Blend section is checked even with ``ENABLE_SPARSE`` off: it is the
     same config that runs once the switch is on, and start is where to learn it is wrong."""
-    if config.blend is None:
+    method = config.chunk_method  # Blend's or EPIC's section
+    if method is None:
         return
     model = vllm_config.model_config
     num_layers = _num_layers(model)
-    with under(BLEND_KEY):
-        config.blend.check_model(num_layers=num_layers, vocab_size=_vocab_size(model),
+    with under(f"ucm_sparse_config.{config.method_name}"):
+        method.check_model(num_layers=num_layers, vocab_size=_vocab_size(model),
                                  has_tokenizer=not getattr(model, "skip_tokenizer_init", False))
 
 

@@ -25,7 +25,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from ucm.config import UcmConfig, UcmConfigError, sparse_enabled
 from ucm.engine import stats as stats_registry
 from ucm.engine.host_time import HOST_TIMES
-from ucm.engine.scheduler_side import SchedulerSide, request_is_precompute, request_ratio
+from ucm.engine.scheduler_side import (SchedulerSide, request_epic_tokens, request_is_precompute, request_ratio,
+                                       request_selection)
 from ucm.engine.step_meta import ScheduledRequest
 from ucm.engine.worker_side import LayerInfo, WorkerSide, layer_index
 from ucm.hashing import HashContext
@@ -134,7 +135,7 @@ class UCMConnector(KVConnectorBase_V1):
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
-            blend = self.ucm_config.blend if self.blend_on else None
+            method = self.ucm_config.chunk_method if self.blend_on else None
             self.worker_side = WorkerSide(
                 self.store, self.block_tokens, get_tensor_model_parallel_rank(),
                 RopeSpec.from_hf_config(model.hf_text_config),
@@ -151,12 +152,12 @@ class UCMConnector(KVConnectorBase_V1):
             object.__setattr__(self._kv_transfer_config, "kv_load_failure_policy", "recompute")
 
     def _check_config(self) -> None:
-        if not self.uses_blend and self.ucm_config.blend is not None:
+        if not self.uses_blend and self.ucm_config.chunk_method is not None:
             raise UcmConfigError("ucm_sparse_config", "UCMConnector does not run sparse methods; use "
                                  "kv_connector='UCMBlendConnector' (module ucm.integration.vllm.blend_connector)")
 
     def _delimiter(self) -> Delimiter:
-        blend = self.ucm_config.blend
+        blend = self.ucm_config.chunk_method  # Blend's or EPIC's section: the same delimiter keys
         assert blend is not None
         if blend.chunk_end_token_id is not None:
             return Delimiter(chunk_end_token_id=blend.chunk_end_token_id)
@@ -167,7 +168,8 @@ class UCMConnector(KVConnectorBase_V1):
         tokenizer = cached_tokenizer_from_config(self._vllm_config.model_config)
         ids = tuple(tokenizer.encode(blend.blend_special_str, add_special_tokens=False))
         if not ids:
-            raise UcmConfigError("ucm_sparse_config.Blend.blend_special_str", "tokenizes to no tokens")
+            raise UcmConfigError(f"ucm_sparse_config.{self.ucm_config.method_name}.blend_special_str",
+                                 "tokenizes to no tokens")
         return Delimiter(separator_token_ids=ids)
 
     # ==== worker side ================================================================
@@ -289,7 +291,8 @@ class UCMConnector(KVConnectorBase_V1):
         start = HOST_TIMES.start()
         hit = self.scheduler_side.num_new_matched_tokens(
             request.request_id, prompt, getattr(request, "cache_salt", None), num_computed_tokens, ratio,
-            request_is_precompute(extra_args))
+            request_is_precompute(extra_args), selection=request_selection(extra_args) if self.blend_on else None,
+            epic_tokens=request_epic_tokens(extra_args) if self.blend_on else None)
         first = self.scheduler_side.first_reused_token(request.request_id)
         if first is not None and self._prefix_caching:
             withhold_from_prefix_cache(request, first, self._vllm_config.cache_config.block_size)

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from ucm.sparse.base import UcmSparseBase
-from ucm.sparse.blend.selection import GradualFilter, token_deviation
+from ucm.sparse.blend.selection import GradualFilter, mixed_score, query_attention, token_deviation
 from ucm.sparse.blend.transfer import to_device
 from ucm.sparse.rows import RequestOutcome, RequestRows  # noqa: F401  (RequestRows: re-exported)
 
@@ -52,6 +52,7 @@ class BlendStep:
     target: str = "k"
     norm: str = "l2"
     all_reduce: Optional[AllReduce] = None
+    selection: str = "deviation"  # the configured ranking; a request's own (RequestRows.selection) wins
     rows: torch.Tensor = field(init=False)
     row_counts: dict[str, int] = field(init=False)  # rows each request computes now (host)
     outcomes: dict[str, RequestOutcome] = field(init=False)
@@ -91,12 +92,14 @@ class BlendStep:
         return not self.active or layer < self.first_check_layer
 
     def select(self, layer: int, fresh_k: torch.Tensor, cached_k: torch.Tensor,
-               fresh_v: Optional[torch.Tensor] = None, cached_v: Optional[torch.Tensor] = None) -> torch.Tensor:
+               fresh_v: Optional[torch.Tensor] = None, cached_v: Optional[torch.Tensor] = None,
+               query: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
         """Choose the rows to keep at check layer ``layer``.
 
-        Inputs are ``[len(rows), heads, head_dim]`` for the rows currently computed.
-        Returns a bool mask over the current rows; the kept rows become ``rows``
-        once :meth:`take_shrink` is called.
+        Inputs are ``[len(rows), heads, head_dim]`` for the rows currently computed
+        (``query``: their fresh queries, with the attention ``scale``; needed by requests
+        ranked by "query" or "mixed"). Returns a bool mask over the current rows; the kept
+        rows become ``rows`` once :meth:`take_shrink` is called.
 
         Nothing here reads a value back from the inputs' device: how many rows each
         request keeps follows from its ratio and masks alone (:attr:`row_counts`), and
@@ -104,13 +107,22 @@ class BlendStep:
         queueing the next layers while this layer still runs.
         """
         deviation = token_deviation(fresh_k, cached_k, fresh_v, cached_v, self.target, self.norm)
+        ranking = {req.req_id: self._ranking(req, query) for req in self.requests}
+        attention = self._question_attention(ranking, fresh_k, query, scale)
         if self.all_reduce is not None:
             # One collective for the whole batch: every TP rank then ranks identical numbers.
-            deviation = self.all_reduce(deviation)
+            if attention is None:
+                deviation = self.all_reduce(deviation)
+            else:
+                deviation, attention = self.all_reduce(torch.stack([deviation.to(torch.float32), attention]))
         device = deviation.device
         rows = self.rows = to_device(self.rows, device)
         full = torch.zeros(self.num_rows, dtype=torch.float32, device=device)
         full[rows] = deviation.to(torch.float32)
+        full_att = None
+        if attention is not None:
+            full_att = torch.zeros(self.num_rows, dtype=torch.float32, device=device)
+            full_att[rows] = attention
         # Forced rows are kept at every check and picks nest, so the kept rows are always
         # a subset of the current ones.
         keep_global = torch.zeros(self.num_rows, dtype=torch.bool, device=device)
@@ -118,7 +130,12 @@ class BlendStep:
         for req in self.requests:
             span = slice(req.row_start, req.row_start + req.num_rows)
             flt = self._filters[req.req_id]
-            keep_global[span] = flt.step(full[span], self.ratio_at(layer, req.ratio))
+            score = full[span]
+            if ranking[req.req_id] == "query":
+                score = full_att[span]
+            elif ranking[req.req_id] == "mixed":
+                score = mixed_score(full[span], full_att[span], to_device(flt.candidates, device))
+            keep_global[span] = flt.step(score, self.ratio_at(layer, req.ratio))
             self.outcomes[req.req_id].num_recomputed_reusable = flt.num_selected_reusable
             self.row_counts[req.req_id] = flt.num_selected
             total += flt.num_selected
@@ -129,6 +146,34 @@ class BlendStep:
         self._pending_local = local
         self._next_rows = rows[local]
         return keep_local
+
+    def _ranking(self, req: RequestRows, query: Optional[torch.Tensor]) -> str:
+        """How ``req``'s rows are ranked at this check: its own choice, else the config's.
+        Query-aware ranking needs the question's rows in this step (a chunked prefill's
+        earlier steps have none) and its queries; without them it ranks by deviation."""
+        ranking = req.selection or self.selection
+        if ranking != "deviation" and (query is None or req.suffix_rows == 0):
+            return "deviation"
+        return ranking
+
+    def _question_attention(self, ranking: dict[str, str], key: torch.Tensor, query: Optional[torch.Tensor],
+                            scale: Optional[float]) -> Optional[torch.Tensor]:
+        """Per current row, the attention its request's question pays it (zeros for requests
+        ranked by deviation alone); None when no request is ranked by the question."""
+        if query is None or all(r == "deviation" for r in ranking.values()):
+            return None
+        if scale is None:
+            raise ValueError("query-aware selection needs the attention scale")
+        q = query.view(query.shape[0], -1, key.shape[-1])
+        out = torch.zeros(key.shape[0], dtype=torch.float32, device=key.device)
+        start = 0
+        for req in self.requests:  # each request's current rows: one stretch, in batch order
+            count = self.row_counts[req.req_id]
+            mine = slice(start, start + count)
+            start += count
+            if ranking[req.req_id] != "deviation" and count:
+                out[mine] = query_attention(q[mine], key[mine], min(req.suffix_rows, count), scale)
+        return out
 
     @property
     def kept_local(self) -> Optional[torch.Tensor]:
@@ -171,6 +216,7 @@ class Blend(UcmSparseBase):
         self.check_ratios = {c.layer_index: c.ratio for c in config.check_layers}
         self.target = config.deviation_target
         self.norm = config.deviation_norm
+        self.selection = getattr(config, "selection", "deviation")
         self.step: Optional[BlendStep] = None
 
     @property
@@ -180,7 +226,8 @@ class Blend(UcmSparseBase):
 
     def begin_step(self, requests: list[RequestRows], num_rows: int,
                    all_reduce: Optional[AllReduce] = None) -> BlendStep:
-        self.step = BlendStep(requests, num_rows, self.check_ratios, self.target, self.norm, all_reduce)
+        self.step = BlendStep(requests, num_rows, self.check_ratios, self.target, self.norm, all_reduce,
+                              self.selection)
         return self.step
 
     def end_step(self) -> Optional[BlendStep]:

@@ -79,8 +79,8 @@ class BlendPayPolicy:
 
     def __init__(self, pre: float, *, enabled: bool = True, min_rows: int = 128, alpha: float = 0.25,
                  margin: float = 0.05, explore: int = 2) -> None:
-        if not 0.0 < pre <= 1.0:
-            raise ValueError(f"pre must be in (0, 1], got {pre}")
+        if not 0.0 <= pre <= 1.0:  # 0: no layer computes every row (EPIC)
+            raise ValueError(f"pre must be in [0, 1], got {pre}")
         self.pre = pre
         self.enabled = enabled
         self.min_rows = min_rows

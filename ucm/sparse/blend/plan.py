@@ -79,6 +79,11 @@ class ReusePlan:
         starts = [max(h.token_start, computed) for h in self.chunk_hits if h.token_start + b > computed]
         return min(starts) if starts else None
 
+    def reused_chunk_starts(self) -> tuple[int, ...]:
+        """Prompt positions where the chunks with a hit begin (a chunk block's keys stand
+        for positions from its chunk's start, so ``token_start - stored_pos_start`` is it)."""
+        return tuple(sorted({h.token_start - h.stored_pos_start for h in self.chunk_hits}))
+
     def chunk_hits_in(self, start: int, end: int) -> list[BlockRef]:
         """Chunk-hit blocks whose tokens lie inside the scheduled range [start, end).
 

@@ -228,3 +228,56 @@ def agree_reusable(marks: list[torch.Tensor], all_reduce: AllReduce) -> list[tor
     total = all_reduce(flat)  # float32 sums of 0/1 are exact
     agreed = total[:-1] == total[-1]
     return list(agreed.split(sizes))
+
+
+def query_attention(query: torch.Tensor, key: torch.Tensor, num_queries: int, scale: float) -> torch.Tensor:
+    """Attention the question pays each row, float32 ``[rows]``: query-aware selection.
+
+    ``query`` ``[rows, heads, head_dim]`` and ``key`` ``[rows, kv_heads, head_dim]`` are one
+    request's current rows in prompt order; its last ``num_queries`` rows are the question
+    (the suffix after the last chunk). Each question row's softmax over the rows it may see
+    (causal: rows up to itself) is summed over question rows and heads. Rows the question
+    attends to are the ones whose KV must be right for the answer (ProphetKV, arXiv
+    2602.02579; A3, arXiv 2511.17560), which deviation alone does not see.
+
+    The softmax runs over these rows only: context computed before this step (a prefix
+    hit) is left out of each question row's normaliser. Under tensor parallel the result
+    is a partial sum over this rank's heads; reduce it with SUM, as the deviation.
+    """
+    rows = int(key.shape[0])
+    if query.dim() != 3 or key.dim() != 3 or query.shape[0] != rows or query.shape[1] % key.shape[1]:
+        raise ValueError(f"query [rows, heads, dim] and key [rows, kv_heads, dim] do not match: "
+                         f"{tuple(query.shape)} and {tuple(key.shape)}")
+    num_queries = min(max(int(num_queries), 0), rows)
+    if num_queries == 0:
+        return torch.zeros(rows, dtype=torch.float32, device=key.device)
+    q = query[rows - num_queries:].to(torch.float32)  # [S, H, D]
+    k = key.to(torch.float32).repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # [rows, H, D]
+    logits = torch.einsum("shd,nhd->hsn", q, k) * scale
+    seen_to = torch.arange(rows - num_queries, rows, device=key.device)  # last key index each question row sees
+    hidden = torch.arange(rows, device=key.device)[None, :] > seen_to[:, None]
+    logits = logits.masked_fill(hidden[None], float("-inf"))
+    return torch.softmax(logits, dim=-1).sum(dim=(0, 1))
+
+
+def descending_ranks(score: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Each row's rank by ``score``, 0 for the highest, float32; candidates rank before
+    every other row, ties by lower row index, NaN first (as in :func:`top_rows`)."""
+    s = score.to(torch.float32).nan_to_num(nan=float("inf"))
+    s = torch.where(candidates.to(torch.bool), s, torch.full_like(s, float("-inf")))
+    order = torch.sort(s, descending=True, stable=True).indices
+    ranks = torch.empty_like(s)
+    ranks[order] = torch.arange(s.shape[0], device=s.device, dtype=torch.float32)
+    return ranks
+
+
+def mixed_score(deviation: torch.Tensor, attention: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Deviation and question attention combined by their ranks among the candidates:
+    higher is better, so :func:`top_rows` keeps the rows best on both on average.
+
+    Ranks, not raw values: deviation is in units of KV norm and attention in probability
+    mass, so a sum of raw values lets whichever is larger on this model decide alone.
+    Both rankings weigh the same; normalising each rank by the candidate count would not
+    change the order (the count is the same for both), so the sum of ranks is used as is.
+    """
+    return -(descending_ranks(deviation, candidates) + descending_ranks(attention, candidates))
