@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from tests.vllm.conftest import END, ROOT, Rag
 
@@ -63,7 +63,9 @@ def kv_transfer_config(stores: Optional[list[dict[str, Any]]]) -> dict[str, Any]
 class Server:
     """``ucm-serve serve`` in its own session; output to a file (a pipe could fill and block it)."""
 
-    def __init__(self, model: Path, stores: Optional[list[dict[str, Any]]], log: Path) -> None:
+    def __init__(self, model: Path, stores: Optional[list[dict[str, Any]]], log: Path,
+                 kv_config: Optional[dict[str, Any]] = None, tokenizer: bool = False,
+                 extra_args: Sequence[str] = ()) -> None:
         self.port, self.log = free_port(), log
         self.base = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items()
@@ -72,8 +74,9 @@ class Server:
                    PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
         cmd = [sys.executable, "-m", "ucm.integration.vllm.serve_cli", "serve", str(model),
                "--host", "127.0.0.1", "--port", str(self.port), "--enforce-eager", "--dtype", "float32",
-               "--skip-tokenizer-init", "--max-model-len", "4096", "--max-num-batched-tokens", "4096",
-               "--seed", "0", "--kv-transfer-config", json.dumps(kv_transfer_config(stores))]
+               *(() if tokenizer else ("--skip-tokenizer-init",)), "--max-model-len", "4096",
+               "--max-num-batched-tokens", "4096", "--seed", "0",
+               "--kv-transfer-config", json.dumps(kv_config or kv_transfer_config(stores)), *extra_args]
         self._out = open(log, "w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -105,6 +108,19 @@ class Server:
                                      {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
             return json.loads(r.read())
+
+    def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """POST JSON; (status, parsed body), for error statuses too."""
+        req = urllib.request.Request(self.base + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as err:
+            text = err.read().decode(errors="replace")
+            try:
+                return err.code, json.loads(text)
+            except ValueError:
+                return err.code, {"raw": text}
 
     def ucm_line(self, response_id: str) -> Optional[re.Match]:
         """ucm's line for a request (the engine's id is the response's id plus suffixes); waits a little."""

@@ -250,6 +250,20 @@ def _wrap_post_attention_norm(original: Callable) -> Callable:
     return forward
 
 
+def _wrap_tokenize_prompt(original: Callable) -> Callable:
+    """Patch 5, ``BaseRenderer._tokenize_prompt`` (the API server's text -> ids step, completions
+    and rendered chat alike): with ``blend_special_str`` configured, a text holding it is
+    tokenized part by part, so its chunks hit (:mod:`ucm.integration.vllm.text_prompts`)."""
+    @functools.wraps(original)
+    def _tokenize_prompt(self, prompt: Any, params: Any):
+        from ucm.integration.vllm.text_prompts import tokenize_blend_prompt
+
+        ids = tokenize_blend_prompt(self, prompt, params)
+        return original(self, prompt, params) if ids is None else self._build_tokens_prompt(ids, prompt)
+
+    return _tokenize_prompt
+
+
 def patch_points(attention_module: str) -> list[PatchPoint]:
     return [
         PatchPoint(RUNNER_MODULE, "GPUModelRunner", "initialize_kv_cache", _wrap_initialize_kv_cache),
@@ -257,6 +271,7 @@ def patch_points(attention_module: str) -> list[PatchPoint]:
         PatchPoint(attention_module, "Attention", "forward", _wrap_attention_forward),
         PatchPoint(RUNNER_MODULE, "GPUModelRunner", "execute_model", _wrap_execute_model),
         PatchPoint(RUNNER_MODULE, "GPUModelRunner", "_determine_batch_execution_and_padding", _wrap_batch_execution),
+        PatchPoint("vllm.renderers.base", "BaseRenderer", "_tokenize_prompt", _wrap_tokenize_prompt),
     ]
 
 
