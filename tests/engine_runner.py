@@ -33,9 +33,10 @@ def _generate(llm, action: dict) -> list[dict]:
         if item.get("salt"):
             prompt["cache_salt"] = item["salt"]
         prompts.append(prompt)
-        extra = {"ucm_blend_ratio": item["ratio"]} if "ratio" in item else None
+        extra = {"ucm_blend_ratio": item["ratio"]} if "ratio" in item else {}
+        extra.update(item.get("extra_args", {}))  # other per-request ucm arguments (ucm_epic_tokens, ...)
         params.append(SamplingParams(max_tokens=action.get("max_tokens", 4), temperature=0.0,
-                                     logprobs=action.get("logprobs", 1), ignore_eos=True, extra_args=extra))
+                                     logprobs=action.get("logprobs", 1), ignore_eos=True, extra_args=extra or None))
     results = []
     outputs = llm.generate(prompts, params, use_tqdm=False) if action.get("batch", True) else [
         llm.generate([p], [sp], use_tqdm=False)[0] for p, sp in zip(prompts, params)]
