@@ -14,6 +14,11 @@ directory and puts that directory first on ``sys.path`` and ``PYTHONPATH``, so
 ``version("vllm")`` resolves in this process and in every process vLLM starts
 (engine core, workers: they inherit the environment whatever their start method),
 and nowhere else. The directory is removed when the launcher exits.
+
+It also takes the Blend plugin spec's flags (``--enable-blend``, ``--blend-check-layers``,
+``--blend-recompute-ratios``, ``--blend-cache-provider``, ...) and hands vLLM the
+equivalent ``--kv-transfer-config`` (:mod:`ucm.integration.vllm.cli_flags`): vLLM's
+parser is built before any plugin loads, so a plugin cannot add flags to ``vllm serve``.
 """
 
 from __future__ import annotations
@@ -72,7 +77,18 @@ def alias_vllm_distribution() -> Optional[str]:
 
 
 def main() -> None:
-    """Console entry point ``ucm-serve``: vLLM's CLI with the version fallback applied."""
+    """Console entry point ``ucm-serve``: vLLM's CLI with the version fallback applied, and
+    the Blend flags (``--enable-blend``, ``--blend-*``: :mod:`cli_flags`) translated into
+    ``--kv-transfer-config`` with ``ENABLE_SPARSE=1`` set for every engine process."""
+    from ucm.integration.vllm.cli_flags import FlagError, translate_argv
+
+    try:
+        argv, blend = translate_argv(sys.argv[1:])
+    except FlagError as err:
+        sys.exit(f"ucm-serve: error: {err}")
+    if blend:
+        os.environ["ENABLE_SPARSE"] = "1"
+    sys.argv = [sys.argv[0], *argv]
     alias_vllm_distribution()
     from vllm.entrypoints.cli.main import main as vllm_main
 
