@@ -264,6 +264,21 @@ def _wrap_tokenize_prompt(original: Callable) -> Callable:
     return _tokenize_prompt
 
 
+def _wrap_validate_params(original: Callable) -> Callable:
+    """Patch 6, ``InputProcessor._validate_params`` (the API server's request admission): a
+    ``ucm_blend_ratio`` that cannot be used is refused with a 400 instead of being ignored in
+    the scheduler (:mod:`ucm.integration.vllm.request_checks`)."""
+    @functools.wraps(original)
+    def _validate_params(self, params: Any, *args: Any, **kwargs: Any):
+        from ucm.integration.vllm.request_checks import check_request_params
+
+        result = original(self, params, *args, **kwargs)
+        check_request_params(params)
+        return result
+
+    return _validate_params
+
+
 def patch_points(attention_module: str) -> list[PatchPoint]:
     return [
         PatchPoint(RUNNER_MODULE, "GPUModelRunner", "initialize_kv_cache", _wrap_initialize_kv_cache),
@@ -272,6 +287,7 @@ def patch_points(attention_module: str) -> list[PatchPoint]:
         PatchPoint(RUNNER_MODULE, "GPUModelRunner", "execute_model", _wrap_execute_model),
         PatchPoint(RUNNER_MODULE, "GPUModelRunner", "_determine_batch_execution_and_padding", _wrap_batch_execution),
         PatchPoint("vllm.renderers.base", "BaseRenderer", "_tokenize_prompt", _wrap_tokenize_prompt),
+        PatchPoint("vllm.v1.engine.input_processor", "InputProcessor", "_validate_params", _wrap_validate_params),
     ]
 
 

@@ -1,0 +1,45 @@
+"""Per-request ucm arguments checked where vLLM admits a request, so a bad one gets a 400.
+
+``SamplingParams.extra_args["ucm_blend_ratio"]`` (the completions API's ``vllm_xargs``)
+reaches ucm only in the scheduler, which cannot fail a request: there a bad value is
+logged and the configured ratios apply (:func:`ucm.engine.scheduler_side.request_ratio`).
+vLLM validates every request's parameters in the API server first
+(``InputProcessor._validate_params``; a ``ValueError`` there is the client's error, a
+400 with its message), so the same rule is applied there (patch 6) and the caller
+learns that the ratio was not used instead of getting a silently different answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from ucm.engine.scheduler_side import RATIO_ARG
+
+try:  # vLLM 0.32: only its client errors become a 400 (a bare ValueError is a 500 there)
+    from vllm.exceptions import VLLMValidationError as _RequestError
+except ImportError:  # vLLM 0.26: a ValueError at admission is a 400
+    _RequestError = None
+
+
+def ratio_error(extra_args: Optional[dict]) -> Optional[str]:
+    """Why ``extra_args[ucm_blend_ratio]`` cannot be used, or None (absent or fine)."""
+    if not extra_args or RATIO_ARG not in extra_args:
+        return None
+    value = extra_args[RATIO_ARG]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{RATIO_ARG} must be a number in [0, 1], got {value!r} ({type(value).__name__})"
+    if not 0.0 <= float(value) <= 1.0:
+        return f"{RATIO_ARG} must be a number in [0, 1], got {value!r}"
+    return None
+
+
+def check_request_params(params: Any) -> None:
+    """Raise what vLLM answers with a 400 (``VLLMValidationError``; a ValueError on 0.26)
+    for a request whose ucm arguments cannot be used."""
+    extra_args = getattr(params, "extra_args", None)
+    error = ratio_error(extra_args)
+    if error is None:
+        return
+    if _RequestError is not None:
+        raise _RequestError(error, parameter=RATIO_ARG, value=extra_args[RATIO_ARG])
+    raise ValueError(error)
