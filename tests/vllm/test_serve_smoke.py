@@ -61,10 +61,12 @@ def kv_transfer_config(stores: Optional[list[dict[str, Any]]]) -> dict[str, Any]
 
 
 class Server:
-    """``ucm-serve serve`` in its own session; output to a file (a pipe could fill and block it)."""
+    """``ucm-serve serve`` in its own session; output to a file (a pipe could fill and block it).
+
+    ``kv_config``: None for ucm's default test config, a dict, or False for vLLM alone."""
 
     def __init__(self, model: Path, stores: Optional[list[dict[str, Any]]], log: Path,
-                 kv_config: Optional[dict[str, Any]] = None, tokenizer: bool = False,
+                 kv_config: "Optional[dict[str, Any]] | bool" = None, tokenizer: bool = False,
                  extra_args: Sequence[str] = ()) -> None:
         self.port, self.log = free_port(), log
         self.base = f"http://127.0.0.1:{self.port}"
@@ -76,7 +78,9 @@ class Server:
                "--host", "127.0.0.1", "--port", str(self.port), "--enforce-eager", "--dtype", "float32",
                *(() if tokenizer else ("--skip-tokenizer-init",)), "--max-model-len", "4096",
                "--max-num-batched-tokens", "4096", "--seed", "0",
-               "--kv-transfer-config", json.dumps(kv_config or kv_transfer_config(stores)), *extra_args]
+               *(() if kv_config is False else ("--kv-transfer-config",
+                                                 json.dumps(kv_config or kv_transfer_config(stores)))),
+               *extra_args]
         self._out = open(log, "w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
