@@ -15,9 +15,9 @@ from typing import Any, Optional
 
 from ucm.engine.scheduler_side import RATIO_ARG
 
-try:  # vLLM 0.32: only its client errors become a 400 (a bare ValueError is a 500 there)
+try:  # 0.32 and 0.26: a 400 on both (0.32 turns a bare ValueError at admission into a 500)
     from vllm.exceptions import VLLMValidationError as _RequestError
-except ImportError:  # vLLM 0.26: a ValueError at admission is a 400
+except ImportError:  # a vLLM without it: a ValueError at admission is its 400
     _RequestError = None
 
 
@@ -34,7 +34,7 @@ def ratio_error(extra_args: Optional[dict]) -> Optional[str]:
 
 
 def check_request_params(params: Any) -> None:
-    """Raise what vLLM answers with a 400 (``VLLMValidationError``; a ValueError on 0.26)
+    """Raise what vLLM answers with a 400 (``VLLMValidationError``, else ValueError)
     for a request whose ucm arguments cannot be used."""
     extra_args = getattr(params, "extra_args", None)
     error = ratio_error(extra_args)
