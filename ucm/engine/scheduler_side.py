@@ -59,20 +59,33 @@ EPIC_TOKENS_ARG = "ucm_epic_tokens"  # EPIC: k for this request
 PRECOMPUTE_ARG = "ucm_chunk_precompute"  # set by precompute_chunks: store chunks under chunk keys only
 
 
+def ratio_error(extra_args: Optional[dict]) -> Optional[str]:
+    """Why ``extra_args[ucm_blend_ratio]`` cannot be used, or None (absent or fine). The one
+    rule: the API server refuses such a request (a 400), the scheduler ignores the value."""
+    if not extra_args or RATIO_ARG not in extra_args:
+        return None
+    value = extra_args[RATIO_ARG]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{RATIO_ARG} must be a number in [0, 1], got {value!r} ({type(value).__name__})"
+    if not 0.0 <= float(value) <= 1.0:
+        return f"{RATIO_ARG} must be a number in [0, 1], got {value!r}"
+    return None
+
+
 def request_ratio(extra_args: Optional[dict]) -> Optional[float]:
     """The per-request Blend ratio from ``SamplingParams.extra_args`` (None: the config's).
 
     A bad value is logged and ignored (the config's ratios apply) rather than failing
-    the engine from inside the scheduler.
+    the engine from inside the scheduler (a request through the API server was refused
+    at admission already).
     """
+    error = ratio_error(extra_args)
+    if error is not None:
+        logger.error("ucm: %s; using the configured ratios", error)
+        return None
     if not extra_args or RATIO_ARG not in extra_args:
         return None
-    value = extra_args[RATIO_ARG]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        logger.error("ucm: extra_args[%r]=%r is not a number in [0, 1]; using the configured ratios",
-                     RATIO_ARG, value)
-        return None
-    return float(value)
+    return float(extra_args[RATIO_ARG])
 
 
 def request_selection(extra_args: Optional[dict]) -> Optional[str]:

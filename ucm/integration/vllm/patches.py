@@ -31,6 +31,11 @@ Patch points:
    graph, no padding rows), and patch 1 runs its model call with ``skip_compiled`` (the
    plain ``forward``, where patches 2 and 3 act). Every other step keeps vLLM's compiled
    and CUDA-graph path untouched; patches 2 and 3 step aside while Dynamo traces them.
+5. ``BaseRenderer._tokenize_prompt`` (API server): a text prompt holding
+   ``blend_special_str`` is tokenized part by part (:mod:`text_prompts`), so a chunk's
+   tokens do not depend on its neighbours.
+6. ``InputProcessor._validate_params`` (API server): a per-request ucm argument that
+   cannot be used is refused at admission, a 400 (:mod:`request_checks`).
 """
 
 from __future__ import annotations

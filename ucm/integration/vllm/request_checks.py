@@ -13,24 +13,12 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from ucm.engine.scheduler_side import RATIO_ARG
+from ucm.engine.scheduler_side import RATIO_ARG, ratio_error
 
 try:  # 0.32 and 0.26: a 400 on both (0.32 turns a bare ValueError at admission into a 500)
     from vllm.exceptions import VLLMValidationError as _RequestError
 except ImportError:  # a vLLM without it: a ValueError at admission is its 400
     _RequestError = None
-
-
-def ratio_error(extra_args: Optional[dict]) -> Optional[str]:
-    """Why ``extra_args[ucm_blend_ratio]`` cannot be used, or None (absent or fine)."""
-    if not extra_args or RATIO_ARG not in extra_args:
-        return None
-    value = extra_args[RATIO_ARG]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"{RATIO_ARG} must be a number in [0, 1], got {value!r} ({type(value).__name__})"
-    if not 0.0 <= float(value) <= 1.0:
-        return f"{RATIO_ARG} must be a number in [0, 1], got {value!r}"
-    return None
 
 
 def check_request_params(params: Any) -> None:
