@@ -48,7 +48,8 @@ def _first_token_error(result: dict, reference: dict) -> float:
 
 def test_ratio_015_is_closer_to_full_prefill_than_full_reuse(smollm2_prompts, tmp_path):
     model, delimiter, prompts, chunks = smollm2_prompts
-    ucm = {"ucm_sparse_config": {"Blend": {**delimiter,
+    # pay_policy "always": this test compares what each ratio computes, so every request blends.
+    ucm = {"ucm_sparse_config": {"Blend": {**delimiter, "pay_policy": "always",
                                            "compute_meta": {"model.layers.1.self_attn.attn": {"ratio": 0.15}}}}}
     gen = dict(op="generate", max_tokens=1, logprobs=20, batch=False)
     spec = {"model": model, "engine": {"enable_prefix_caching": False, "max_model_len": 8192,
