@@ -240,8 +240,8 @@ def run_paged(case: dict, timer: Timer, ref: Optional[torch.Tensor], block_size:
 
 def run_batch(spec: str, args: argparse.Namespace, device: torch.device, timer: Timer, dtype: torch.dtype) -> dict:
     """A step of several requests (``spec`` = "4x8192/0.15"): their selected rows
-    through the paged kernel one launch per request with programs in row order (how the
-    fifth and sixth sessions' engine ordered them), one launch per request heaviest
+    through the paged kernel one launch per request with programs in row order (the
+    engine's earlier ordering), one launch per request heaviest
     program first, and one launch for the whole batch (what the engine runs now). All
     three use the same tiles and launch plans built before the timing. Every output is
     checked against the per-request reference."""

@@ -1,10 +1,10 @@
 #!/bin/bash
-# Quality with real weights on the offline GPU host (issue #5 item 5): Qwen2.5-Coder-0.5B-Instruct,
+# Quality with real weights on the offline GPU host: Qwen2.5-Coder-0.5B-Instruct,
 # 200 HotpotQA questions, modes full_prefill, blend_0, blend_0.15, blend_1.
 #
 # Staged here with `python benchmarks/qwen_model.py stage` into .gpuwhl/qwen/: q0 ... q7 (GGUF
 # pieces, <= 60 MiB each, each with the manifest) and qdeps (gguf wheel, hotpotqa_subset.json).
-# vLLM must already be in /tmp/site (../shared/gpu/install_on_host.sh). Run in the repo root:
+# vLLM must already be in /tmp/site (docs/GPU.md, scripts/stage_vllm_gpu.sh). Run in the repo root:
 #
 #   bash benchmarks/quality_gpu.sh part      # one call per carried q<i>/qdeps: copies them to ~/qwen_parts (fast)
 #   bash benchmarks/quality_gpu.sh prepare   # part + join + sha256 + gguf on PYTHONPATH + bf16 folder /tmp/qwen

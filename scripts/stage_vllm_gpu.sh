@@ -1,9 +1,9 @@
 #!/bin/bash
 # Stage vLLM 0.26.0 on the lent GPU host in parts that fit one transfer with the working tree.
 #
-# ../shared/gpu/README.md splits the wheel into 60 MiB parts; with this repository's tree
-# (~4 MiB) a part plus the tree passes the device tool's 64 MiB limit. Here the wheel is
-# split into 51 MiB parts, and the host rebuilds it and checks its sha256 before installing.
+# A transfer to the GPU host carries at most 64 MiB, the working tree (~4 MiB) included, so
+# the wheel is split into 51 MiB parts; the host rebuilds it and checks its sha256 before
+# installing (docs/GPU.md).
 #
 #   bash scripts/stage_vllm_gpu.sh split WHEEL [DIR]   # here: DIR/s0..sN (+ vllm.nparts), DIR/gpu/
 #   # then one device call per part, carrying [DIR/sK, DIR/gpu]:

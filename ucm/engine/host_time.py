@@ -1,7 +1,7 @@
 """Host (CPU) time spent in ucm's phases of a step, for finding where TTFT goes.
 
-On a GPU a Blend request is bound by host time as much as by kernels (BENCHMARKS.md,
-fourth session): the wall time of one request is the scheduler's plan, the load
+On a GPU a Blend request is bound by host time as much as by kernels (docs/BENCHMARKS.md,
+host profiles): the wall time of one request is the scheduler's plan, the load
 setup, the Python of every layer, and the waits. This splits the part ucm owns into
 named phases. Off by default; a benchmark in the engine's process turns it on
 (``HOST_TIMES.enabled = True``) and reads the totals after each request

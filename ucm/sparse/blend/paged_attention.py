@@ -193,7 +193,7 @@ _LARGE_TILES_FAILED: set = set()  # devices where a launch with LARGE_TILES fail
 def tiles_for(is_cuda: bool, element_size: int, head_dim: int, shared_memory_per_sm: int) -> tuple[int, int]:
     """(keys per tile, pipeline stages): 128 and 3 where they fit -- 16-bit, head_dim <= 128,
     >= 200 KiB of shared memory per SM (Hopper's 228 yes, Ampere's 164 no); 4-11% faster
-    than 64 and 2 on an H100 at 4K-16K keys (docs/BENCHMARKS.md, seventh session)."""
+    than 64 and 2 on an H100 at 4K-16K keys (docs/BENCHMARKS.md, exact-mask attention)."""
     if is_cuda and element_size == 2 and head_dim <= 128 and shared_memory_per_sm >= 200 * 1024:
         return LARGE_TILES
     return SMALL_TILES

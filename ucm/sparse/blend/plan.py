@@ -4,7 +4,7 @@ Built from the prompt split (:mod:`chunking`), the request's hash seed and a sto
 lookup. Pure Python, no tensors: the scheduler builds it once per request and
 ships the parts each step needs to the worker in the connector metadata.
 
-Order of reuse (DESIGN.md step 3): prefix hits first (the longest run of the
+Order of reuse: prefix hits first (the longest run of the
 prompt's own block chain from the start), then per-chunk hits for the rest. A chunk
 that misses does not stop reuse of later chunks; any chunk block whose key is
 found is used, wherever in the chunk it lies.
