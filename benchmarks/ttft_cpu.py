@@ -71,7 +71,7 @@ def engine_main(args: argparse.Namespace) -> None:
     builder = BlendPromptBuilder(AutoTokenizer.from_pretrained(model))
     engine: dict[str, Any] = dict(skip_tokenizer_init=True, dtype="float32", max_model_len=args.max_model_len,
                                   max_num_batched_tokens=args.max_model_len, enforce_eager=args.mode == "eager",
-                                  seed=0)
+                                  seed=0, disable_log_stats=False)  # per-request metrics (TTFT)
     if args.kind != "plain":
         blend = dict(builder.sparse_config_delimiter(),
                      compute_meta={f"model.layers.{args.check_layer}.self_attn.attn": {"ratio": args.ratio}},
@@ -102,7 +102,9 @@ def engine_main(args: argparse.Namespace) -> None:
         stats = dict((out.kv_transfer_params or {}).get("ucm_stats", {}))
         rows.append({"prompt_tokens": len(prompt), "ttft_ms": ttft,
                      "decode_ms_per_token": (latency - ttft) / (DECODE_TOKENS - 1) if latency > ttft else None,
-                     "blend_decision": stats.get("blend_decision"), "chunk_hit_tokens": stats.get("chunk_hit_tokens")})
+                     "blend_decision": stats.get("blend_decision"), "blend_reason": stats.get("blend_reason"),
+                     "est_plain_ms": stats.get("est_plain_ms"), "est_blend_ms": stats.get("est_blend_ms"),
+                     "chunk_hit_tokens": stats.get("chunk_hit_tokens"), "prefix_hit_tokens": stats.get("prefix_hit_tokens")})
     Path(args.result).write_text(json.dumps({"kind": args.kind, "engine_start_s": start_s, "rows": rows}))
 
 

@@ -87,3 +87,36 @@ def test_pre_is_checked():
         with pytest.raises(ValueError):
             BlendPayPolicy(pre)
     assert BlendPayPolicy(0.0).equivalent_rows(100, 10) == 10  # EPIC: no layer computes every row
+
+
+def _attention_bound(rows: int) -> float:
+    """A CPU-like plain prefill: 0.2 ms a row plus 0.3 us a row per row of context."""
+    return rows * (0.2e-3 + 0.3e-6 * rows)
+
+
+def test_short_prompts_do_not_price_long_ones():
+    """Chunk precomputes (~200 rows) alone would make a 1.4K prompt look cheap; two sizes
+    give the line, so the long prompt is priced at its own size."""
+    policy = BlendPayPolicy(PRE)
+    for rows in (150, 250, 600):
+        policy.observe(StepSample(rows=rows, seconds=_attention_bound(rows)))
+    est = policy._plain(1400) * 1400
+    assert abs(est - _attention_bound(1400)) / _attention_bound(1400) < 0.05
+
+
+def test_a_wrong_does_not_pay_corrects_itself_from_the_plain_run():
+    """Blend measured while only short plain prompts were known looks expensive; the
+    request then run plain is a plain sample at its size, and Blend is judged again."""
+    policy = BlendPayPolicy(PRE)
+    policy.observe(StepSample(rows=200, seconds=200 * 0.2e-3))  # only short prompts so far
+    for _ in range(2):  # two 1.4K Blend steps: 20 ms fixed + compute at the true price
+        true_rate = _attention_bound(1400) / 1400
+        policy.observe(StepSample(rows=1400, blend=True, kept=280,
+                                  seconds=0.02 + true_rate * policy.equivalent_rows(1400, 280)))
+    assert policy.fixed_cost() > 0.1  # the short prompts' price leaves Blend's compute in "fixed"
+    policy.observe(StepSample(rows=1400, seconds=_attention_bound(1400)))  # a request run plain
+    policy.observe(StepSample(rows=600, seconds=_attention_bound(600)))
+    decision = policy.decide(1400, 1300, 0.15)
+    assert abs(decision.plain_ms / 1e3 - _attention_bound(1400)) / _attention_bound(1400) < 0.1
+    assert abs(policy.fixed_cost() - 0.02) < 0.01  # refitted against the plain line at 1.4K
+    assert decision.blend

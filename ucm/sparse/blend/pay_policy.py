@@ -10,12 +10,15 @@ before it plans any chunk load; a request that does not pay runs as a plain pref
 
 The model, fitted online from the worker's step timings (:class:`StepSample`):
 
-* plain prefill: ``seconds = per_token * rows`` (steps of at least ``min_rows`` rows,
-  where the step's own overhead is small);
-* a Blend step: ``seconds = fixed + per_token * equivalent_rows`` with
+* plain prefill: ``seconds = per_token(rows) * rows``, the price of a row a line in the
+  row count (attention grows with the prompt), fitted on steps of at least ``min_rows``
+  rows (where the step's own overhead is small);
+* a Blend step: ``seconds = fixed + per_token(rows) * equivalent_rows`` with
   ``equivalent_rows = rows * pre + kept * (1 - pre)``: every row runs the layers up to
   and including the first check layer (share ``pre`` of the layers), the kept rows run
-  the rest; ``fixed`` is what is left over, averaged over Blend steps;
+  the rest; ``fixed`` is what is left over, averaged over the recent Blend steps and
+  refitted whenever the plain line moves (a request the policy ran plain is itself a
+  plain sample at its size, so a wrong "does not pay" corrects itself);
 * chunk tokens read from a store before the forward cost ``load seconds per token``
   (the store's read in the step's load phase: large for the file tier, small for host
   memory, whose copies to the device overlap the first layers).
@@ -27,6 +30,7 @@ no vLLM, no tensors.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
@@ -68,6 +72,36 @@ class _Ewma:
         self.count += 1
 
 
+class _PerTokenLine:
+    """A plain prefill's seconds per row as a line in its row count, ``b + c * rows``:
+    attention makes a longer prompt's rows dearer, so a rate measured on short prompts
+    (chunk precomputes, say) must not price a long one. A least-squares fit whose older
+    samples fade by ``decay`` per new one; until sizes differ enough, the line is flat."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
+
+    @property
+    def known(self) -> bool:
+        return self.w > 0
+
+    def add(self, rows: int, per_row: float) -> None:
+        keep = 1.0 - self.decay
+        self.w, self.sx, self.sy, self.sxx, self.sxy = (
+            keep * self.w + 1.0, keep * self.sx + rows, keep * self.sy + per_row,
+            keep * self.sxx + rows * rows, keep * self.sxy + rows * per_row)
+
+    def __call__(self, rows: float) -> float:
+        mean_x, mean_y = self.sx / self.w, self.sy / self.w
+        var = self.sxx / self.w - mean_x * mean_x
+        # A slope only from sizes that differ (spread >= a quarter of the mean): among
+        # near-equal sizes it would be timing noise, extrapolated.
+        spread = var > (0.25 * mean_x) ** 2
+        slope = max(0.0, (self.sxy / self.w - mean_x * mean_y) / var) if spread else 0.0
+        return max(mean_y + slope * (rows - mean_x), 0.5 * mean_y, 1e-12)
+
+
 class BlendPayPolicy:
     """Decides per request whether blending beats a plain prefill (see the module doc).
 
@@ -78,7 +112,7 @@ class BlendPayPolicy:
     """
 
     def __init__(self, pre: float, *, enabled: bool = True, min_rows: int = 128, alpha: float = 0.25,
-                 margin: float = 0.05, explore: int = 2) -> None:
+                 margin: float = 0.05, explore: int = 2, keep_blend_samples: int = 16) -> None:
         if not 0.0 <= pre <= 1.0:  # 0: no layer computes every row (EPIC)
             raise ValueError(f"pre must be in [0, 1], got {pre}")
         self.pre = pre
@@ -86,10 +120,11 @@ class BlendPayPolicy:
         self.min_rows = min_rows
         self.margin = margin
         self.explore = explore
-        self._per_token = _Ewma(alpha)
-        self._fixed = _Ewma(alpha)
+        self._plain = _PerTokenLine(decay=alpha / 2)
         self._load = _Ewma(alpha)
-        self._blend_samples: list[StepSample] = []  # kept until a plain rate exists to fit them
+        # Recent Blend steps: their fixed cost is refitted against the current plain line,
+        # so a plain rate learned later (at the sizes Blend runs) corrects it.
+        self._blend: deque[StepSample] = deque(maxlen=keep_blend_samples)
 
     def equivalent_rows(self, rows: int, kept: float) -> float:
         return rows * self.pre + kept * (1.0 - self.pre)
@@ -97,27 +132,23 @@ class BlendPayPolicy:
     def observe(self, sample: StepSample) -> None:
         if sample.load_tokens > 0 and sample.load_seconds > 0:
             self._load.add(sample.load_seconds / sample.load_tokens)
-        if not sample.blend:
-            if sample.rows >= self.min_rows and sample.seconds > 0:
-                self._per_token.add(sample.seconds / sample.rows)
-                for pending in self._blend_samples:
-                    self._fit_fixed(pending)
-                self._blend_samples.clear()
-            return
-        if self._per_token.value is None:
-            self._blend_samples.append(sample)
-            del self._blend_samples[:-8]
-        else:
-            self._fit_fixed(sample)
+        if sample.blend:
+            self._blend.append(sample)
+        elif sample.rows >= self.min_rows and sample.seconds > 0:
+            self._plain.add(sample.rows, sample.seconds / sample.rows)
 
-    def _fit_fixed(self, sample: StepSample) -> None:
-        assert self._per_token.value is not None
-        compute = self._per_token.value * self.equivalent_rows(sample.rows, sample.kept)
-        self._fixed.add(max(0.0, sample.seconds - compute))
+    def _compute(self, rows: int, kept: float) -> float:
+        """Seconds of the rows a Blend step computes, at the per-row price of its size."""
+        return self._plain(rows) * self.equivalent_rows(rows, kept)
+
+    def fixed_cost(self) -> float:
+        """A Blend step's seconds beyond its rows' compute, averaged over recent steps."""
+        extra = [max(0.0, s.seconds - self._compute(s.rows, s.kept)) for s in self._blend]
+        return sum(extra) / len(extra)
 
     @property
     def measured(self) -> bool:
-        return self._per_token.value is not None and self._fixed.count >= self.explore
+        return self._plain.known and len(self._blend) >= self.explore
 
     def decide(self, rows: int, reusable: int, ratio: float) -> PayDecision:
         """Blend this request or not: ``rows`` it computes, ``reusable`` of them loadable
@@ -128,10 +159,8 @@ class BlendPayPolicy:
             return PayDecision(False, "nothing to reuse")
         if not self.measured:
             return PayDecision(True, "measuring")
-        per_token, fixed = self._per_token.value, self._fixed.value
-        assert per_token is not None and fixed is not None
         kept = (rows - reusable) + ratio * reusable
-        plain = per_token * rows
-        blend = fixed + per_token * self.equivalent_rows(rows, kept) + reusable * (self._load.value or 0.0)
+        plain = self._plain(rows) * rows
+        blend = self.fixed_cost() + self._compute(rows, kept) + reusable * (self._load.value or 0.0)
         pays = blend <= plain * (1.0 - self.margin)
         return PayDecision(pays, "pays" if pays else "does not pay", plain * 1e3, blend * 1e3)
