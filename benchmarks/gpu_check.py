@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # tests/: the prompts, tiny models and engine runner the tests use
+from tests.rag_prompts import END, Rag  # noqa: E402
 
 
 def section(name: str, fn: Callable[[], dict], results: dict) -> None:
@@ -257,69 +258,29 @@ def micro() -> dict:
 
 
 # ---------------------------------------------------------------------------------
-END = 2
+def build_tiny_llama(workdir: Path) -> Path:
+    """The tests' tiny Llama with head_dim 64 (tests/tiny_models.py), under ``workdir``."""
+    from tests.tiny_models import build_tiny_model
 
-
-class Rag:
-    """Same prompts as tests/vllm/conftest.py: ``sys END c_i END ... question``."""
-
-    def __init__(self, seed: int = 0, vocab: int = 512) -> None:
-        import random
-
-        rng = random.Random(seed)
-        pick = lambda n: [rng.randrange(3, vocab) for _ in range(n)]  # noqa: E731
-        self.system = pick(37) + [END]
-        self.chunks = [pick(n) + [END] for n in (70, 45, 93, 61, 52)]
-        self.questions = [pick(n) for n in (19, 23, 11, 30)]
-
-    def prompt(self, order: list[int], question: int = 0) -> list[int]:
-        ids = list(self.system)
-        for i in order:
-            ids += self.chunks[i]
-        return ids + self.questions[question]
-
-
-def build_tiny_llama(path: Path) -> Path:
-    import torch
-    import transformers
-
-    if (path / "config.json").exists():
-        return path
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                   max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).to(torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("proj.weight"):
-                param.normal_(0.0, 0.08)
-    model.save_pretrained(path, safe_serialization=True)
-    return path
+    return build_tiny_model("llama_h64", workdir)
 
 
 def run_engine(spec: dict, workdir: Path, enable_sparse: bool) -> dict:
-    workdir.mkdir(parents=True, exist_ok=True)
-    spec_path, out_path = workdir / "spec.json", workdir / "out.json"
-    spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ)
-    env.pop("ENABLE_SPARSE", None)
-    if enable_sparse:
-        env["ENABLE_SPARSE"] = "1"
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    """An engine in its own process (tests/engine_runner.py), plus the log lines that say
+    which backend, scheduling and compilation it ran."""
+    from tests.engine_runner import engine_process
+
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "tests.engine_runner", str(spec_path), str(out_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"engine failed ({proc.returncode}) after {time.time() - t0:.0f}s:\n"
-                           f"{proc.stderr[-5000:]}")
-    (workdir / "stderr.txt").write_text(proc.stderr[-20000:])
-    backend = [ln for ln in proc.stderr.splitlines() if "backend" in ln.lower() and "attention" in ln.lower()]
-    result = json.loads(out_path.read_text())
-    scheduling = [ln[-60:] for ln in (proc.stdout + "\n" + proc.stderr).splitlines() if "synchronous scheduling is" in ln]
-    compiled = [ln[-160:] for ln in proc.stderr.splitlines()
+    code, result, stderr = engine_process(spec, workdir, enable_sparse)
+    if code != 0:
+        raise RuntimeError(f"engine failed ({code}) after {time.time() - t0:.0f}s:\n{stderr[-5000:]}")
+    (workdir / "stderr.txt").write_text(stderr[-20000:])
+    lines = stderr.splitlines()
+    backend = [ln for ln in lines if "backend" in ln.lower() and "attention" in ln.lower()]
+    scheduling = [ln[-60:] for ln in lines if "synchronous scheduling is" in ln]
+    compiled = [ln[-160:] for ln in lines
                 if "torch.compile" in ln or "Graph capturing finished" in ln or "enforce_eager" in ln.lower()]
-    result["_log"] = backend[:3] + scheduling[:1] + compiled[:3] + [ln[-300:] for ln in proc.stderr.splitlines()
+    result["_log"] = backend[:3] + scheduling[:1] + compiled[:3] + [ln[-300:] for ln in lines
                                                      if "ucm" in ln and ("WARN" in ln or "ERROR" in ln)][:8]
     result["_seconds"] = round(time.time() - t0, 1)
     return result
@@ -331,7 +292,7 @@ def _diff(a: dict, b: dict) -> tuple[bool, float]:
 
 
 def equality(workdir: Path, eager: bool, dtypes: tuple[str, ...] = ("float16", "bfloat16")) -> dict:
-    model = str(build_tiny_llama(workdir / "tiny_llama"))
+    model = str(build_tiny_llama(workdir))
     rag = Rag(seed=0)
     prompts = [rag.prompt([2, 0, 1], 0), rag.prompt([0, 3, 1], 2), rag.prompt([1, 1, 2], 3), rag.prompt([4, 2], 1)]
     out: dict[str, Any] = {}
@@ -395,7 +356,7 @@ def equality_tp(workdir: Path, tp: int, eager: bool) -> dict:
     (which only holds if every rank selected the same rows: the deviation is
     all-reduced before the selection).
     """
-    model = str(build_tiny_llama(workdir / "tiny_llama"))
+    model = str(build_tiny_llama(workdir))
     rag = Rag(seed=0)
     prompts = [rag.prompt([2, 0, 1], 0), rag.prompt([0, 3, 1], 2), rag.prompt([1, 1, 2], 3), rag.prompt([4, 2], 1)]
     gen = lambda name, ps, **kw: {"op": "generate", "name": name, "prompts": ps, "max_tokens": 8, **kw}  # noqa: E731

@@ -11,7 +11,30 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def engine_process(spec: dict, workdir: Path, enable_sparse: bool = True,
+                   timeout: int = 600) -> tuple[int, dict, str]:
+    """Run ``spec`` in a fresh ``python -m tests.engine_runner`` process (the tests' and the
+    GPU checks' one way to start an engine): (return code, its output, its stderr)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_path, out_path = workdir / "spec.json", workdir / "out.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    env.pop("ENABLE_SPARSE", None)
+    env.pop("TRITON_INTERPRET", None)  # set for the in-process kernel tests (tests/conftest.py) only
+    if enable_sparse:
+        env["ENABLE_SPARSE"] = "1"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "tests.engine_runner", str(spec_path), str(out_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    out = json.loads(out_path.read_text()) if proc.returncode == 0 else {}
+    return proc.returncode, out, proc.stderr
 
 
 def _stats(out) -> dict:

@@ -14,7 +14,7 @@ def _policy(per_token_s: float, fixed_s: float, **kw) -> BlendPayPolicy:
     costing fixed_s more than their rows' compute."""
     policy = BlendPayPolicy(PRE, **kw)
     policy.observe(StepSample(rows=4096, seconds=4096 * per_token_s))
-    for rows in (2048, 8192):
+    for rows in (2048, 4096, 8192):
         kept = int(rows * 0.2)
         policy.observe(StepSample(rows=rows, blend=True, kept=kept,
                                   seconds=fixed_s + per_token_s * policy.equivalent_rows(rows, kept)))
@@ -26,7 +26,8 @@ def test_it_blends_until_it_has_measured_blend():
     assert policy.decide(1000, 800, 0.15).reason == "measuring"
     policy.observe(StepSample(rows=2000, seconds=0.05))
     policy.observe(StepSample(rows=2000, blend=True, kept=400, seconds=0.2))
-    assert policy.decide(1000, 800, 0.15).blend  # one Blend sample of the two it wants
+    policy.observe(StepSample(rows=2000, blend=True, kept=400, seconds=0.2))
+    assert policy.decide(1000, 800, 0.15).blend  # two Blend samples of the three it wants
     policy.observe(StepSample(rows=2000, blend=True, kept=400, seconds=0.2))
     assert policy.measured
 
@@ -68,7 +69,7 @@ def test_off_blends_everything_and_nothing_to_reuse_is_plain():
 
 def test_blend_samples_before_any_plain_rate_are_fitted_later():
     policy = BlendPayPolicy(PRE)
-    for _ in range(2):
+    for _ in range(3):
         policy.observe(StepSample(rows=8192, blend=True, kept=1638, seconds=0.075))
     assert not policy.measured
     policy.observe(StepSample(rows=8192, seconds=0.216))
@@ -109,7 +110,7 @@ def test_a_wrong_does_not_pay_corrects_itself_from_the_plain_run():
     request then run plain is a plain sample at its size, and Blend is judged again."""
     policy = BlendPayPolicy(PRE)
     policy.observe(StepSample(rows=200, seconds=200 * 0.2e-3))  # only short prompts so far
-    for _ in range(2):  # two 1.4K Blend steps: 20 ms fixed + compute at the true price
+    for _ in range(3):  # three 1.4K Blend steps: 20 ms fixed + compute at the true price
         true_rate = _attention_bound(1400) / 1400
         policy.observe(StepSample(rows=1400, blend=True, kept=280,
                                   seconds=0.02 + true_rate * policy.equivalent_rows(1400, 280)))
@@ -120,3 +121,27 @@ def test_a_wrong_does_not_pay_corrects_itself_from_the_plain_run():
     assert abs(decision.plain_ms / 1e3 - _attention_bound(1400)) / _attention_bound(1400) < 0.1
     assert abs(policy.fixed_cost() - 0.02) < 0.01  # refitted against the plain line at 1.4K
     assert decision.blend
+
+
+def test_one_slow_first_blend_step_does_not_condemn_blend():
+    """The first Blend step pays one-time costs (a kernel's first call): the median of the
+    recent steps, not their mean, sets the fixed cost."""
+    policy = BlendPayPolicy(PRE)
+    policy.observe(StepSample(rows=4096, seconds=4096 * 26e-6))
+    for seconds in (0.9, 0.075, 0.076):  # first step 12x slower than the others
+        policy.observe(StepSample(rows=8192, blend=True, kept=1638, seconds=seconds))
+    assert policy.decide(8192, 7000, 0.15).blend
+
+
+def test_a_long_run_of_plain_decisions_remeasures_blend_once():
+    policy = BlendPayPolicy(PRE, remeasure_every=4)
+    policy.observe(StepSample(rows=4096, seconds=4096 * 26e-6))
+    for _ in range(3):  # Blend measured on a busy host: looks 30 ms dearer than plain
+        policy.observe(StepSample(rows=4096, blend=True, kept=800, seconds=4096 * 26e-6 + 0.03))
+    reasons = [policy.decide(4096, 3500, 0.15).reason for _ in range(9)]
+    assert reasons == ["does not pay"] * 3 + ["re-measuring"] + ["does not pay"] * 3 + ["re-measuring", "does not pay"]
+    far = BlendPayPolicy(PRE, remeasure_every=2)  # far from paying: never re-measured
+    far.observe(StepSample(rows=4096, seconds=4096 * 26e-6))
+    for _ in range(3):
+        far.observe(StepSample(rows=4096, blend=True, kept=800, seconds=1.0))
+    assert all(far.decide(4096, 3500, 0.15).reason == "does not pay" for _ in range(6))

@@ -22,6 +22,9 @@ def _config(arch: str):
                   rms_norm_eps=1e-6, tie_word_embeddings=False)
     if arch == "llama":
         return transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
+    if arch == "llama_h64":  # head_dim 64 (the GPU checks: the kernels' usual head size)
+        wide = dict(common, hidden_size=256, intermediate_size=512, head_dim=64)
+        return transformers.LlamaConfig(**wide), transformers.LlamaForCausalLM
     if arch == "mistral":
         return transformers.MistralConfig(sliding_window=None, **common), transformers.MistralForCausalLM
     if arch == "qwen2":

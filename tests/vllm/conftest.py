@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.engine_runner import ROOT, engine_process  # noqa: F401  (ROOT: the tests import it from here)
+from tests.rag_prompts import END, Rag  # noqa: F401  (the tests import them from here)
 from tests.tiny_models import build_tiny_model
-
-ROOT = Path(__file__).resolve().parents[2]
-END = 2  # chunk_end_token_id used by the tiny-model prompts
 
 
 @pytest.fixture(scope="session")
@@ -25,20 +20,10 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 def run_engine(spec: dict[str, Any], workdir: Path, enable_sparse: bool = True, timeout: int = 600) -> dict:
     """Run ``spec`` through tests/engine_runner.py in a fresh process; return its output."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    spec_path, out_path = workdir / "spec.json", workdir / "out.json"
-    spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ)
-    env.pop("ENABLE_SPARSE", None)
-    env.pop("TRITON_INTERPRET", None)  # set for the in-process kernel tests (tests/conftest.py) only
-    if enable_sparse:
-        env["ENABLE_SPARSE"] = "1"
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "tests.engine_runner", str(spec_path), str(out_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"engine process failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
-    return json.loads(out_path.read_text())
+    code, out, stderr = engine_process(spec, workdir, enable_sparse, timeout)
+    if code != 0:
+        raise AssertionError(f"engine process failed ({code}):\n{stderr[-6000:]}")
+    return out
 
 
 def blend_config(ratio: float = 1.0, store_dir: Path | None = None, check_layer: int = 1,
@@ -54,25 +39,3 @@ def blend_config(ratio: float = 1.0, store_dir: Path | None = None, check_layer:
     section.setdefault("pay_policy", "always")
     section.update(blend)
     return {"ucm_connectors": stores, "ucm_sparse_config": {"Blend": section}}
-
-
-class Rag:
-    """Deterministic RAG-shaped token prompts: ``sys END c_i END ... question``."""
-
-    def __init__(self, seed: int = 0, vocab: int = 512) -> None:
-        import random
-
-        rng = random.Random(seed)
-        pick = lambda n: [rng.randrange(3, vocab) for _ in range(n)]  # noqa: E731  (0-2 reserved)
-        self.system = pick(37) + [END]
-        self.chunks = [pick(n) + [END] for n in (70, 45, 93, 61, 52)]
-        self.questions = [pick(n) for n in (19, 23, 11, 30)]
-
-    def prompt(self, order: list[int], question: int = 0) -> list[int]:
-        ids = list(self.system)
-        for i in order:
-            ids += self.chunks[i]
-        return ids + self.questions[question]
-
-    def chunk_prompts(self, which: list[int]) -> list[dict]:
-        return [{"ids": self.chunks[i]} for i in which]

@@ -23,8 +23,10 @@ The model, fitted online from the worker's step timings (:class:`StepSample`):
   (the store's read in the step's load phase: large for the file tier, small for host
   memory, whose copies to the device overlap the first layers).
 
-Until both a plain rate and a Blend fixed cost are known the policy blends (it must
-measure Blend to judge it); ``explore`` Blend steps are taken that way. Pure Python,
+Until both a plain rate and ``explore`` Blend steps are known the policy blends (it must
+measure Blend to judge it); the fixed cost is the median of the recent Blend steps', so
+one slow first step does not condemn Blend; and after a long run of "does not pay" one
+near-paying request is blended again to re-measure (``remeasure_every``). Pure Python,
 no vLLM, no tensors.
 """
 
@@ -112,7 +114,8 @@ class BlendPayPolicy:
     """
 
     def __init__(self, pre: float, *, enabled: bool = True, min_rows: int = 128, alpha: float = 0.25,
-                 margin: float = 0.05, explore: int = 2, keep_blend_samples: int = 16) -> None:
+                 margin: float = 0.05, explore: int = 3, keep_blend_samples: int = 16,
+                 remeasure_every: int = 64, remeasure_within: float = 1.5) -> None:
         if not 0.0 <= pre <= 1.0:  # 0: no layer computes every row (EPIC)
             raise ValueError(f"pre must be in [0, 1], got {pre}")
         self.pre = pre
@@ -120,6 +123,13 @@ class BlendPayPolicy:
         self.min_rows = min_rows
         self.margin = margin
         self.explore = explore
+        # A "does not pay" that rests on old Blend samples (a one-off slow step, a busy
+        # host) would never be revisited, since only blending measures Blend: after
+        # ``remeasure_every`` plain decisions in a row, one request whose Blend estimate is
+        # within ``remeasure_within`` of plain blends again ("re-measuring").
+        self.remeasure_every = remeasure_every
+        self.remeasure_within = remeasure_within
+        self._plain_streak = 0
         self._plain = _PerTokenLine(decay=alpha / 2)
         self._load = _Ewma(alpha)
         # Recent Blend steps: their fixed cost is refitted against the current plain line,
@@ -142,9 +152,11 @@ class BlendPayPolicy:
         return self._plain(rows) * self.equivalent_rows(rows, kept)
 
     def fixed_cost(self) -> float:
-        """A Blend step's seconds beyond its rows' compute, averaged over recent steps."""
-        extra = [max(0.0, s.seconds - self._compute(s.rows, s.kept)) for s in self._blend]
-        return sum(extra) / len(extra)
+        """A Blend step's seconds beyond its rows' compute: the median over recent steps, so
+        one step that paid a one-time cost (the first call of a kernel) does not set it."""
+        extra = sorted(max(0.0, s.seconds - self._compute(s.rows, s.kept)) for s in self._blend)
+        mid = len(extra) // 2
+        return extra[mid] if len(extra) % 2 else 0.5 * (extra[mid - 1] + extra[mid])
 
     @property
     def measured(self) -> bool:
@@ -163,4 +175,11 @@ class BlendPayPolicy:
         plain = self._plain(rows) * rows
         blend = self.fixed_cost() + self._compute(rows, kept) + reusable * (self._load.value or 0.0)
         pays = blend <= plain * (1.0 - self.margin)
-        return PayDecision(pays, "pays" if pays else "does not pay", plain * 1e3, blend * 1e3)
+        if pays:
+            self._plain_streak = 0
+            return PayDecision(True, "pays", plain * 1e3, blend * 1e3)
+        self._plain_streak += 1
+        if self._plain_streak >= self.remeasure_every and blend <= plain * self.remeasure_within:
+            self._plain_streak = 0
+            return PayDecision(True, "re-measuring", plain * 1e3, blend * 1e3)
+        return PayDecision(False, "does not pay", plain * 1e3, blend * 1e3)
