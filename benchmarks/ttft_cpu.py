@@ -8,7 +8,8 @@ all measured in this one run:
 * ``plain``: vLLM alone (prefix caching on, its default): the baseline;
 * ``ucm_auto``: UCMBlendConnector with the pay policy on (ucm's default): a request blends
   only where this engine measured blending faster;
-* ``ucm_always``: UCMBlendConnector blending every request (what blending alone costs).
+* ``ucm_always``: UCMBlendConnector blending every request (what blending alone costs);
+* ``ucm_prefix``: UCMConnector, ucm's plain prefix connector (no chunks, no Blend hooks).
 
 Per engine: TTFT of each prompt (vLLM's ``first_token_latency``; median over prompts),
 decode ms per token (a 33-token answer: (wall time - TTFT) / 32), and for ucm the
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = ("plain", "ucm_auto", "ucm_always")
+KINDS = ("plain", "ucm_auto", "ucm_always", "ucm_prefix")
 DECODE_TOKENS = 33
 
 
@@ -54,7 +55,7 @@ def engine_main(args: argparse.Namespace) -> None:
     """One engine kind: precompute, ask, time; writes its JSON to ``args.result``."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    if args.kind == "plain":
+    if args.kind in ("plain", "ucm_prefix"):
         os.environ.pop("ENABLE_SPARSE", None)
     else:
         os.environ["ENABLE_SPARSE"] = "1"
@@ -72,7 +73,11 @@ def engine_main(args: argparse.Namespace) -> None:
     engine: dict[str, Any] = dict(skip_tokenizer_init=True, dtype="float32", max_model_len=args.max_model_len,
                                   max_num_batched_tokens=args.max_model_len, enforce_eager=args.mode == "eager",
                                   seed=0, disable_log_stats=False)  # per-request metrics (TTFT)
-    if args.kind != "plain":
+    if args.kind == "ucm_prefix":
+        engine["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="UCMConnector", kv_connector_module_path="ucm.integration.vllm.connector",
+            kv_role="kv_both", kv_connector_extra_config={})
+    elif args.kind != "plain":
         blend = dict(builder.sparse_config_delimiter(),
                      compute_meta={f"model.layers.{args.check_layer}.self_attn.attn": {"ratio": args.ratio}},
                      pay_policy="auto" if args.kind == "ucm_auto" else "always")
@@ -147,7 +152,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS[:3]), choices=KINDS)
     ap.add_argument("--samples", type=int, default=10, help="HotpotQA questions (the first --warmup warm up)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--ratio", type=float, default=0.15)

@@ -255,8 +255,8 @@ class Runner:
         return out, (time.perf_counter() - start) * 1000.0
 
     def ask(self, token_ids: list[int], ratio: Optional[float], salted: bool) -> Any:
-        """Run one mode on one prompt; return a :class:`ucm.rag.report.ModeRun`."""
-        from ucm.rag.report import ModeRun, clean_answer
+        """Run one mode on one prompt; return a :class:`rag_eval.report.ModeRun`."""
+        from rag_eval.report import ModeRun, clean_answer
 
         salt = self.fresh_salt() if salted else None
         out, wall_ms = self._generate(token_ids, ratio, salt, self.max_tokens)
@@ -319,7 +319,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from transformers import AutoTokenizer
 
     from ucm.rag import BlendPromptBuilder, load_samples
-    from ucm.rag.report import FULL_PREFILL, format_table, mode_name, plot_modes, summarize, write_csv, \
+    from rag_eval.report import FULL_PREFILL, format_table, mode_name, plot_modes, summarize, write_csv, \
         write_samples_csv
 
     model = args.model

@@ -13,6 +13,13 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import sys  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
+# The example's scoring and report helpers (examples/rag_eval/) are not part of the
+# installed library; their tests import them from the examples folder.
+sys.path.insert(0, str(_Path(__file__).resolve().parents[1] / "examples"))
+
 
 import pytest  # noqa: E402  (after TRITON_INTERPRET, which must be set first)
 from pathlib import Path  # noqa: E402

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ucm.rag.metrics import (
+from rag_eval.metrics import (
     exact_match,
     f1_score,
     first_token_agreement,

@@ -1,4 +1,4 @@
-"""ucm.rag.report: mode names, per-run accounting, aggregates, table, CSV and plot."""
+"""The example's rag_eval.report: mode names, per-run accounting, aggregates, table, CSV and plot."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ucm.rag.report import (
+from rag_eval.report import (
     FULL_PREFILL,
     ModeRun,
     clean_answer,
@@ -151,5 +151,9 @@ def test_report_module_does_not_import_vllm():
     import subprocess
     import sys
 
-    code = "import sys, ucm.rag.report; assert 'vllm' not in sys.modules and 'matplotlib' not in sys.modules"
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    code = ("import sys; sys.path.insert(0, %r); import rag_eval.report; "
+            "assert 'vllm' not in sys.modules and 'matplotlib' not in sys.modules" % str(examples))
     subprocess.run([sys.executable, "-c", code], check=True)

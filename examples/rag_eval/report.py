@@ -21,7 +21,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
-from ucm.rag.metrics import exact_match, f1_score, first_token_agreement, mean, rouge_l
+from rag_eval.metrics import exact_match, f1_score, first_token_agreement, mean, rouge_l
 
 logger = logging.getLogger(__name__)
 
