@@ -18,6 +18,12 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {arch: build_tiny_model(arch, root) for arch in ("llama", "mistral", "qwen2", "qwen3")}
 
 
+@pytest.fixture(scope="session")
+def llama(tiny_models) -> str:
+    """The tiny Llama most engine tests run."""
+    return str(tiny_models["llama"])
+
+
 def run_engine(spec: dict[str, Any], workdir: Path, enable_sparse: bool = True, timeout: int = 600) -> dict:
     """Run ``spec`` through tests/engine_runner.py in a fresh process; return its output."""
     code, out, stderr = engine_process(spec, workdir, enable_sparse, timeout)

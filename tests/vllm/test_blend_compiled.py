@@ -36,11 +36,6 @@ ACTIONS = [
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_models):
-    return str(tiny_models["llama"])
-
-
-@pytest.fixture(scope="module")
 def plain_compiled(llama, tmp_path_factory):
     spec = {"model": llama, "engine": COMPILED, "ucm": None,
             "actions": [_gen("one", [{"ids": REORDERED}]), _gen("no_chunks", [{"ids": NO_CHUNKS}])]}

@@ -39,11 +39,6 @@ def assert_same(a: list[dict], b: list[dict], tol: float = 1e-4) -> None:
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_models):
-    return str(tiny_models["llama"])
-
-
-@pytest.fixture(scope="module")
 def plain(llama, tmp_path_factory):
     """The same engine without ucm: the reference."""
     spec = {"model": llama, "ucm": None, "actions": [

@@ -8,8 +8,6 @@ which blocks it holds, or it never finds a chunk the worker saved.
 
 from __future__ import annotations
 
-import pytest
-
 from tests.vllm.conftest import Rag, blend_config, run_engine
 from tests.vllm.test_blend_llama import assert_same
 
@@ -21,11 +19,6 @@ MP = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
 
 def _gen(name: str, ids: list[int], **kw) -> dict:
     return {"op": "generate", "name": name, "prompts": [{"ids": ids, **kw}], "batch": False}
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_models):
-    return str(tiny_models["llama"])
 
 
 def test_default_store_reuses_chunks_across_engine_processes(llama, tmp_path_factory):

@@ -41,11 +41,6 @@ def _k(ids: list[int], k: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_models):
-    return str(tiny_models["llama"])
-
-
-@pytest.fixture(scope="module")
 def plain(llama, tmp_path_factory):
     spec = {"model": llama, "ucm": None, "actions": [
         _gen("main", [{"ids": REORDERED}, {"ids": MISSING_MIDDLE}])]}

@@ -30,11 +30,6 @@ def _one(name: str, ids: list[int], ratio: float | None = None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_models):
-    return str(tiny_models["llama"])
-
-
-@pytest.fixture(scope="module")
 def plain(llama, tmp_path_factory):
     """vLLM alone, with its prefix cache on: the reference for every request."""
     spec = {"model": llama, "engine": ENGINE, "ucm": None,
