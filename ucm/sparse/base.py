@@ -1,15 +1,17 @@
 """The sparse-method hook contract.
 
-A sparse method (Blend is one) changes *which rows* a forward pass computes. The
-engine integration calls these hooks at fixed points; every hook has a no-op
-default, so a method overrides only what it needs and an engine with no method
-behaves exactly as without ucm. Worker-side hooks see tensors; scheduler-side
-hooks see only token ids and request ids.
+A sparse method (Blend and EPIC are two) changes *which rows* a forward pass computes.
+The vLLM patch points call these hooks at fixed places in the worker's forward: before
+and after it, before and after each decoder layer, between a layer's attention and its
+MLP (the FFN's rows), and instead of a layer's attention backend. Every hook has a no-op
+default, so a method overrides only what it needs and an engine with no method behaves
+exactly as without ucm. Only hooks that a patch point calls are part of the contract;
+the scheduler side of a method is its plan (``ucm.engine.scheduler_side``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -27,9 +29,6 @@ class UcmSparseBase:
         self.role = role
 
     # ---- worker side -------------------------------------------------------------
-    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Called once with the engine's paged KV cache tensor per attention layer."""
-
     def execute_begin(self, scheduler_output: Any) -> None:
         """Called before each model forward with what the scheduler decided."""
 
@@ -57,13 +56,6 @@ class UcmSparseBase:
         """Between a decoder layer's attention and its MLP; may shrink the rows the MLP computes."""
         return hidden_states, residual
 
-    def attention_begin(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_name: str,
-        forward_context: Any, output: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """Before the attention backend of one layer."""
-        return query, key, value, output
-
     def attention_forward(
         self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> Optional[torch.Tensor]:
@@ -73,38 +65,4 @@ class UcmSparseBase:
         some rows returns their output itself, because the backend's metadata describes
         every scheduled row and cannot serve a subset.
         """
-        return None
-
-    def attention_finished(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_output: torch.Tensor,
-        layer_name: str, forward_context: Any,
-    ) -> None:
-        """After the attention backend of one layer."""
-
-    def ffn_begin(
-        self, hidden_states: torch.Tensor, residual: Optional[torch.Tensor]
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        return hidden_states, residual
-
-    def ffn_finished(
-        self, hidden_states: torch.Tensor, residual: Optional[torch.Tensor]
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        return hidden_states, residual
-
-    def request_finished_in_worker(self, request_id: str) -> None:
-        """Drop any per-request worker state."""
-
-    # ---- scheduler side ----------------------------------------------------------
-    def request_begin(self, request_id: str, prompt_token_ids: Sequence[int]) -> None:
-        """A new request reached the scheduler."""
-
-    def request_finished_in_scheduler(self, request_id: str) -> None:
-        """A request left the scheduler (finished, aborted)."""
-
-    def estimate_num_slots_sparsed(self, request: Any) -> int:
-        """KV slots the request needs under this method (default: no saving)."""
-        return 0
-
-    def build_sparse_meta(self, scheduler_output: Any, requests: Any) -> Any:
-        """Per-step metadata for the worker side (None: nothing to do)."""
         return None

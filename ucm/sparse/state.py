@@ -31,10 +31,6 @@ def get_sparse_agent() -> Optional[UcmSparseBase]:
     return _AGENT
 
 
-def has_sparse_agent() -> bool:
-    return _AGENT is not None
-
-
 def maybe_execute_layer_begin(layer_index: int, positions: torch.Tensor, hidden_states: torch.Tensor,
                               residual: Optional[torch.Tensor]):
     if _AGENT is None:
@@ -54,17 +50,6 @@ def maybe_execute_before_mlp(hidden_states: torch.Tensor, residual: torch.Tensor
     if _AGENT is None:
         return hidden_states, residual
     return _AGENT.before_mlp(hidden_states, residual)
-
-
-def maybe_execute_attention_begin(query, key, value, layer_name: str, forward_context: Any, output=None):
-    if _AGENT is None:
-        return query, key, value, output
-    return _AGENT.attention_begin(query, key, value, layer_name, forward_context, output)
-
-
-def maybe_execute_attention_finished(query, key, value, attn_output, layer_name: str, forward_context: Any):
-    if _AGENT is not None:
-        _AGENT.attention_finished(query, key, value, attn_output, layer_name, forward_context)
 
 
 def maybe_execute_begin(scheduler_output: Any) -> None:
