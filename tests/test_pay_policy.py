@@ -145,3 +145,15 @@ def test_a_long_run_of_plain_decisions_remeasures_blend_once():
     for _ in range(3):
         far.observe(StepSample(rows=4096, blend=True, kept=800, seconds=1.0))
     assert all(far.decide(4096, 3500, 0.15).reason == "does not pay" for _ in range(6))
+
+
+def test_decode_steps_are_not_timed_or_reported():
+    import torch
+
+    from ucm.engine.step_timer import ForwardTimer
+
+    timer = ForwardTimer(torch.device("cpu"))
+    for rows, blend in ((8, False), (512, False), (8, True)):
+        timer.start()
+        timer.stop(rows=rows, blend=blend, kept=rows)
+    assert [(s.rows, s.blend) for s in timer.take()] == [(512, False), (8, True)]

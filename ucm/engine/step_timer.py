@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from ucm.sparse.blend.pay_policy import StepSample
+from ucm.sparse.blend.pay_policy import MIN_PLAIN_ROWS, StepSample
 
 MAX_PENDING = 64  # events of forwards whose time is not known yet (older ones are dropped)
 
@@ -38,7 +38,7 @@ class ForwardTimer:
     def stop(self, **sample: Any) -> None:
         """End the forward begun by :meth:`start`; ``sample`` holds StepSample's other fields."""
         began, self._start = self._start, None
-        if began is None:
+        if began is None or self._uninformative(sample):
             return
         if not self.cuda:
             self._done.append(StepSample(seconds=time.perf_counter() - began, **sample))
@@ -48,6 +48,13 @@ class ForwardTimer:
         self._pending.append((began, end, sample))
         while len(self._pending) > MAX_PENDING:
             self._pending.popleft()
+
+    @staticmethod
+    def _uninformative(sample: dict) -> bool:
+        """A short plain step without a store read (a decode step): the pay policy ignores
+        it, so it is neither kept (no events on CUDA) nor reported to the scheduler."""
+        return (not sample.get("blend") and sample.get("rows", 0) < MIN_PLAIN_ROWS
+                and not sample.get("load_tokens"))
 
     def take(self) -> list[StepSample]:
         """The samples whose time is known now (in order), forgetting them."""

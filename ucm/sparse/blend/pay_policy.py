@@ -37,6 +37,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 
+MIN_PLAIN_ROWS = 128  # a plain step this short (a decode step) is mostly its own overhead: not a rate
+
+
 @dataclass(frozen=True)
 class StepSample:
     """One measured forward of the worker: its rows, what Blend kept, and its time."""
@@ -113,7 +116,7 @@ class BlendPayPolicy:
     ``enabled`` False: always blend (experiments and tests).
     """
 
-    def __init__(self, pre: float, *, enabled: bool = True, min_rows: int = 128, alpha: float = 0.25,
+    def __init__(self, pre: float, *, enabled: bool = True, min_rows: int = MIN_PLAIN_ROWS, alpha: float = 0.25,
                  margin: float = 0.05, explore: int = 3, keep_blend_samples: int = 16,
                  remeasure_every: int = 64, remeasure_within: float = 1.5) -> None:
         if not 0.0 <= pre <= 1.0:  # 0: no layer computes every row (EPIC)
