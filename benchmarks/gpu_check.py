@@ -347,6 +347,46 @@ def equality(workdir: Path, eager: bool, dtypes: tuple[str, ...] = ("float16", "
     return out
 
 
+def control(workdir: Path, dtypes: tuple[str, ...] = ("bfloat16",)) -> dict:
+    """How far plain vLLM's eager and default (compiled, CUDA-graph) modes part on the
+    equality prompts, and ucm under its default pay policy at ratio 1.0 against plain vLLM
+    in the default mode (that request runs as a plain prefill, so it must be bit-equal).
+
+    A Blend step runs eagerly inside a compiled engine; where the eager/compiled control
+    parts by as much as "always" Blend at ratio 1.0 does, the difference is the modes'
+    rounding, not Blend's."""
+    model = str(build_tiny_llama(workdir))
+    rag = Rag(seed=0)
+    prompts = [rag.prompt([2, 0, 1], 0), rag.prompt([0, 3, 1], 2), rag.prompt([1, 1, 2], 3), rag.prompt([4, 2], 1)]
+    auto = {"ucm_connectors": [{"ucm_connector_name": "UcmDramStore", "ucm_connector_config": {}}],
+            "ucm_sparse_config": {"Blend": {"chunk_end_token_id": END,
+                                            "compute_meta": {"model.layers.1.self_attn.attn": {"ratio": 1.0}}}}}
+    gen = lambda name, ps, **kw: {"op": "generate", "name": name, "prompts": ps, "max_tokens": 8, **kw}  # noqa: E731
+    out: dict[str, Any] = {}
+    for dtype in dtypes:
+        engine = {"dtype": dtype, "gpu_memory_utilization": 0.25, "max_model_len": 4096}
+        runs = {}
+        for label, eager in (("eager", True), ("default", False)):
+            runs[label] = run_engine({"model": model, "ucm": None, "engine": dict(engine, enforce_eager=eager),
+                                      "actions": [gen("main", [{"ids": p} for p in prompts]),
+                                                  gen("one_by_one", [{"ids": p} for p in prompts], batch=False)]},
+                                     workdir / f"control_{label}_{dtype}", enable_sparse=False)
+        ucm = run_engine({"model": model, "ucm": auto, "engine": dict(engine, enforce_eager=False), "actions": [
+            gen("precompute", [{"ids": rag.chunks[i]} for i in range(5)], max_tokens=1),
+            gen("ratio1", [{"ids": p, "ratio": 1.0} for p in prompts], batch=False)]},
+            workdir / f"control_ucm_{dtype}", enable_sparse=True)
+        rows = lambda xs, ys: [dict(zip(("same_tokens", "max_dlogprob"), (s, round(d, 5))))  # noqa: E731
+                               for s, d in (_diff(a, b) for a, b in zip(xs, ys))]
+        res = {"eager_vs_default": rows(runs["eager"]["main"], runs["default"]["main"]),
+               "default_batch_vs_one_by_one": rows(runs["default"]["main"], runs["default"]["one_by_one"]),
+               "ucm_auto_ratio1_vs_default": rows(ucm["ratio1"], runs["default"]["one_by_one"]),
+               "ucm_auto_ratio1_decisions": [r["stats"].get("blend_reason") for r in ucm["ratio1"]]}
+        res["PASS_auto_ratio1_exact"] = all(r["same_tokens"] and r["max_dlogprob"] == 0.0
+                                            for r in res["ucm_auto_ratio1_vs_default"])
+        out[dtype] = res
+    return out
+
+
 def equality_tp(workdir: Path, tp: int, eager: bool) -> dict:
     """Tensor parallel: Blend with ``tp`` ranks against one rank (fp16, tiny Llama).
 
@@ -537,6 +577,8 @@ def main() -> None:
         section("equality", lambda: equality(workdir, eager, tuple(args.dtypes)), results)
     if "saves" in args.only:
         section("saves", saves, results)
+    if "control" in args.only:
+        section("control", lambda: control(workdir, tuple(args.dtypes)), results)
     if "tp" in args.only:
         section("tp", lambda: equality_tp(workdir, args.tp, eager), results)
     Path(args.out).write_text(json.dumps(results, indent=1, default=str))

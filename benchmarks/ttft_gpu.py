@@ -58,6 +58,17 @@ LLAMA3_8B = {
     "bos_token_id": 128000, "eos_token_id": 128009, "torch_dtype": "bfloat16", "attention_bias": False,
     "mlp_bias": False,
 }
+#: Qwen2.5-Coder-0.5B's shape (its config.json): the small model where a plain prefill is
+#: cheap and ucm's fixed cost per request decides whether blending pays.
+QWEN25_05B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896,
+    "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+    "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "hidden_act": "silu", "tie_word_embeddings": True,
+    "bos_token_id": 151643, "eos_token_id": 151643, "torch_dtype": "bfloat16", "use_sliding_window": False,
+    "sliding_window": 32768, "max_window_layers": 24,
+}
+SHAPES = {"llama8b": LLAMA3_8B, "qwen0.5b": QWEN25_05B}
 END = 128001  # chunk_end_token_id; never drawn as a content token
 CHUNK = 512
 SYSTEM = 32
@@ -205,22 +216,25 @@ class Bench:
             model=a.model_dir, load_format="auto" if a.real_model else "dummy", skip_tokenizer_init=True, dtype=a.dtype,
             enforce_eager=eager_for(self.kind, a.mode), max_model_len=a.max_model_len, max_num_batched_tokens=a.max_batched_tokens,
             max_num_seqs=max(64, a.concurrency), gpu_memory_utilization=a.gpu_mem, seed=0,
-            disable_log_stats=False, enable_prefix_caching=self.base == "plain",
+            # vLLM's default: prefix caching on for every engine, ucm's included.
+            disable_log_stats=False, enable_prefix_caching=True,
             tensor_parallel_size=a.tp, async_scheduling=a.scheduling == "async")
         if self.base != "plain":
-            if self.base.startswith("dram"):
+            if self.base.startswith("dram") or self.base == "epic":
                 stores = [{"ucm_connector_name": "UcmDramStore",
                            "ucm_connector_config": {"capacity_bytes": a.dram_gib * 2**30}}]
             else:
                 stores = [{"ucm_connector_name": "UcmNfsStore",
                            "ucm_connector_config": {"storage_backends": a.file_dir, "io_threads": a.io_threads}}]
             block_tokens = 64 if self.base == "dram_b64" else a.block_tokens
-            extra = {"ucm_connectors": stores, "block_tokens": block_tokens,
-                     "ucm_sparse_config": {"Blend": {
-                         "chunk_end_token_id": END,
-                         "compute_meta": {f"model.layers.{a.check_layer}.self_attn.attn": {"ratio": 0.15}}}}}
+            if self.base == "epic":
+                method = {"EPIC": {"chunk_end_token_id": END, "recompute_tokens": a.epic_ks[0]}}
+            else:
+                method = {"Blend": {"chunk_end_token_id": END,
+                                    "compute_meta": {f"model.layers.{a.check_layer}.self_attn.attn": {"ratio": 0.15}}}}
+            extra = {"ucm_connectors": stores, "block_tokens": block_tokens, "ucm_sparse_config": method}
             if a.pay_policy:  # else ucm's default (auto: blend a request only where it measured faster)
-                extra["ucm_sparse_config"]["Blend"]["pay_policy"] = a.pay_policy
+                next(iter(method.values()))["pay_policy"] = a.pay_policy
             options = {}
             if self.base == "dram_nodefer":
                 options["defer_chunk_loads"] = False
@@ -238,7 +252,13 @@ class Bench:
         return llm
 
     def params(self, ratio: Optional[float] = None, max_tokens: int = 1):
-        extra = {"ucm_blend_ratio": ratio} if ratio is not None else None
+        """``ratio`` is the Blend ratio; on the EPIC engine it is k (tokens per chunk)."""
+        if ratio is None:
+            extra = None
+        elif self.base == "epic":
+            extra = {"ucm_epic_tokens": int(ratio)}
+        else:
+            extra = {"ucm_blend_ratio": ratio}
         return self.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, extra_args=extra)
 
     def one(self, ids: list[int], ratio: Optional[float] = None, salt: Optional[str] = None) -> tuple[float, Any]:
@@ -422,8 +442,9 @@ class Bench:
         checks = []
         for n in sorted(set(a.chunks)):
             ids = self.prompts.rag(n)
+            full = {"ucm_epic_tokens": CHUNK} if self.base == "epic" else {"ucm_blend_ratio": 1.0}
             sp = lambda r: self.SamplingParams(max_tokens=1, temperature=0.0, logprobs=5, ignore_eos=True,  # noqa: E731
-                                               extra_args={"ucm_blend_ratio": r} if r is not None else None)
+                                               extra_args=full if r is not None else None)
             ref = self.llm.generate([{"prompt_token_ids": ids, "cache_salt": f"check{random.random()}"}], [sp(None)],
                                     use_tqdm=False)[0].outputs[0]
             got = self.llm.generate([{"prompt_token_ids": ids}], [sp(1.0)], use_tqdm=False)[0]
@@ -442,9 +463,9 @@ class Bench:
         # request with a wide spread (BENCHMARKS.md, sixth session, "the 3K column").
         for _ in range(a.warmup_rounds):
             for n in a.chunks:
-                for r in (0.15, 0.0):
+                for r in ((a.epic_ks[0], 0) if self.base == "epic" else (0.15, 0.0)):
                     self.one(self.prompts.rag(n), ratio=r)
-        ratios = {"dram": a.ratios, "dram_b64": a.b64_ratios}.get(self.base, a.file_ratios)
+        ratios = {"dram": a.ratios, "dram_b64": a.b64_ratios, "epic": a.epic_ks}.get(self.base, a.file_ratios)
         if self.base.startswith("file") and a.file_cold:
             os.sync()
         def blend(n: int, r: float) -> tuple[float, Any]:
@@ -452,14 +473,15 @@ class Bench:
                 self._drop_page_cache()
             return self.one(self.prompts.rag(n), ratio=r)
 
-        samples = self._interleaved([((f"blend_{r:g}", n), lambda n=n, r=r: blend(n, r))
+        label = "k" if self.base == "epic" else "blend_"
+        samples = self._interleaved([((f"{label}{r:g}", n), lambda n=n, r=r: blend(n, r))
                                      for n in a.chunks for r in ratios], self.kind)
         for (mode, n), (times, outs, hosts) in samples.items():
             self.record(mode, n, times, [self.stats(o) for o in outs], hosts=hosts)
         if a.concurrency and self.base == "dram":
             for n in a.tput_chunks or a.chunks:
                 self.throughput("blend_0.15", n, 0.15, salted=False)
-        if a.decode_batches:
+        if a.decode_batches and self.base != "epic":
             self.decode("decode_blend_0.15", 0.15, salted=False)
         if self.base == "dram" and a.cold_reps:
             for n in a.chunks:  # cold prompt through ucm: full prefill plus saving its KV
@@ -582,9 +604,9 @@ TINY = dict(LLAMA3_8B, hidden_size=256, intermediate_size=512, num_hidden_layers
             num_key_value_heads=2, head_dim=64, torch_dtype="float32")
 
 
-def write_model(path: Path, tiny: bool = False, tiny_layers: int = 3) -> str:
+def write_model(path: Path, tiny: bool = False, tiny_layers: int = 3, shape: str = "llama8b") -> str:
     path.mkdir(parents=True, exist_ok=True)
-    config = dict(TINY, num_hidden_layers=tiny_layers) if tiny else LLAMA3_8B
+    config = dict(TINY, num_hidden_layers=tiny_layers) if tiny else SHAPES[shape]
     (path / "config.json").write_text(json.dumps(config, indent=1))
     return str(path)
 
@@ -622,10 +644,17 @@ def run_engine_process(args: argparse.Namespace, kind: str, out_dir: Path, extra
 
 # Engine kind -> prefix of its modes in the merged table.
 PREFIX = {"plain": "", "dram": "", "plain_eager": "eager_", "dram_eager": "eager_", "dram_b64": "b64_", "dram_whole": "whole_", "dram_torchload": "torchload_",
-          "dram_cudnn": "cudnn_", "dram_flex": "flex_", "dram_nodefer": "nodefer_", "file": "file_"}
+          "dram_cudnn": "cudnn_", "dram_flex": "flex_", "dram_nodefer": "nodefer_", "file": "file_",
+          "epic": "epic_"}
 MODE_ORDER = ["full_prefill", "eager_full_prefill", "prefix_hit", "eager_prefix_hit", "blend_0", "blend_0.05", "blend_0.15", "blend_0.3", "blend_1",
               "b64_blend_0", "b64_blend_0.15", "nodefer_blend_0", "nodefer_blend_0.15", "file_blend_0",
               "file_blend_0.15", "eager_blend_0", "eager_blend_0.15", "ucm_cold", "eager_ucm_cold"]
+
+
+def ordered_modes(table: dict[str, dict[str, dict]], sizes: list[str]) -> list[str]:
+    """The modes present at any size: MODE_ORDER's first, then others (EPIC's k) sorted."""
+    present = {m for n in sizes for m in table[n]}
+    return [m for m in MODE_ORDER if m in present] + sorted(present - set(MODE_ORDER))
 
 
 def merge(results: list[dict]) -> dict:
@@ -650,7 +679,7 @@ def render(merged: dict, meta: dict) -> str:
     lines = []
     table = merged["ttft"]
     sizes = sorted(table, key=int)
-    modes = [m for m in MODE_ORDER if any(m in table[n] for n in sizes)]
+    modes = ordered_modes(table, sizes)
     modes += sorted({m for n in sizes for m in table[n]} - set(modes))
     lines.append("| mode | " + " | ".join(f"{n}×512 (~{int(n) * CHUNK + SYSTEM + QUESTION} tok) ms, × vs full"
                                           for n in sizes) + " |")
@@ -701,7 +730,7 @@ def plot(merged: dict, path: Path, title: str) -> None:
 
     table = merged["ttft"]
     sizes = sorted(table, key=int)
-    modes = [m for m in MODE_ORDER if any(m in table[n] for n in sizes) and "ucm_cold" not in m]
+    modes = [m for m in ordered_modes(table, sizes) if "ucm_cold" not in m]
     fig, ax = plt.subplots(figsize=(11, 5))
     width = 0.8 / max(1, len(modes))
     for i, m in enumerate(modes):
@@ -728,7 +757,8 @@ def driver(args: argparse.Namespace) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = args.real_model or write_model(Path(args.model_dir), tiny=args.tiny, tiny_layers=args.tiny_layers)
+    model_dir = args.real_model or write_model(Path(args.model_dir), tiny=args.tiny, tiny_layers=args.tiny_layers,
+                                                shape=args.shape)
     if "file" in args.engines:
         import shutil
 
@@ -742,7 +772,8 @@ def driver(args: argparse.Namespace) -> None:
               "--cold-reps", str(args.cold_reps), "--warmup-rounds", str(args.warmup_rounds), "--seed", str(args.seed),
               "--io-threads", str(args.io_threads), "--dtype", args.dtype, "--mode", args.mode,
               "--tput-max-tokens", str(args.tput_max_tokens), "--decode-tokens", str(args.decode_tokens),
-              "--decode-chunks", str(args.decode_chunks), "--decode-reps", str(args.decode_reps)]
+              "--decode-chunks", str(args.decode_chunks), "--decode-reps", str(args.decode_reps),
+              "--epic-ks", *map(str, args.epic_ks)]
     if args.tput_chunks:
         common += ["--tput-chunks", *map(str, args.tput_chunks)]
     if args.decode_batches:
@@ -873,6 +904,10 @@ def main() -> None:
                          "host work overlaps this step's GPU work) or sync (the earlier sessions' runs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model-dir", default="/tmp/llama3-8b-shape")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama8b",
+                    help="the dummy model's config: Llama-3-8B or Qwen2.5-Coder-0.5B (use its own --model-dir)")
+    ap.add_argument("--epic-ks", nargs="+", type=int, default=[16],
+                    help="EPIC engine: tokens recomputed at the start of each reused chunk (k); the first is the config's")
     ap.add_argument("--out-dir", default="ttft_out", help="results: ttft_gpu.json/.md/.png, extras.tgz")
     ap.add_argument("--work-dir", default="/tmp/ttft_work", help="per-engine results, logs, profiles")
     ap.add_argument("--dtype", default="bfloat16")

@@ -157,3 +157,13 @@ def test_decode_steps_are_not_timed_or_reported():
         timer.start()
         timer.stop(rows=rows, blend=blend, kept=rows)
     assert [(s.rows, s.blend) for s in timer.take()] == [(512, False), (8, True)]
+
+
+def test_recomputing_every_row_never_blends_even_before_measuring():
+    """At a share of 1.0 every row is computed anyway: loading chunk KV only adds work, and
+    the Blend step leaves vLLM's compiled path. A plain prefill is the same answer, faster."""
+    fresh = BlendPayPolicy(PRE)
+    decision = fresh.decide(4096, 4000, 1.0)
+    assert not decision.blend and decision.reason == "recomputes every row"
+    assert not _policy(26e-6, 0.0).decide(8192, 7000, 1.0).blend
+    assert BlendPayPolicy(PRE, enabled=False).decide(4096, 4000, 1.0).blend  # "always" still blends

@@ -54,3 +54,18 @@ def test_on_this_tiny_model_blending_stops_once_measured(engines):
     auto, _ = engines
     later = [r["stats"] for r in auto["asked"][3:]]
     assert all(s["blend_decision"] == "plain" and s["blend_reason"] == "does not pay" for s in later), later
+
+
+def test_ratio_one_runs_as_a_plain_prefill_under_auto(tiny_models, tmp_path):
+    """Under the default policy a request asking ratio 1.0 is not blended: its output is vLLM's
+    own prefill (bit-equal, any mode), and its stats say why."""
+    llama = str(tiny_models["llama"])
+    auto = run_engine({"model": llama, "ucm": blend_config(1.0, pay_policy="auto"),
+                       "actions": [PRECOMPUTE, _gen("asked", PROMPTS[:2], ratio=1.0)]}, tmp_path / "auto")
+    plain = run_engine({"model": llama, "ucm": None, "actions": [_gen("asked", PROMPTS[:2])]},
+                       tmp_path / "plain", enable_sparse=False)
+    for got in auto["asked"]:
+        assert got["stats"]["chunk_hit_tokens"] > 0
+        assert got["stats"]["blend_decision"] == "plain"
+        assert got["stats"]["blend_reason"] == "recomputes every row"
+    assert_same(auto["asked"], plain["asked"])

@@ -172,6 +172,10 @@ class BlendPayPolicy:
             return PayDecision(True, "always")
         if reusable <= 0:
             return PayDecision(False, "nothing to reuse")
+        if ratio >= 1.0:
+            # Every row is computed either way: loads and the Blend step (which leaves
+            # vLLM's compiled path) are pure cost, and a plain prefill is vLLM's own answer.
+            return PayDecision(False, "recomputes every row")
         if not self.measured:
             return PayDecision(True, "measuring")
         kept = (rows - reusable) + ratio * reusable
