@@ -1,0 +1,53 @@
+#!/bin/bash
+# The default-mode GPU runs (vLLM 0.26 with torch.compile + CUDA graphs, prefix caching on),
+# each part short enough for one device call (< 10 minutes). vLLM must be in /tmp/site
+# (benchmarks/gpu_stage_site.sh install). Results go under $OUT (default /tmp/out).
+#
+#   bash benchmarks/gpu_default_mode.sh check     # gpu_check: inspect, control, equality (bf16)
+#   bash benchmarks/gpu_default_mode.sh qwen      # TTFT grid, Qwen2.5-Coder-0.5B shape: plain, plain_eager, dram, epic
+#   bash benchmarks/gpu_default_mode.sh llama     # TTFT grid, Llama-3-8B shape: plain, plain_eager, dram (+ 32 concurrent, decode)
+#   bash benchmarks/gpu_default_mode.sh epic      # Llama-3-8B shape at 4K/8K: plain, epic
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONPATH=/tmp/site:. VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_USE_V2_MODEL_RUNNER=0 HF_HUB_OFFLINE=1
+PY=${PYTHON:-python3}
+GRID=(--mode default --chunks 2 4 8 16 --ratios 0 0.15 --reps 8 --cold-reps 3 --max-model-len 10240)
+
+ttft() {  # name, seconds, args...
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" "$PY" benchmarks/ttft_gpu.py --out-dir "$OUT/$name" --work-dir "/tmp/work_$name" --name "$name" "$@" \
+    > "$OUT/$name.log" 2>&1
+  echo "$name rc $?"
+  tail -n 25 "$OUT/$name.log"
+  rm -f "$OUT/$name"/extras.tgz
+  # One file back per run (the device returns at most 8): the merged results, and each
+  # engine's own result even when the run was cut off before merging.
+  mkdir -p "$OUT/$name"
+  cp /tmp/work_"$name"/result_*.json "$OUT/$name"/ 2>/dev/null
+  tar czf "$OUT/$name.tgz" -C "$OUT" "$name" && rm -rf "${OUT:?}/$name"
+}
+
+case "${1:-}" in
+check)
+  timeout "${2:-240}" "$PY" benchmarks/gpu_check.py --only inspect control equality --mode default --dtypes bfloat16 \
+    --out "$OUT/gpu_check_default.json" --workdir /tmp/gpu_check > "$OUT/gpu_check.log" 2>&1
+  echo "check rc $?"; grep -A3 "^SUMMARY" "$OUT/gpu_check.log"
+  ;;
+qwen)
+  ttft ttft_qwen "${2:-330}" --shape qwen0.5b --model-dir /tmp/qwen05-shape --model-label "Qwen2.5-Coder-0.5B shape (dummy bf16)" \
+    --engines plain plain_eager dram epic --epic-ks 16 "${GRID[@]}" --concurrency 32 --tput-chunks 16 \
+    --tput-max-tokens 128 --decode-batches 1 32 --decode-chunks 8
+  ;;
+llama)
+  ttft ttft_llama "${2:-580}" --engines plain plain_eager dram "${GRID[@]}" --concurrency 32 --tput-chunks 16 \
+    --tput-max-tokens 128 --decode-batches 1 32 --decode-chunks 8
+  ;;
+epic)
+  ttft ttft_epic "${2:-400}" --engines plain epic --epic-ks 16 32 --mode default --chunks 8 16 --reps 6 \
+    --cold-reps 0 --concurrency 0 --max-model-len 10240
+  ;;
+*)
+  echo "usage: $0 check|qwen|llama|epic [seconds]" >&2; exit 2
+  ;;
+esac
