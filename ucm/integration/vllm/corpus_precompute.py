@@ -1,0 +1,828 @@
+"""``ucm precompute``: put the KV of every document of a corpus into a file store, resumably.
+
+An operator fills a shared store once (a corpus of passages a RAG service retrieves
+from) so that the first request carrying a passage already reuses it. This module
+is that job: read a JSON Lines corpus, tokenize each document exactly as a served
+text prompt tokenizes a chunk, keep the chunks this shard owns, skip those the store
+already holds, and send the rest through :func:`precompute.precompute_chunks`.
+
+How its parts relate, and why:
+
+* **Corpus** (:func:`read_corpus`, :func:`count_documents`): the whole file is parsed
+  once before any engine starts, so a malformed line 900,000 fails in seconds, not
+  after hours of compute; the second pass streams, so memory does not grow with
+  the corpus.
+* **Chunks** (:class:`DocumentChunker`): with ``blend_special_str`` a served text
+  prompt is cut at the separator and each part encoded alone
+  (:func:`text_prompts.tokenize_segments`), so a document's chunk is its text encoded
+  alone, without BOS. A document that itself contains the delimiter becomes several
+  chunks, split by the connector's own splitter, because that is what a request
+  holding the document finds.
+* **Skip/resume** (:class:`ChunkPlanner`): the store is the ground truth. A chunk is
+  done when the files of all its block keys (every TP rank's shard) are in the store,
+  found with the file store's own ``lookup``. No ledger file: it could disagree with
+  the store (blocks evicted, a store wiped, another host filling it) and would have
+  to be kept consistent across shards writing at once.
+* **Shards** (:class:`Shard`): a chunk belongs to shard ``digest(tokens) mod n``.
+  Identical chunks therefore always land on the same shard (deduplicated across
+  hosts too), the split needs no ids, and it does not depend on line order.
+* **Keys**: the seed is computed from the engine config as the connector computes
+  it (:func:`hash_context`). It is computed before any engine starts, so a rerun on a
+  complete store starts no engine; once an engine runs, its own config is checked
+  again and a differing seed (weights downloaded at start) re-plans the corpus.
+
+Library code logs; :func:`main` also prints one ``key=value`` summary line on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import signal
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+from ucm.hashing import block_keys, rank_key
+from ucm.integration.vllm.text_prompts import tokenize_segments
+from ucm.sparse.blend.chunking import Delimiter, split_by_end_token, split_by_separator
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # chunks were submitted but not all of their blocks reached the store
+EXIT_USAGE = 2  # a bad argument, corpus line or setting, refused before any compute
+EXIT_SIGNAL_BASE = 128  # interrupted: 128 + the signal number (130 for SIGINT, 143 for SIGTERM)
+
+DEFAULT_TEXT_FIELD = "text"
+ID_FIELD = "id"
+GB = 1e9
+
+
+class UsageError(ValueError):
+    """A setting refused at start; the message says which and why (exit code 2)."""
+
+
+class CorpusError(UsageError):
+    """A malformed corpus line, named as ``path:line``."""
+
+    def __init__(self, path: str, line: int, reason: str) -> None:
+        super().__init__(f"{path}:{line}: {reason}")
+        self.line = line
+
+
+# ---- corpus ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Document:
+    """One corpus line: its 1-based line number, optional id and text."""
+
+    line: int
+    doc_id: Optional[str]
+    text: str
+
+    @property
+    def empty(self) -> bool:
+        """Blank text has nothing to precompute (whitespace alone is not a passage)."""
+        return not self.text.strip()
+
+    def name(self) -> str:
+        return f"id {self.doc_id!r} (line {self.line})" if self.doc_id is not None else f"line {self.line}"
+
+
+def _parse_line(path: str, number: int, raw: str, text_field: str) -> Document:
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CorpusError(path, number, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(record, dict):
+        raise CorpusError(path, number, f"expected a JSON object, got {type(record).__name__}")
+    if text_field not in record:
+        raise CorpusError(path, number, f"no {text_field!r} field (keys: {', '.join(sorted(record)) or 'none'})")
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise CorpusError(path, number, f"field {text_field!r} must be a string, got {type(text).__name__}")
+    doc_id = record.get(ID_FIELD)
+    if doc_id is not None and (isinstance(doc_id, bool) or not isinstance(doc_id, (str, int))):
+        raise CorpusError(path, number, f"field {ID_FIELD!r} must be a string or an integer, "
+                                        f"got {type(doc_id).__name__}")
+    return Document(number, None if doc_id is None else str(doc_id), text)
+
+
+def read_corpus(path: str, text_field: str = DEFAULT_TEXT_FIELD) -> Iterator[Document]:
+    """The documents of a JSON Lines file, in order, one per non-blank line.
+
+    Raises :class:`CorpusError` at the first malformed line (not JSON, not an object,
+    no text field, a text that is not a string, an id that is neither string nor int)
+    or undecodable UTF-8. Blank lines are not documents (a trailing newline is common).
+    """
+    with open(path, "rb") as fh:
+        for number, raw_bytes in enumerate(fh, start=1):
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise CorpusError(path, number, f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+            if raw.strip():
+                yield _parse_line(path, number, raw, text_field)
+
+
+def count_documents(path: str, text_field: str = DEFAULT_TEXT_FIELD) -> int:
+    """Parse the whole corpus once (raising at the first bad line); the number of documents."""
+    return sum(1 for _ in read_corpus(path, text_field))
+
+
+# ---- shards ---------------------------------------------------------------------
+
+
+def chunk_digest(token_ids: Sequence[int]) -> bytes:
+    """A chunk's identity for deduplication and sharding: stable across processes and hosts."""
+    return hashlib.blake2b(struct.pack(f"<{len(token_ids)}q", *token_ids), digest_size=16).digest()
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count`` (0-based): the chunks whose digest mod ``count`` is ``index``."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise UsageError(f"--shard: the shard count must be >= 1, got {self.count}")
+        if not 0 <= self.index < self.count:
+            raise UsageError(f"--shard: the index must be in 0..{self.count - 1} (0-based) for {self.count} "
+                             f"shards, got {self.index}")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"i/n"`` as given on the command line."""
+        parts = text.strip().split("/")
+        try:
+            index, count = (int(p) for p in parts) if len(parts) == 2 else (None, None)
+        except ValueError:
+            index = count = None
+        if index is None or count is None:
+            raise UsageError(f"--shard: expected i/n with 0 <= i < n (e.g. 0/4), got {text!r}")
+        return cls(index, count)
+
+    def owner(self, digest: bytes) -> int:
+        return int.from_bytes(digest[:8], "little") % self.count
+
+    def owns(self, digest: bytes) -> bool:
+        return self.owner(digest) == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+# ---- documents to chunks ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DocumentChunker:
+    """A document's chunk token ids, exactly as the connector finds them in a served prompt.
+
+    ``separator``: the engine's ``blend_special_str`` (text prompts are cut at it and each
+    part encoded alone); ``delimiter``: what the connector splits on (the separator's ids,
+    or the END token, which ends every chunk and belongs to it).
+    """
+
+    tokenizer: Any
+    delimiter: Delimiter
+    separator: Optional[str] = None
+
+    def chunks(self, text: str) -> list[list[int]]:
+        """The document's non-empty chunks (one, unless the text holds the delimiter)."""
+        if self.separator is not None:
+            ids = tokenize_segments(self.tokenizer, text, self.separator, add_special_tokens=False)
+        else:
+            ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        # Split the document as it sits between two delimiters of a prompt, with the
+        # connector's own splitter (so an occurrence inside the text splits it alike).
+        end = self.delimiter.chunk_end_token_id
+        if end is not None:
+            wrapped = [end] + ids + [end]
+            spans = split_by_end_token(wrapped, end).chunks
+        else:
+            sep = list(self.delimiter.separator_token_ids or ())
+            wrapped = sep + ids + sep
+            spans = split_by_separator(wrapped, sep).chunks
+        out = [wrapped[s.start:s.end] for s in spans]
+        return [c for c in out if c and c != [end]]
+
+
+# ---- the plan: which chunks to compute -------------------------------------------
+
+
+@dataclass
+class PrecomputeStats:
+    """What a run found and did; chunk counts are of this shard's chunks."""
+
+    documents: int = 0  # corpus documents read (all shards read all)
+    empty: int = 0  # documents with blank text, skipped
+    chunks: int = 0  # chunks of this shard, duplicates included
+    other_shards: int = 0  # chunks left to the other shards
+    duplicates: int = 0  # repeats of an earlier chunk of this run
+    too_short: int = 0  # shorter than one block: nothing a store could hold
+    too_long: int = 0  # do not fit the engine's max_model_len
+    already_stored: int = 0  # every block already in the store: skipped
+    submitted: int = 0  # sent to the engine
+    stored: int = 0  # submitted and now every block is in the store
+    failed: int = 0  # submitted, but blocks are still missing at the end
+    tokens: int = 0  # prompt tokens submitted
+    bytes_written: int = 0  # bytes of the block files this run created
+    compute_seconds: float = 0.0  # inside the engine (generate)
+    seconds: float = 0.0  # the whole run, engine start included
+    engine_started: bool = False
+    interrupted: Optional[str] = None  # the signal's name when stopped early
+    shard: Shard = field(default_factory=Shard)
+
+    @property
+    def chunks_per_second(self) -> float:
+        return self.submitted / self.compute_seconds if self.compute_seconds > 0 else 0.0
+
+    @property
+    def gb_written(self) -> float:
+        return self.bytes_written / GB
+
+    def summary(self) -> str:
+        """One ``key=value`` line: what the CLI prints and the log's final line."""
+        fields = [("documents", self.documents), ("chunks", self.chunks), ("stored", self.stored),
+                  ("skipped_stored", self.already_stored), ("duplicates", self.duplicates), ("empty", self.empty),
+                  ("too_short", self.too_short), ("too_long", self.too_long), ("failed", self.failed),
+                  ("other_shards", self.other_shards), ("submitted", self.submitted),
+                  ("chunks_per_s", f"{self.chunks_per_second:.2f}"), ("gb_written", f"{self.gb_written:.6f}"),
+                  ("seconds", f"{self.seconds:.1f}"), ("shard", str(self.shard)),
+                  ("engine_started", "yes" if self.engine_started else "no"),
+                  ("interrupted", self.interrupted or "no")]
+        return "ucm precompute: " + " ".join(f"{k}={v}" for k, v in fields)
+
+
+def parse_summary(line: str) -> dict[str, str]:
+    """The fields of a :meth:`PrecomputeStats.summary` line (for scripts and tests)."""
+    body = line.split(":", 1)[1] if line.startswith("ucm precompute:") else line
+    return dict(item.split("=", 1) for item in body.split())
+
+
+@dataclass(frozen=True)
+class PendingChunk:
+    """A chunk to compute: the document it came from, its tokens, the store keys it lacks."""
+
+    doc_number: int  # 1-based position of its document in the corpus
+    token_ids: list[int]
+    missing: list[bytes]
+
+
+KeysFn = Callable[[Sequence[int]], list[bytes]]
+ExistsFn = Callable[[Sequence[bytes]], Sequence[bool]]
+
+
+def store_keys_fn(seed: bytes, block_tokens: int, tp_size: int) -> KeysFn:
+    """A chunk's store keys: its full blocks' chain keys from ``seed`` (exactly the keys a
+    prompt holding the chunk looks up), one shard key per TP rank each."""
+    def keys(token_ids: Sequence[int]) -> list[bytes]:
+        return [rank_key(k, rank) for k in block_keys(seed, token_ids, block_tokens) for rank in range(tp_size)]
+    return keys
+
+
+class ChunkPlanner:
+    """Decides per chunk: another shard's, a duplicate, too short or long, stored, or to compute.
+
+    ``exists`` is the store's lookup (the ground truth of what is done); ``max_tokens``
+    is the longest prompt the engine takes (None: no limit known).
+    """
+
+    def __init__(self, shard: Shard, block_tokens: int, keys: KeysFn, exists: ExistsFn,
+                 max_tokens: Optional[int], stats: PrecomputeStats) -> None:
+        self.shard = shard
+        self.block_tokens = block_tokens
+        self.keys = keys
+        self.exists = exists
+        self.max_tokens = max_tokens
+        self.stats = stats
+        self._seen: set[bytes] = set()
+        self.too_long_examples: list[str] = []
+
+    def missing_keys(self, token_ids: Sequence[int], where: str = "") -> Optional[list[bytes]]:
+        """The store keys to write for this chunk, or None when it is not to be computed."""
+        digest = chunk_digest(token_ids)
+        if not self.shard.owns(digest):
+            self.stats.other_shards += 1
+            return None
+        self.stats.chunks += 1
+        if digest in self._seen:
+            self.stats.duplicates += 1
+            return None
+        self._seen.add(digest)
+        if len(token_ids) < self.block_tokens:
+            self.stats.too_short += 1
+            return None
+        if self.max_tokens is not None and len(token_ids) > self.max_tokens:
+            self.stats.too_long += 1
+            if len(self.too_long_examples) < 5:
+                self.too_long_examples.append(f"{where} ({len(token_ids)} tokens)")
+            return None
+        keys = self.keys(token_ids)
+        missing = [k for k, found in zip(keys, self.exists(keys)) if not found]
+        if not missing:
+            self.stats.already_stored += 1
+            return None
+        return missing
+
+    def pending(self, documents: Iterable[Document], chunker: DocumentChunker,
+                stop: Callable[[], bool] = lambda: False) -> Iterator[PendingChunk]:
+        """The chunks to compute, in corpus order; the counts go to ``stats`` as it goes.
+        ``stop`` is asked before each document (a signal ends the run between documents too)."""
+        for number, doc in enumerate(documents, start=1):
+            if stop():
+                return
+            self.stats.documents += 1
+            if doc.empty:
+                self.stats.empty += 1
+                continue
+            for ids in chunker.chunks(doc.text):
+                missing = self.missing_keys(ids, doc.name())
+                if missing is not None:
+                    yield PendingChunk(number, ids, missing)
+
+
+def batched(items: Iterable[PendingChunk], size: int) -> Iterator[list[PendingChunk]]:
+    batch: list[PendingChunk] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class SubmittedChunks:
+    """Submitted chunks whose blocks have not all been seen in the store yet.
+
+    A chunk counts as stored once every key it lacked is a block file; the bytes of
+    those files are what this run wrote. The file store writes in I/O threads, so a
+    check right after ``generate`` may come early: unconfirmed chunks are checked
+    again after later batches and once more after the engine has shut down (which
+    flushes its saves); only then are the rest counted as failed.
+    """
+
+    def __init__(self, exists: ExistsFn, size_of: Callable[[bytes], int], stats: PrecomputeStats) -> None:
+        self.exists = exists
+        self.size_of = size_of
+        self.stats = stats
+        self.unconfirmed: list[PendingChunk] = []
+
+    def add(self, chunks: Iterable[PendingChunk]) -> None:
+        self.unconfirmed.extend(chunks)
+
+    def confirm(self, final: bool = False) -> None:
+        still = []
+        for chunk in self.unconfirmed:
+            if all(self.exists(chunk.missing)):
+                self.stats.stored += 1
+                self.stats.bytes_written += sum(self.size_of(k) for k in chunk.missing)
+            else:
+                still.append(chunk)
+        if final:
+            self.stats.failed += len(still)
+            still = []
+        self.unconfirmed = still
+
+
+# ---- signals ----------------------------------------------------------------------
+
+
+class StopSignal:
+    """SIGINT/SIGTERM ask the run to stop after the batch in flight (its chunks are then
+    stored and counted); a second signal stops at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        logger.warning("ucm precompute: %s received, stopping after the current batch (again to stop now)",
+                       signal.Signals(signum).name)
+
+    def __enter__(self) -> StopSignal:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def name(self) -> Optional[str]:
+        return signal.Signals(self.received).name if self.received is not None else None
+
+
+# ---- settings ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The command line, checked."""
+
+    model: str
+    corpus: str
+    store: str
+    shard: Shard = Shard()
+    text_field: str = DEFAULT_TEXT_FIELD
+    cache_salt: Optional[str] = None
+    batch_size: int = 16
+    block_tokens: Optional[int] = None  # None: the config's default
+    blend_special_str: Optional[str] = None
+    blend_chunk_end_token_id: Optional[int] = None
+    dtype: str = "auto"
+    max_model_len: Optional[int] = None
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: Optional[float] = None
+    progress: bool = True
+
+    def kv_transfer_config(self) -> dict[str, Any]:
+        """The connector config: Blend on a file store at ``store``, the given delimiter and
+        block size, no per-request log line (a corpus would print one per chunk)."""
+        from ucm.config import UcmConfig, UcmConfigError
+        from ucm.integration.vllm.cli_flags import blend_kv_transfer_config
+
+        try:
+            config = blend_kv_transfer_config(cache_provider=f"file:{self.store}", special_str=self.blend_special_str,
+                                              chunk_end_token_id=self.blend_chunk_end_token_id)
+            extra = config["kv_connector_extra_config"]
+            extra["log_stats"] = False
+            if self.block_tokens is not None:
+                extra["block_tokens"] = self.block_tokens
+            UcmConfig.from_dict(extra)
+        except UcmConfigError as err:
+            raise UsageError(f"bad setting: {err}") from None
+        return config
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(model=self.model, dtype=self.dtype, enforce_eager=self.enforce_eager,
+                                      tensor_parallel_size=self.tensor_parallel_size)
+        if self.max_model_len is not None:
+            kwargs["max_model_len"] = self.max_model_len
+        if self.gpu_memory_utilization is not None:
+            kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
+        return kwargs
+
+
+def check_corpus_path(path: str) -> None:
+    if not os.path.exists(path):
+        raise UsageError(f"--corpus: {path} does not exist")
+    if not os.path.isfile(path):
+        raise UsageError(f"--corpus: {path} is not a file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"--corpus: {path} is not readable")
+
+
+def check_store_path(path: str) -> None:
+    """The store root must be a directory this process can write (created if missing).
+
+    The file store would serve a read-only root read-only, skipping every save: right for
+    a serving engine, useless for a precompute, so it is refused here.
+    """
+    from ucm.store.base import StoreError
+    from ucm.store.block_files import describe_oserror, open_root
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--store: {path} exists and is not a directory")
+    try:
+        writable = open_root(path)
+    except StoreError as exc:
+        raise UsageError(f"--store: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"--store: cannot use {path}: {describe_oserror(exc)}") from None
+    if not writable:
+        raise UsageError(f"--store: {path} is not writable by this process (read-only mount or permissions)")
+
+
+def check_settings(settings: Settings, env: Optional[dict[str, str]] = None) -> None:
+    """Everything that can be refused before reading the corpus or loading a model."""
+    from ucm.config import CONFIG_FILE_ENV
+
+    env = dict(os.environ) if env is None else env
+    if env.get(CONFIG_FILE_ENV, "").strip():
+        raise UsageError(f"{CONFIG_FILE_ENV} is set; ucm precompute builds its config from its own flags "
+                         f"(--store, --block-tokens, --blend-*): unset {CONFIG_FILE_ENV}")
+    if settings.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {settings.batch_size}")
+    if settings.tensor_parallel_size < 1:
+        raise UsageError(f"--tensor-parallel-size must be >= 1, got {settings.tensor_parallel_size}")
+    if settings.cache_salt is not None and not settings.cache_salt:
+        raise UsageError("--cache-salt must not be empty (leave it out for no salt)")
+    if not settings.text_field:
+        raise UsageError("--text-field must not be empty")
+    if settings.blend_special_str is not None and settings.blend_chunk_end_token_id is not None:
+        raise UsageError("give one chunk delimiter: --blend-special-str or --blend-chunk-end-token-id")
+    check_corpus_path(settings.corpus)
+    settings.kv_transfer_config()  # block size and delimiter, with the config's own checks
+    check_store_path(settings.store)
+
+
+# ---- the engine side ------------------------------------------------------------------
+
+
+def hash_context(vllm_config: Any) -> Any:
+    """The store-key context of an engine, computed as the connector does (connector.py)."""
+    from ucm.hashing import HashContext
+    from ucm.integration.vllm.model_identity import vllm_model_identity
+
+    model = vllm_config.model_config
+    return HashContext(model_id=str(model.model), kv_dtype=f"{model.dtype}/{vllm_config.cache_config.cache_dtype}",
+                       tp_size=vllm_config.parallel_config.tensor_parallel_size,
+                       model_identity=vllm_model_identity(vllm_config))
+
+
+def delimiter_of(blend: Any, tokenizer: Any) -> tuple[Delimiter, Optional[str]]:
+    """The connector's delimiter for the Blend section, and the separator text if any."""
+    if blend.chunk_end_token_id is not None:
+        return Delimiter(chunk_end_token_id=blend.chunk_end_token_id), None
+    if blend.separator_token_ids is not None:
+        return Delimiter(separator_token_ids=tuple(blend.separator_token_ids)), None
+    ids = tuple(tokenizer.encode(blend.blend_special_str, add_special_tokens=False))
+    if not ids:
+        raise UsageError(f"--blend-special-str {blend.blend_special_str!r} tokenizes to no tokens")
+    return Delimiter(separator_token_ids=ids), blend.blend_special_str
+
+
+@dataclass
+class EngineView:
+    """What planning needs from an engine config: the key seed, the TP size, the longest prompt."""
+
+    seed: bytes
+    tp_size: int
+    max_tokens: Optional[int]
+
+    @classmethod
+    def of(cls, vllm_config: Any, cache_salt: Optional[str]) -> EngineView:
+        ctx = hash_context(vllm_config)
+        max_len = getattr(vllm_config.model_config, "max_model_len", None)
+        # A precompute request samples one token after the prompt.
+        return cls(ctx.seed(cache_salt), ctx.tp_size, max_len - 1 if max_len else None)
+
+
+class Engine:
+    """The vLLM engine, started only when a chunk must be computed."""
+
+    def __init__(self, settings: Settings, kv_config: dict[str, Any]) -> None:
+        self.settings = settings
+        self.kv_config = kv_config
+        self.llm: Any = None
+
+    def pre_config(self) -> Any:
+        """The engine config vLLM would build, without starting an engine (for keys and tokenizer)."""
+        from vllm.config import KVTransferConfig
+        from vllm.engine.arg_utils import EngineArgs
+
+        try:
+            return EngineArgs(**self.settings.engine_kwargs(),
+                              kv_transfer_config=KVTransferConfig(**self.kv_config)).create_engine_config()
+        except Exception as exc:  # noqa: BLE001 -- vLLM raises many kinds; all mean "cannot run this"
+            raise UsageError(f"cannot configure vLLM for --model {self.settings.model}: {exc}") from None
+
+    def start(self) -> Any:
+        from vllm import LLM
+
+        from ucm.integration.vllm import plugin
+
+        from ucm.config import UcmConfigError
+
+        plugin.register()  # the Blend patches, in case vLLM loaded its plugins before ENABLE_SPARSE was on
+        logger.info("ucm precompute: starting the engine for %s", self.settings.model)
+        try:
+            self.llm = LLM(**self.settings.engine_kwargs(), kv_transfer_config=self.kv_config)
+        except UcmConfigError as err:  # ucm's start-time refusals (model, layers, vocabulary): a setting
+            raise UsageError(f"the engine refused the settings: {err}") from None
+        return self.llm
+
+    def shutdown(self) -> None:
+        """Stop the engine; its connector waits for the saves still being written."""
+        if self.llm is None:
+            return
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        except Exception as exc:  # noqa: BLE001 -- shutting down is best effort; the files are checked after
+            logger.warning("ucm precompute: engine shutdown: %s", exc)
+        self.llm = None
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="doc", desc="precompute", dynamic_ncols=True, file=sys.stderr)
+
+
+class CorpusJob:
+    """One run over the corpus: plan against the store, start the engine when a chunk is
+    missing, compute in batches, confirm each batch's files, stop on a signal."""
+
+    def __init__(self, settings: Settings, stop: Optional[StopSignal] = None) -> None:
+        os.environ["ENABLE_SPARSE"] = "1"  # before vLLM is imported: engine processes inherit it
+        # One process unless asked otherwise: the saves then land in this process, where
+        # INFLIGHT lets the run confirm each batch at once, and a signal reaches only us.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm.tokenizers import cached_tokenizer_from_config
+
+        from ucm.config import UcmConfig
+        from ucm.integration.vllm.logs import route_ucm_logs
+        from ucm.store.nfs_store import UcmNfsStore
+
+        route_ucm_logs()
+        # The run reports once at its end; precompute_chunks' line per batch would be noise.
+        logging.getLogger("ucm.integration.vllm.precompute").setLevel(logging.WARNING)
+        self.settings = settings
+        self.stop = stop
+        kv_config = settings.kv_transfer_config()
+        ucm_config = UcmConfig.from_dict(kv_config["kv_connector_extra_config"])
+        self.block_tokens = ucm_config.block_tokens
+        self.engine = Engine(settings, kv_config)
+        pre = self.engine.pre_config()
+        tokenizer = cached_tokenizer_from_config(pre.model_config)
+        delimiter, separator = delimiter_of(ucm_config.blend, tokenizer)
+        self.chunker = DocumentChunker(tokenizer, delimiter, separator)
+        self.view = EngineView.of(pre, settings.cache_salt)
+        self.store = UcmNfsStore(settings.store, io_threads=1)  # lookups only: the engine has its own
+        self.submitted: Optional[SubmittedChunks] = None
+        self.planner: Optional[ChunkPlanner] = None
+
+    def stopping(self) -> bool:
+        return self.stop is not None and self.stop.received is not None
+
+    def size_of(self, key: bytes) -> int:
+        try:
+            return os.stat(self.store.path_for(key)).st_size
+        except OSError:
+            return 0
+
+    def run(self, total: int) -> PrecomputeStats:
+        stats = PrecomputeStats(shard=self.settings.shard)
+        try:
+            while True:  # once, or twice when the started engine's keys differ from the planned ones
+                stats = PrecomputeStats(shard=self.settings.shard, engine_started=self.engine.llm is not None)
+                if not self._one_pass(stats, total):
+                    break
+        except KeyboardInterrupt:  # a second signal: stop now, mid-batch (that batch is not counted)
+            stats.interrupted = (self.stop.name if self.stop is not None else None) or "SIGINT"
+        finally:
+            self.engine.shutdown()  # flushes the saves still being written
+            if self.submitted is not None:
+                self.submitted.confirm(final=True)
+            self.store.close()
+        if self.planner is not None and self.planner.too_long_examples:
+            logger.warning("ucm precompute: %d chunks do not fit the engine (max_model_len %s) and were skipped, "
+                           "e.g. %s", stats.too_long, (self.view.max_tokens or 0) + 1,
+                           "; ".join(self.planner.too_long_examples))
+        return stats
+
+    def _one_pass(self, stats: PrecomputeStats, total: int) -> bool:
+        """Plan and compute the corpus; True when it must start over with the engine's keys."""
+        from ucm.engine.inflight import INFLIGHT
+        from ucm.integration.vllm.precompute import precompute_chunks
+
+        s = self.settings
+        self.planner = ChunkPlanner(s.shard, self.block_tokens, store_keys_fn(self.view.seed, self.block_tokens,
+                                                                             self.view.tp_size),
+                                    self.store.lookup, self.view.max_tokens, stats)
+        self.submitted = SubmittedChunks(self.store.lookup, self.size_of, stats)
+        bar = _progress(total, s.progress)
+        try:
+            pending = self.planner.pending(read_corpus(s.corpus, s.text_field), self.chunker, self.stopping)
+            for batch in batched(pending, s.batch_size):
+                if self.engine.llm is None and self._start_engine(stats):
+                    return True
+                report = precompute_chunks(self.engine.llm, [c.token_ids for c in batch], s.cache_salt, s.batch_size)
+                stats.submitted += report.num_submitted
+                stats.tokens += report.num_tokens
+                stats.compute_seconds += report.seconds
+                self.submitted.add(batch)
+                INFLIGHT.wait([k for c in batch for k in c.missing])  # this process's file writes land first
+                self.submitted.confirm()
+                if bar is not None:
+                    bar.update(batch[-1].doc_number - bar.n)
+                    bar.set_postfix(stored=stats.stored, skipped=stats.already_stored, refresh=False)
+                if self.stopping():
+                    break
+            if self.stopping():
+                stats.interrupted = self.stop.name if self.stop is not None else None
+            elif bar is not None:
+                bar.update(total - bar.n)
+            return False
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _start_engine(self, stats: PrecomputeStats) -> bool:
+        """Start the engine; True when its store keys differ from the planned ones."""
+        llm = self.engine.start()
+        stats.engine_started = True
+        started = EngineView.of(llm.llm_engine.vllm_config, self.settings.cache_salt)
+        if (started.seed, started.tp_size) != (self.view.seed, self.view.tp_size):
+            logger.warning("ucm precompute: the engine's store keys differ from the planned ones (model files "
+                           "resolved at start?); checking the store again with the engine's keys")
+            self.view = started
+            return True
+        self.view.max_tokens = started.max_tokens
+        return False
+
+
+def run(settings: Settings, stop: Optional[StopSignal] = None) -> PrecomputeStats:
+    """The whole job; raises :class:`UsageError` for what it refuses before computing.
+
+    Everything that can be refused (settings, every corpus line, the model's config) is
+    checked before an engine starts.
+    """
+    started = time.perf_counter()
+    check_settings(settings)
+    total = count_documents(settings.corpus, settings.text_field)
+    stats = CorpusJob(settings, stop).run(total)
+    stats.seconds = time.perf_counter() - started
+    logger.info("%s", stats.summary())
+    return stats
+
+
+# ---- command line ---------------------------------------------------------------------
+
+
+def build_parser(prog: str = "ucm precompute") -> argparse.ArgumentParser:
+    from ucm.integration.vllm.cli_flags import DEFAULT_SPECIAL_STR
+
+    p = argparse.ArgumentParser(
+        prog=prog, description="Store each corpus document's KV as a Blend chunk in a file store, so that "
+        "served prompts holding the document reuse it. Resumable: chunks already in the store are skipped.")
+    p.add_argument("--model", required=True, help="the model, as served (path or hub name)")
+    p.add_argument("--corpus", required=True,
+                   help='JSON Lines file, one document per line: {"text": ..., "id": ...} (id optional)')
+    p.add_argument("--store", required=True, help="root directory of the file store (UcmNfsStore storage_backends)")
+    p.add_argument("--shard", default="0/1", help="i/n: process shard i (0-based) of n; run all n, on any "
+                   "hosts, into one store (default 0/1)")
+    p.add_argument("--text-field", default=DEFAULT_TEXT_FIELD, help="the field holding the text (default text)")
+    p.add_argument("--cache-salt", default=None, help="the cache_salt of the requests that will reuse the chunks")
+    p.add_argument("--batch-size", type=int, default=16, help="requests per generate call (default 16)")
+    p.add_argument("--block-tokens", type=int, default=None,
+                   help="tokens per stored block, the serving config's block_tokens (default: the config's, 16)")
+    p.add_argument("--blend-special-str", default=None,
+                   help=f"the served chunk separator text (default {DEFAULT_SPECIAL_STR!r})")
+    p.add_argument("--blend-chunk-end-token-id", type=int, default=None,
+                   help="the chunk END token id, for engines configured with chunk_end_token_id")
+    p.add_argument("--dtype", default="auto", help="model dtype, as served (it is part of the store keys)")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + 1 (default: the model's)")
+    p.add_argument("--enforce-eager", action="store_true", help="run vLLM eagerly (no compilation)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="as served (it is part of the store keys)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, help="passed to vLLM")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_settings(argv: Sequence[str], prog: str = "ucm precompute") -> Settings:
+    """Settings from the command line; argparse exits 2 on unknown flags, UsageError for bad values."""
+    a = build_parser(prog).parse_args(list(argv))
+    return Settings(model=a.model, corpus=a.corpus, store=os.path.abspath(a.store), shard=Shard.parse(a.shard),
+                    text_field=a.text_field, cache_salt=a.cache_salt, batch_size=a.batch_size,
+                    block_tokens=a.block_tokens, blend_special_str=a.blend_special_str,
+                    blend_chunk_end_token_id=a.blend_chunk_end_token_id, dtype=a.dtype,
+                    max_model_len=a.max_model_len, enforce_eager=a.enforce_eager,
+                    tensor_parallel_size=a.tensor_parallel_size, gpu_memory_utilization=a.gpu_memory_utilization,
+                    progress=not a.no_progress)
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    """``ucm precompute`` / ``ucm-precompute``: the exit code (0 done, 1 chunks failed to
+    store, 2 refused at start, 128 + signal number when interrupted)."""
+    if prog is None:
+        prog = "ucm-precompute" if argv is None else "ucm precompute"
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        settings = parse_settings(argv, prog)
+        with StopSignal() as stop:
+            stats = run(settings, stop)
+    except UsageError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    print(stats.summary(), flush=True)
+    if stats.interrupted is not None:
+        return EXIT_SIGNAL_BASE + int(signal.Signals[stats.interrupted])
+    return EXIT_FAILED if stats.failed else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
