@@ -29,7 +29,6 @@ from ucm.engine.scheduler_side import (SchedulerSide, request_epic_tokens, reque
                                        request_selection)
 from ucm.engine.step_meta import ScheduledRequest
 from ucm.engine.worker_side import LayerInfo, WorkerSide, layer_index
-from ucm.hashing import HashContext
 from ucm.integration.vllm.config_checks_vllm import check_config_for_vllm
 from ucm.integration.vllm.connector_stats import ConnectorCounters, UcmConnectorStats
 from ucm.integration.vllm.logs import route_ucm_logs
@@ -110,12 +109,9 @@ class UCMConnector(KVConnectorBase_V1):
         check_at_start(vllm_config, self.blend_on)
         parallel = vllm_config.parallel_config
         self.tp_size = parallel.tensor_parallel_size
-        model = vllm_config.model_config
-        from ucm.integration.vllm.model_identity import vllm_model_identity
+        from ucm.integration.vllm.model_identity import vllm_hash_context
 
-        self.hash_context = HashContext(
-            model_id=str(model.model), kv_dtype=f"{model.dtype}/{vllm_config.cache_config.cache_dtype}",
-            tp_size=self.tp_size, model_identity=vllm_model_identity(vllm_config))
+        self.hash_context = vllm_hash_context(vllm_config)
         self.store = shared_store(self.ucm_config)
         self.block_tokens = self.ucm_config.block_tokens
         self.scheduler_side: Optional[SchedulerSide] = None

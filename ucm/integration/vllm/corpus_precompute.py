@@ -539,14 +539,10 @@ def check_settings(settings: Settings, env: Optional[dict[str, str]] = None) -> 
 
 
 def hash_context(vllm_config: Any) -> Any:
-    """The store-key context of an engine, computed as the connector does (connector.py)."""
-    from ucm.hashing import HashContext
-    from ucm.integration.vllm.model_identity import vllm_model_identity
+    """The store-key context of an engine, the connector's own (``vllm_hash_context``)."""
+    from ucm.integration.vllm.model_identity import vllm_hash_context
 
-    model = vllm_config.model_config
-    return HashContext(model_id=str(model.model), kv_dtype=f"{model.dtype}/{vllm_config.cache_config.cache_dtype}",
-                       tp_size=vllm_config.parallel_config.tensor_parallel_size,
-                       model_identity=vllm_model_identity(vllm_config))
+    return vllm_hash_context(vllm_config)
 
 
 def delimiter_of(blend: Any, tokenizer: Any) -> tuple[Delimiter, Optional[str]]:

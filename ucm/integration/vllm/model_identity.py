@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from ucm.hashing import HashContext
 
 from ucm.model_identity import (
     ModelIdentity,
@@ -74,3 +77,18 @@ def vllm_model_identity(vllm_config: Any) -> str:
     digest = identity.digest()
     logger.info("ucm: model identity %s (%s, weights %s)", digest[:16], name, identity.weights[:16])
     return digest
+
+
+def vllm_hash_context(vllm_config: Any) -> "HashContext":
+    """The store-key context of an engine: model, KV dtype, TP size and the model identity.
+
+    One function for the connector and the corpus precompute, which plans keys before (or
+    without) starting an engine: the two must agree, or a precomputed store is never hit.
+    """
+    from ucm.hashing import HashContext
+
+    model = vllm_config.model_config
+    return HashContext(model_id=str(model.model), kv_dtype=f"{model.dtype}/{vllm_config.cache_config.cache_dtype}",
+                       tp_size=vllm_config.parallel_config.tensor_parallel_size,
+                       model_identity=vllm_model_identity(vllm_config))
+
