@@ -36,11 +36,11 @@ check)
   ;;
 qwen)
   ttft ttft_qwen "${2:-330}" --shape qwen0.5b --model-dir /tmp/qwen05-shape --model-label "Qwen2.5-Coder-0.5B shape (dummy bf16)" \
-    --engines plain plain_eager dram epic --epic-ks 16 "${GRID[@]}" --concurrency 32 --tput-chunks 16 \
+    --engines plain dram epic plain_eager --epic-ks 16 "${GRID[@]}" --concurrency 32 --tput-chunks 16 \
     --tput-max-tokens 128 --decode-batches 1 32 --decode-chunks 8
   ;;
 llama)
-  ttft ttft_llama "${2:-580}" --engines plain plain_eager dram "${GRID[@]}" --concurrency 32 --tput-chunks 16 \
+  ttft ttft_llama "${2:-580}" --engines plain dram plain_eager "${GRID[@]}" --concurrency 32 --tput-chunks 16 \
     --tput-max-tokens 128 --decode-batches 1 32 --decode-chunks 8
   ;;
 epic)
