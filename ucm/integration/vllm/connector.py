@@ -109,6 +109,7 @@ class UCMConnector(KVConnectorBase_V1):
         check_at_start(vllm_config, self.blend_on)
         parallel = vllm_config.parallel_config
         self.tp_size = parallel.tensor_parallel_size
+        model = vllm_config.model_config
         from ucm.integration.vllm.model_identity import vllm_hash_context
 
         self.hash_context = vllm_hash_context(vllm_config)
