@@ -52,8 +52,12 @@ def test_on_this_tiny_model_blending_stops_once_measured(engines):
     """A 4-layer toy on CPU computes a token in microseconds; Blend's per-step host work
     cannot pay there, and the policy must find that out from its own measurements."""
     auto, _ = engines
-    later = [r["stats"] for r in auto["asked"][3:]]
-    assert all(s["blend_decision"] == "plain" and s["blend_reason"] == "does not pay" for s in later), later
+    reasons = [r["stats"]["blend_reason"] for r in auto["asked"]]
+    # Three Blend steps are measured first; a step's time reaches the scheduler with the
+    # worker's next report, so one more request may still be decided while "measuring".
+    measuring = reasons.index("does not pay") if "does not pay" in reasons else len(reasons)
+    assert 3 <= measuring <= 4 and set(reasons[:measuring]) == {"measuring"}, reasons
+    assert all(r == "does not pay" for r in reasons[measuring:]), reasons
 
 
 def test_ratio_one_runs_as_a_plain_prefill_under_auto(tiny_models, tmp_path):
