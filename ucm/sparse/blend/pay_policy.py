@@ -10,14 +10,14 @@ before it plans any chunk load; a request that does not pay runs as a plain pref
 
 The model, fitted online from the worker's step timings (:class:`StepSample`):
 
-* plain prefill: ``seconds = per_token(rows) * rows``, the price of a row a line in the
-  row count (attention grows with the prompt), fitted on steps of at least ``min_rows``
-  rows (where the step's own overhead is small);
+* plain prefill: ``seconds = a + b * rows + c * rows**2`` (:class:`_PlainCurve`): the
+  step's own cost, the per-row work and attention's growth, fitted on steps of at least
+  ``min_rows`` rows (decode steps are per-step overhead only);
 * a Blend step: ``seconds = fixed + per_token(rows) * equivalent_rows`` with
   ``equivalent_rows = rows * pre + kept * (1 - pre)``: every row runs the layers up to
   and including the first check layer (share ``pre`` of the layers), the kept rows run
-  the rest; ``fixed`` is what is left over, averaged over the recent Blend steps and
-  refitted whenever the plain line moves (a request the policy ran plain is itself a
+  the rest (that share of a plain step of its size); ``fixed`` is what is left over,
+  the median over the recent Blend steps, refitted whenever the plain curve moves (a request the policy ran plain is itself a
   plain sample at its size, so a wrong "does not pay" corrects itself);
 * chunk tokens read from a store before the forward cost ``load seconds per token``
   (the store's read in the step's load phase: large for the file tier, small for host
@@ -32,9 +32,12 @@ no vLLM, no tensors.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Optional
+
+import numpy as np
 
 
 MIN_PLAIN_ROWS = 128  # a plain step this short (a decode step) is mostly its own overhead: not a rate
@@ -77,34 +80,80 @@ class _Ewma:
         self.count += 1
 
 
-class _PerTokenLine:
-    """A plain prefill's seconds per row as a line in its row count, ``b + c * rows``:
-    attention makes a longer prompt's rows dearer, so a rate measured on short prompts
-    (chunk precomputes, say) must not price a long one. A least-squares fit whose older
-    samples fade by ``decay`` per new one; until sizes differ enough, the line is flat."""
+class _PlainCurve:
+    """A plain prefill's seconds as ``a + b * rows + c * rows**2`` (a, b, c >= 0).
 
-    def __init__(self, decay: float) -> None:
-        self.decay = decay
-        self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
+    ``a`` is the step's own cost (vLLM's and ucm's host work, launches): on a small model
+    on a fast GPU it is most of a 1-4K prefill (Qwen2.5-0.5B on an H100: 11.8 / 12.7 / 13.2
+    ms at 1.1K / 2.1K / 4.2K rows), so a price per row learned there made an 8K prefill
+    look 4-6x dearer than it is. ``b`` is the per-row work, ``c`` attention's growth with
+    the context (a CPU prefill is near ``b * rows + c * rows**2``). Samples are kept per
+    half-octave of rows (the last ``keep`` of each, so the curve follows the host), each
+    size counted once as the median of its bin; the coefficients are the non-negative least
+    squares fit over those points. With fewer sizes than coefficients the fit uses fewer
+    terms: one size gives a price per row, two a line with an intercept (which, extended
+    past the largest size, errs low: a plain prefill priced too low only makes the policy
+    choose plain, and the plain run is then a sample at its own size)."""
+
+    TERMS = ((0,), (1,), (0, 1), (1, 2), (0, 2), (0, 1, 2), (2,))
+
+    def __init__(self, keep: int = 8) -> None:
+        self.keep = keep
+        self._bins: dict[int, deque[tuple[int, float]]] = {}
+        self._fit: Optional[tuple[float, float, float]] = None
 
     @property
     def known(self) -> bool:
-        return self.w > 0
+        return bool(self._bins)
 
-    def add(self, rows: int, per_row: float) -> None:
-        keep = 1.0 - self.decay
-        self.w, self.sx, self.sy, self.sxx, self.sxy = (
-            keep * self.w + 1.0, keep * self.sx + rows, keep * self.sy + per_row,
-            keep * self.sxx + rows * rows, keep * self.sxy + rows * per_row)
+    def add(self, rows: int, seconds: float) -> None:
+        key = round(2 * math.log2(rows))
+        self._bins.setdefault(key, deque(maxlen=self.keep)).append((rows, seconds))
+        self._fit = None
+
+    def _points(self) -> list[tuple[float, float]]:
+        points = []
+        for samples in self._bins.values():
+            rows = sorted(r for r, _ in samples)
+            secs = sorted(t for _, t in samples)
+            points.append((float(rows[len(rows) // 2]), secs[len(secs) // 2]))
+        return sorted(points)
+
+    def _solve(self) -> tuple[float, float, float]:
+        points = self._points()
+        if len(points) == 1:
+            x, y = points[0]
+            return 0.0, y / x, 0.0
+        if len(points) == 2:
+            candidates: tuple[tuple[int, ...], ...] = ((0, 1), (1,), (0,))
+        else:
+            candidates = self.TERMS
+        xs = np.array([x for x, _ in points])
+        ys = np.array([y for _, y in points])
+        columns = np.stack([np.ones_like(xs), xs, xs * xs], axis=1)
+        scale = np.abs(columns).max(axis=0)
+        best: Optional[tuple[float, np.ndarray, tuple[int, ...]]] = None
+        for terms in candidates:
+            design = columns[:, terms] / scale[list(terms)]
+            coef, *_ = np.linalg.lstsq(design, ys, rcond=None)
+            if (coef < 0).any():
+                continue
+            residual = float(np.sum((design @ coef - ys) ** 2))
+            if best is None or residual < best[0] * (1 - 1e-9):  # ties: the fewer terms, listed first
+                best = (residual, coef / scale[list(terms)], terms)
+        full = [0.0, 0.0, 0.0]
+        if best is None:  # cannot happen with (1,) among the candidates; stay proportional
+            x, y = points[-1]
+            return 0.0, y / x, 0.0
+        for term, value in zip(best[2], best[1]):
+            full[term] = float(value)
+        return full[0], full[1], full[2]
 
     def __call__(self, rows: float) -> float:
-        mean_x, mean_y = self.sx / self.w, self.sy / self.w
-        var = self.sxx / self.w - mean_x * mean_x
-        # A slope only from sizes that differ (spread >= a quarter of the mean): among
-        # near-equal sizes it would be timing noise, extrapolated.
-        spread = var > (0.25 * mean_x) ** 2
-        slope = max(0.0, (self.sxy / self.w - mean_x * mean_y) / var) if spread else 0.0
-        return max(mean_y + slope * (rows - mean_x), 0.5 * mean_y, 1e-12)
+        if self._fit is None:
+            self._fit = self._solve()
+        a, b, c = self._fit
+        return max(a + b * rows + c * rows * rows, 1e-12)
 
 
 class BlendPayPolicy:
@@ -133,7 +182,7 @@ class BlendPayPolicy:
         self.remeasure_every = remeasure_every
         self.remeasure_within = remeasure_within
         self._plain_streak = 0
-        self._plain = _PerTokenLine(decay=alpha / 2)
+        self._plain = _PlainCurve()
         self._load = _Ewma(alpha)
         # Recent Blend steps: their fixed cost is refitted against the current plain line,
         # so a plain rate learned later (at the sizes Blend runs) corrects it.
@@ -148,11 +197,15 @@ class BlendPayPolicy:
         if sample.blend:
             self._blend.append(sample)
         elif sample.rows >= self.min_rows and sample.seconds > 0:
-            self._plain.add(sample.rows, sample.seconds / sample.rows)
+            self._plain.add(sample.rows, sample.seconds)
+
+    def plain_seconds(self, rows: int) -> float:
+        """What a plain prefill of ``rows`` rows costs here, from the plain steps measured."""
+        return self._plain(rows)
 
     def _compute(self, rows: int, kept: float) -> float:
-        """Seconds of the rows a Blend step computes, at the per-row price of its size."""
-        return self._plain(rows) * self.equivalent_rows(rows, kept)
+        """Seconds of the rows a Blend step computes: its share of a plain step of its size."""
+        return self._plain(rows) * self.equivalent_rows(rows, kept) / rows
 
     def fixed_cost(self) -> float:
         """A Blend step's seconds beyond its rows' compute: the median over recent steps, so
@@ -179,7 +232,7 @@ class BlendPayPolicy:
         if not self.measured:
             return PayDecision(True, "measuring")
         kept = (rows - reusable) + ratio * reusable
-        plain = self._plain(rows) * rows
+        plain = self._plain(rows)
         blend = self.fixed_cost() + self._compute(rows, kept) + reusable * (self._load.value or 0.0)
         pays = blend <= plain * (1.0 - self.margin)
         if pays:
