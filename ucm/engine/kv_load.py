@@ -26,7 +26,7 @@ import torch
 
 from ucm.engine.kv_layout import PagedKV
 from ucm.kernel_choice import KernelChoice
-from ucm.sparse.blend.rope import RopeSpec, _delta_cos_sin, apply_rotation, delta_rotate
+from ucm.sparse.blend.rope import RopeSpec, _delta_cos_sin, apply_rotation
 
 logger = logging.getLogger(__name__)
 
@@ -109,11 +109,16 @@ def _read_torch(blocks: torch.Tensor, views: Sequence[PagedKV], rows: torch.Tens
                 rope: Optional[RopeSpec], rotate: bool) -> None:
     _, slot, position, delta = rows
     n, b = blocks.shape[0], blocks.shape[3]
+    cos = sin = None
+    if rotate:
+        # The same rotation for every layer: its tables once, not once per layer (on the
+        # CPU they cost as much as the rotation itself; a cold prompt's save paid it L times).
+        assert rope is not None
+        cos, sin = _delta_cos_sin(-delta, rope, position, blocks.device)
     for i, view in enumerate(views):
         k, v = view.gather(slot)
-        if rotate:
-            assert rope is not None
-            k = delta_rotate(k, -delta, rope, from_positions=position)
+        if cos is not None:
+            k = apply_rotation(k, cos, sin, rope)
         blocks[:, i, 0] = k.view(n, b, *k.shape[1:])
         blocks[:, i, 1] = v.view(n, b, *v.shape[1:])
 
