@@ -529,6 +529,44 @@ class Bench:
         out.write_text(text.getvalue())
         print(text.getvalue()[:12000], flush=True)
 
+    def decode_profile(self) -> None:
+        """cProfile (host time per function) over one batch-1 decode of ``--decode-tokens``
+        tokens after a RAG prompt (ratio 0.15 on ucm engines): where a decode step's host time
+        goes, to compare plain and ucm function by function (``hostprofile_decode_*.pstats``).
+        ``kv_transfer_wrapper_calls_per_step`` counts vLLM's per-layer connector wrapper: 0
+        when decode steps replay full CUDA graphs, the layer count when they run piecewise."""
+        import cProfile
+        import io
+        import pstats
+
+        ratio = None if self.base == "plain" else 0.15
+        chunks = min(self.args.decode_chunks, len(self.prompts.chunks))
+        n_tok = self.args.decode_tokens
+        self.llm.generate([{"prompt_token_ids": self.prompts.rag(chunks)}], [self.params(ratio, max_tokens=n_tok)],
+                          use_tqdm=False)  # warm-up
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        outs = self.llm.generate([{"prompt_token_ids": self.prompts.rag(chunks)}],
+                                 [self.params(ratio, max_tokens=n_tok)], use_tqdm=False)
+        prof.disable()
+        wall = time.perf_counter() - t0
+        stats = pstats.Stats(prof)
+        wrapper_calls = sum(v[1] for k, v in stats.stats.items()
+                            if k[0].endswith("kv_transfer_utils.py") and k[2] == "wrapper")
+        entry = {"tokens": n_tok, "wall_s_under_cprofile": round(wall, 4),
+                 "ms_per_token_under_cprofile": _decode_ms(outs),
+                 "kv_transfer_wrapper_calls_per_step": round(wrapper_calls / n_tok, 2)}
+        text = io.StringIO()
+        text.write(f"decode host profile [{self.kind}]: {entry}\n")
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(45)
+        pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(45)
+        work = Path(self.args.work_dir)
+        prof.dump_stats(str(work / f"hostprofile_decode_{safe(self.kind)}.pstats"))
+        (work / f"hostprofile_decode_{safe(self.kind)}.txt").write_text(text.getvalue())
+        self.results["decode_profile"] = entry
+        print(text.getvalue()[:6000], flush=True)
+
     def profile(self) -> None:
         """torch.profiler over one blend request (largest size, ratio 0.15) and one full prefill."""
         import torch
@@ -596,6 +634,8 @@ def engine_main(args: argparse.Namespace) -> None:
         bench.profile()
     if args.host_profile and base != "plain":
         bench.host_profile()
+    if args.decode_profile and base in ("plain", "dram"):
+        bench.decode_profile()
     Path(args.result).write_text(json.dumps(bench.results, indent=1))
 
 
@@ -796,6 +836,8 @@ def driver(args: argparse.Namespace) -> None:
             common.append("--host-profile-cold")
     if args.host_times:
         common.append("--host-times")
+    if args.decode_profile:
+        common.append("--decode-profile")
     if args.file_cold:
         common.append("--file-cold")
     common += ["--scheduling", args.scheduling]
@@ -916,6 +958,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--host-profile", action="store_true",
                     help="cProfile blend_0.15 requests at the largest size (ucm engines): host time per function")
+    ap.add_argument("--decode-profile", action="store_true",
+                    help="cProfile one batch-1 decode (plain and dram engines): host time per function")
     ap.add_argument("--host-profile-reps", type=int, default=3)
     ap.add_argument("--host-profile-cold", action="store_true",
                     help="host-profile cold requests (salted prompts that save every block) instead of 0.15")

@@ -152,11 +152,19 @@ def test_decode_steps_are_not_timed_or_reported():
 
     from ucm.engine.step_timer import ForwardTimer
 
-    timer = ForwardTimer(torch.device("cpu"))
+    reads = []
+
+    def clock() -> float:
+        reads.append(1)
+        return float(len(reads))
+
+    timer = ForwardTimer(torch.device("cpu"), clock=clock)
     for rows, blend in ((8, False), (512, False), (8, True)):
-        timer.start()
+        timer.start(rows=rows, blend=blend)
         timer.stop(rows=rows, blend=blend, kept=rows)
     assert [(s.rows, s.blend) for s in timer.take()] == [(512, False), (8, True)]
+    # A decode step is not even begun: no clock read (on CUDA, no event recorded).
+    assert len(reads) == 4
 
 
 def test_recomputing_every_row_never_blends_even_before_measuring():

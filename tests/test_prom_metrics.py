@@ -65,7 +65,29 @@ def test_timed_counts_even_when_the_call_raises():
             raise RuntimeError("store down")
     except RuntimeError:
         pass
-    assert counters.take().data == {"save_seconds": 0.5}
+    assert counters.take() is None  # time alone waits for a count to travel with
+    counters.add(failed_saves=1)
+    assert counters.take().data == {"save_seconds": 0.5, "failed_saves": 1}
+
+
+def test_a_step_that_moved_nothing_reports_nothing():
+    """Every step times its (empty) load and save calls; reporting that time alone would send
+    a stats object through vLLM's stats path on every decode step. It is held and goes out
+    with the next step that counts something, so no second is lost."""
+    saver = SimpleNamespace(saved_blocks=0, failed_saves=0, block_nbytes=1000)
+    ws = SimpleNamespace(stats=SimpleNamespace(loaded_blocks=0, failed_blocks=0), saver=saver)
+    ticks = iter([0.0, 0.25, 1.0, 1.25, 2.0, 2.5])
+    counters = ConnectorCounters(clock=lambda: next(ticks))
+    for _ in range(2):
+        with counters.timed("load_seconds"):
+            pass
+        assert counters.take(ws) is None
+    saver.saved_blocks = 2
+    with counters.timed("save_seconds"):
+        pass
+    assert counters.take(ws).data == {"load_seconds": 0.5, "save_seconds": 0.5, "saved_blocks": 2,
+                                      "save_bytes": 2000}
+    assert counters.take(ws) is None
 
 
 def test_worker_block_counters_become_bytes_and_deltas():

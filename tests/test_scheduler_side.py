@@ -110,3 +110,29 @@ def test_a_request_without_chunks_or_hits_ships_nothing():
     assert not meta.blend_active
     assert [s.token_start for s in meta.requests["r"].saves] == [0, 4, 8]  # its full blocks, saved
     assert side.finished("r").plan.chunk_hit_tokens == 0 and side.finished("r") is None
+
+
+def test_a_decoding_request_is_not_planned_again_unless_a_blend_step_needs_its_rows(monkeypatch):
+    """Once a request's prompt is loaded, computed and saved, its decode steps cost the planner
+    nothing (no RequestStep, no copy of its block ids): that host time is paid by every decode
+    step of every request. A step where another request blends still lists it, with every block
+    it gained meanwhile."""
+    prompt = SYS + C1 + Q
+    side = _side(_store(chunks=(C1,)))
+    side.num_new_matched_tokens("r", prompt, None, 0)
+    side.after_alloc("r", 0)
+    side.build_meta(_new("r", [0, 1, 2], 0, len(prompt)))  # the whole prompt: loads, blend, saves
+    planned = []
+    real_step = side._step
+    monkeypatch.setattr(side, "_step", lambda req_id, *a: planned.append(req_id) or real_step(req_id, *a))
+    for i in range(5):  # decode steps; the fifth adds block 3
+        meta = side.build_meta(_cached("r", [3] if i == 4 else None, len(prompt) + i, 1))
+        assert meta.requests == {} and not meta.blend_active
+    assert planned == []
+    # A second request blends: the decoding one is listed too, with all its blocks.
+    side.num_new_matched_tokens("s", SYS + C1 + Q, None, 0)
+    side.after_alloc("s", 0)
+    meta = side.build_meta(_cached("r", None, len(prompt) + 5, 1) + _new("s", [7, 8, 9], 0, len(prompt)))
+    assert meta.blend_active and list(meta.requests) == ["r", "s"]
+    assert meta.requests["r"].block_ids == [0, 1, 2, 3] and meta.requests["r"].num_scheduled == 1
+    assert not meta.requests["r"].loads and not meta.requests["r"].saves

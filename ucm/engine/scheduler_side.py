@@ -237,7 +237,11 @@ class SchedulerSide:
     def build_meta(self, scheduled: Sequence[ScheduledRequest]) -> StepPlan:
         """The step's plan from the requests the engine scheduled (in batch order)."""
         meta = StepPlan()
-        steps: list[RequestStep] = []
+        # (request, its step) in batch order; None for a request with nothing left to do
+        # (prompt loaded, computed and saved: a decode step), planned only if another
+        # request's Blend step needs every row of the batch. Decode steps are most steps:
+        # their planning is host time each of them pays.
+        entries: list[tuple[ScheduledRequest, _Tracked, Optional[RequestStep]]] = []
         for req in scheduled:
             tracked = self.requests.get(req.req_id)
             if tracked is None:
@@ -251,11 +255,15 @@ class SchedulerSide:
                     tracked.saved = False
             elif req.block_ids:
                 tracked.block_ids.extend(req.block_ids)
-            steps.append(self._step(req.req_id, tracked, req.num_computed, req.num_scheduled))
-        meta.blend_active = any(s.blend for s in steps)
-        for s in steps:
-            if meta.blend_active or s.loads or s.saves:
-                meta.requests[s.req_id] = s
+            idle = tracked.prefix_loaded and tracked.saved and req.num_computed >= tracked.prompt_len
+            step = None if idle else self._step(req.req_id, tracked, req.num_computed, req.num_scheduled)
+            meta.blend_active = meta.blend_active or (step is not None and step.blend)
+            entries.append((req, tracked, step))
+        for req, tracked, step in entries:
+            if step is None and meta.blend_active:
+                step = self._step(req.req_id, tracked, req.num_computed, req.num_scheduled)
+            if step is not None and (meta.blend_active or step.loads or step.saves):
+                meta.requests[step.req_id] = step
         return meta
 
     def _step(self, req_id: str, tracked: _Tracked, num_computed: int, num_scheduled: int) -> RequestStep:

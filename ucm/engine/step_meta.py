@@ -78,6 +78,11 @@ class StepPlan:
     def has_loads(self) -> bool:
         return any(step.loads for step in self.requests.values())
 
+    @property
+    def is_empty(self) -> bool:
+        """Nothing to load, save or blend in this step (a decode step)."""
+        return not self.requests and not self.blend_active
+
 
 @dataclass(frozen=True)
 class ScheduledRequest:

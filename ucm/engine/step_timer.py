@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -22,18 +22,23 @@ MAX_PENDING = 64  # events of forwards whose time is not known yet (older ones a
 
 
 class ForwardTimer:
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, clock: Callable[[], float] = time.perf_counter) -> None:
         self.cuda = device.type == "cuda"
+        self._clock = clock
         self._start: Optional[Any] = None
         self._pending: deque[tuple[Any, Any, dict]] = deque()
         self._done: list[StepSample] = []
 
-    def start(self) -> None:
-        if self.cuda:
+    def start(self, rows: int, blend: bool = False, load_tokens: int = 0) -> None:
+        """Begin timing a forward of ``rows`` rows, unless it is one the policy ignores
+        (a decode step): those are most steps, and an event each is host time they pay."""
+        if self._uninformative({"rows": rows, "blend": blend, "load_tokens": load_tokens}):
+            self._start = None
+        elif self.cuda:
             self._start = torch.cuda.Event(enable_timing=True)
             self._start.record()
         else:
-            self._start = time.perf_counter()
+            self._start = self._clock()
 
     def stop(self, **sample: Any) -> None:
         """End the forward begun by :meth:`start`; ``sample`` holds StepSample's other fields."""
@@ -41,7 +46,7 @@ class ForwardTimer:
         if began is None or self._uninformative(sample):
             return
         if not self.cuda:
-            self._done.append(StepSample(seconds=time.perf_counter() - began, **sample))
+            self._done.append(StepSample(seconds=self._clock() - began, **sample))
             return
         end = torch.cuda.Event(enable_timing=True)
         end.record()

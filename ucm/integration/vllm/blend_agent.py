@@ -81,11 +81,13 @@ class VllmBlendAgent(UcmSparseBase):
 
     # ---- forward boundaries -------------------------------------------------------------
     def execute_begin(self, batch: BatchInfo) -> None:
-        self.timer.start()
         self.step = None
         self._began = self._beginning = True
         self._batch = batch
         meta = self.metadata()
+        rows = int(batch.positions.shape[0]) if batch.positions is not None else 0
+        self.timer.start(rows, blend=bool(meta is not None and meta.blend_active),
+                         load_tokens=int(getattr(self.worker, "chunk_read", (0, 0.0))[0]))
         if meta is not None and meta.blend_active:
             start = HOST_TIMES.start()
             try:

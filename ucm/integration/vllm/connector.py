@@ -27,7 +27,7 @@ from ucm.engine import stats as stats_registry
 from ucm.engine.host_time import HOST_TIMES
 from ucm.engine.scheduler_side import (SchedulerSide, request_epic_tokens, request_is_precompute, request_ratio,
                                        request_selection)
-from ucm.engine.step_meta import ScheduledRequest
+from ucm.engine.step_meta import ScheduledRequest, StepPlan
 from ucm.engine.worker_side import LayerInfo, WorkerSide, layer_index
 from ucm.integration.vllm.config_checks_vllm import check_config_for_vllm
 from ucm.integration.vllm.connector_stats import ConnectorCounters, UcmConnectorStats
@@ -210,9 +210,24 @@ class UCMConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         return meta if isinstance(meta, UcmConnectorMetadata) else None
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Bind a step's plan, or nothing when it asks for nothing (a decode step).
+
+        vLLM's attention layers call ``wait_for_layer_load`` and ``save_kv_layer`` around
+        every layer while a connector has metadata (when the layer is not replayed from a
+        CUDA graph); with none bound they skip the connector, which spares a decode step
+        two calls per layer.
+        """
+        idle = isinstance(connector_metadata, UcmConnectorMetadata) and connector_metadata.is_empty
+        super().bind_connector_metadata(None if idle else connector_metadata)  # type: ignore[arg-type]
+
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        assert self.worker_side is not None
+        if not self.has_connector_metadata():
+            self.worker_side.start_load(StepPlan())  # releases the last step's load buffers
+            return
         meta = self._get_connector_metadata()
-        assert isinstance(meta, UcmConnectorMetadata) and self.worker_side is not None
+        assert isinstance(meta, UcmConnectorMetadata)
         start = HOST_TIMES.start()
         with self._counters.timed("load_seconds"):
             self.worker_side.start_load(meta)

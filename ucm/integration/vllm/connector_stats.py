@@ -29,6 +29,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 
 from ucm.engine import stats as stats_registry
 
+TIME_KEYS = frozenset({"load_seconds", "save_seconds"})  # durations, reported only beside a count
 DECISION_PREFIX = "blend_decision_"  # + "blend" | "plain": the pay policy's decision per request
 
 
@@ -108,5 +109,10 @@ class ConnectorCounters:
         if worker_side is not None:
             self.observe_worker(worker_side)
             self.add(**stats_registry.take_interval())
+        if not any(value for name, value in self._pending.items() if name not in TIME_KEYS):
+            # Time alone (the empty load and save calls of a decode step) is held for the
+            # next report that counts something: a stats object every step is host time
+            # vLLM spends aggregating and shipping it.
+            return None
         out, self._pending = self._pending, {}
-        return UcmConnectorStats(data=out) if any(out.values()) else None
+        return UcmConnectorStats(data=out)
