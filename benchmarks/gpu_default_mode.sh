@@ -4,7 +4,7 @@
 # (benchmarks/gpu_stage_site.sh install). Results go under $OUT (default /tmp/out).
 #
 #   bash benchmarks/gpu_default_mode.sh check     # gpu_check: inspect, control, equality (bf16)
-#   bash benchmarks/gpu_default_mode.sh qwen      # TTFT grid, Qwen2.5-Coder-0.5B shape: plain, plain_eager, dram, epic
+#   bash benchmarks/gpu_default_mode.sh qwen      # TTFT grid, Qwen2.5-Coder-0.5B shape: plain, dram, epic (+ decode host profile)
 #   bash benchmarks/gpu_default_mode.sh llama     # TTFT grid, Llama-3-8B shape: plain, plain_eager, dram (+ 32 concurrent, decode)
 #   bash benchmarks/gpu_default_mode.sh epic      # Llama-3-8B shape at 4K/8K: plain, epic
 set -uo pipefail
@@ -36,7 +36,7 @@ check)
   ;;
 qwen)
   ttft ttft_qwen "${2:-330}" --shape qwen0.5b --model-dir /tmp/qwen05-shape --model-label "Qwen2.5-Coder-0.5B shape (dummy bf16)" \
-    --engines plain dram epic plain_eager --epic-ks 16 "${GRID[@]}" --concurrency 32 --tput-chunks 16 \
+    --engines plain dram epic --epic-ks 16 "${GRID[@]}" --concurrency 32 --tput-chunks 16 --decode-profile \
     --tput-max-tokens 128 --decode-batches 1 32 --decode-chunks 8
   ;;
 llama)
