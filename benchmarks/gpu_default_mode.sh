@@ -24,7 +24,7 @@ ttft() {  # name, seconds, args...
   # One file back per run (the device returns at most 8): the merged results, and each
   # engine's own result even when the run was cut off before merging.
   mkdir -p "$OUT/$name"
-  cp /tmp/work_"$name"/result_*.json "$OUT/$name"/ 2>/dev/null
+  cp /tmp/work_"$name"/result_*.json /tmp/work_"$name"/hostprofile_decode_*.txt "$OUT/$name"/ 2>/dev/null
   tar czf "$OUT/$name.tgz" -C "$OUT" "$name" && rm -rf "${OUT:?}/$name"
 }
 
