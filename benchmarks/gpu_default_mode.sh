@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/gpu_default_mode.sh check     # gpu_check: inspect, control, equality (bf16)
 #   bash benchmarks/gpu_default_mode.sh qwen      # TTFT grid, Qwen2.5-Coder-0.5B shape: plain, dram, epic (+ decode host profile)
+#   bash benchmarks/gpu_default_mode.sh overhead  # Qwen shape: decode of plain / ucm prefix-only / Blend engines, host profiles
 #   bash benchmarks/gpu_default_mode.sh llama     # TTFT grid, Llama-3-8B shape: plain, plain_eager, dram (+ 32 concurrent, decode)
 #   bash benchmarks/gpu_default_mode.sh epic      # Llama-3-8B shape at 4K/8K: plain, epic
 set -uo pipefail
@@ -39,6 +40,15 @@ qwen)
     --engines plain dram epic --epic-ks 16 "${GRID[@]}" --concurrency 32 --tput-chunks 16 --decode-profile \
     --tput-max-tokens 128 --decode-batches 1 32 --decode-chunks 8
   ;;
+overhead)  # where a step's host time goes with ucm loaded: decode per engine kind, host profile of plain-decided requests
+  ttft ttft_qwen_decode "${2:-300}" --shape qwen0.5b --model-dir /tmp/qwen05-shape --model-label "Qwen2.5-Coder-0.5B shape (dummy bf16)" \
+    --engines plain prefix dram --mode default --chunks 16 --decode-only --decode-profile --decode-batches 1 32 --decode-chunks 8 \
+    --max-model-len 10240 --concurrency 0
+  ttft ttft_qwen_hostprof "${3:-200}" --shape qwen0.5b --model-dir /tmp/qwen05-shape --model-label "Qwen2.5-Coder-0.5B shape (dummy bf16)" \
+    --engines dram --mode default --chunks 16 --ratios 0.15 --reps 6 --cold-reps 0 --warmup-rounds 2 --concurrency 0 \
+    --max-model-len 10240 --host-profile --host-profile-reps 3
+  cp /tmp/work_ttft_qwen_hostprof/hostprofile_dram.txt "$OUT"/ 2>/dev/null
+  ;;
 llama)
   ttft ttft_llama "${2:-580}" --engines plain dram plain_eager "${GRID[@]}" --concurrency 32 --tput-chunks 16 \
     --tput-max-tokens 128 --decode-batches 1 32 --decode-chunks 8
@@ -48,6 +58,6 @@ epic)
     --cold-reps 0 --concurrency 0 --max-model-len 10240
   ;;
 *)
-  echo "usage: $0 check|qwen|llama|epic [seconds]" >&2; exit 2
+  echo "usage: $0 check|qwen|overhead|llama|epic [seconds]" >&2; exit 2
   ;;
 esac

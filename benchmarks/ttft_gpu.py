@@ -220,7 +220,7 @@ class Bench:
             disable_log_stats=False, enable_prefix_caching=True,
             tensor_parallel_size=a.tp, async_scheduling=a.scheduling == "async")
         if self.base != "plain":
-            if self.base.startswith("dram") or self.base == "epic":
+            if self.base.startswith("dram") or self.base in ("epic", "prefix"):
                 stores = [{"ucm_connector_name": "UcmDramStore",
                            "ucm_connector_config": {"capacity_bytes": a.dram_gib * 2**30}}]
             else:
@@ -243,8 +243,13 @@ class Bench:
                 options["load_layer_group"] = load_group
             if options:
                 extra["engine_options"] = options
+            if self.base == "prefix":  # ucm's prefix connector alone: no Blend, no patches
+                extra.pop("ucm_sparse_config")
+                connector, module = "UCMConnector", "ucm.integration.vllm.connector"
+            else:
+                connector, module = "UCMBlendConnector", "ucm.integration.vllm.blend_connector"
             engine["kv_transfer_config"] = KVTransferConfig(
-                kv_connector="UCMBlendConnector", kv_connector_module_path="ucm.integration.vllm.blend_connector",
+                kv_connector=connector, kv_connector_module_path=module,
                 kv_role="kv_both", kv_connector_extra_config=extra)
         t0 = time.time()
         llm = LLM(**engine)
@@ -539,11 +544,36 @@ class Bench:
         import io
         import pstats
 
-        ratio = None if self.base == "plain" else 0.15
+        ratio = None if self.base in ("plain", "prefix") else 0.15
         chunks = min(self.args.decode_chunks, len(self.prompts.chunks))
         n_tok = self.args.decode_tokens
         self.llm.generate([{"prompt_token_ids": self.prompts.rag(chunks)}], [self.params(ratio, max_tokens=n_tok)],
                           use_tqdm=False)  # warm-up
+        import gc
+
+        pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        began = [0.0]
+
+        def gc_timer(phase: str, info: dict) -> None:  # a collection stops the engine's thread
+            if phase == "start":
+                began[0] = time.perf_counter()
+            else:
+                pauses[info["generation"]].append(time.perf_counter() - began[0])
+
+        def decode_once() -> tuple[list, float]:
+            gc.callbacks.append(gc_timer)
+            t0 = time.perf_counter()
+            try:
+                outs = self.llm.generate([{"prompt_token_ids": self.prompts.rag(chunks)}],
+                                         [self.params(ratio, max_tokens=n_tok)], use_tqdm=False)
+            finally:
+                gc.callbacks.remove(gc_timer)
+            return outs, time.perf_counter() - t0
+
+        plain_outs, plain_wall = decode_once()  # without cProfile: the GC pauses of a real decode
+        gc_entry = {f"gc{g}_count": len(v) for g, v in pauses.items()}
+        gc_entry.update({f"gc{g}_ms": round(sum(v) * 1e3, 3) for g, v in pauses.items()})
+        gc_entry["gc_tracked_objects"] = len(gc.get_objects())
         prof = cProfile.Profile()
         t0 = time.perf_counter()
         prof.enable()
@@ -554,7 +584,8 @@ class Bench:
         stats = pstats.Stats(prof)
         wrapper_calls = sum(v[1] for k, v in stats.stats.items()
                             if k[0].endswith("kv_transfer_utils.py") and k[2] == "wrapper")
-        entry = {"tokens": n_tok, "wall_s_under_cprofile": round(wall, 4),
+        entry = {"tokens": n_tok, "ms_per_token": _decode_ms(plain_outs), "wall_s": round(plain_wall, 4), **gc_entry,
+                 "wall_s_under_cprofile": round(wall, 4),
                  "ms_per_token_under_cprofile": _decode_ms(outs),
                  "kv_transfer_wrapper_calls_per_step": round(wrapper_calls / n_tok, 2)}
         text = io.StringIO()
@@ -617,7 +648,7 @@ class Bench:
 def engine_main(args: argparse.Namespace) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     base = base_kind(args.engine)
-    if base != "plain":
+    if base not in ("plain", "prefix"):
         os.environ["ENABLE_SPARSE"] = "1"
     if base in ("dram_cudnn", "dram_flex"):
         os.environ["UCM_BLEND_ATTENTION"] = base.split("_")[1]
@@ -626,7 +657,17 @@ def engine_main(args: argparse.Namespace) -> None:
     bench = Bench(args, args.engine)
     bench.results["engine_start_s"] = bench.start_seconds
     bench.results["enforce_eager"] = eager_for(args.engine, args.mode)
-    if base == "plain":
+    if args.decode_only:  # the decode measurements alone (comparing engine kinds' per-step cost)
+        if base not in ("plain", "prefix"):  # the chunks stored, as after the TTFT grid
+            chunk_prompts = [{"prompt_token_ids": c} for c in bench.prompts.chunks]
+            bench.llm.generate(chunk_prompts, [bench.params()] * len(chunk_prompts), use_tqdm=False)
+        if args.decode_batches:
+            if base in ("plain", "prefix"):
+                bench.decode("decode_full_prefill", None, salted=True)
+            else:
+                bench.decode("decode_blend_0.15", 0.15, salted=False)
+        bench.decode_profile()
+    elif base == "plain":
         bench.run_plain()
     else:
         bench.run_ucm()
@@ -634,7 +675,7 @@ def engine_main(args: argparse.Namespace) -> None:
         bench.profile()
     if args.host_profile and base != "plain":
         bench.host_profile()
-    if args.decode_profile and base in ("plain", "dram"):
+    if args.decode_profile and base in ("plain", "dram") and not args.decode_only:
         bench.decode_profile()
     Path(args.result).write_text(json.dumps(bench.results, indent=1))
 
@@ -685,7 +726,7 @@ def run_engine_process(args: argparse.Namespace, kind: str, out_dir: Path, extra
 # Engine kind -> prefix of its modes in the merged table.
 PREFIX = {"plain": "", "dram": "", "plain_eager": "eager_", "dram_eager": "eager_", "dram_b64": "b64_", "dram_whole": "whole_", "dram_torchload": "torchload_",
           "dram_cudnn": "cudnn_", "dram_flex": "flex_", "dram_nodefer": "nodefer_", "file": "file_",
-          "epic": "epic_"}
+          "epic": "epic_", "prefix": "prefix_"}
 MODE_ORDER = ["full_prefill", "eager_full_prefill", "prefix_hit", "eager_prefix_hit", "blend_0", "blend_0.05", "blend_0.15", "blend_0.3", "blend_1",
               "b64_blend_0", "b64_blend_0.15", "nodefer_blend_0", "nodefer_blend_0.15", "file_blend_0",
               "file_blend_0.15", "eager_blend_0", "eager_blend_0.15", "ucm_cold", "eager_ucm_cold"]
@@ -838,6 +879,8 @@ def driver(args: argparse.Namespace) -> None:
         common.append("--host-times")
     if args.decode_profile:
         common.append("--decode-profile")
+    if args.decode_only:
+        common.append("--decode-only")
     if args.file_cold:
         common.append("--file-cold")
     common += ["--scheduling", args.scheduling]
@@ -958,6 +1001,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--host-profile", action="store_true",
                     help="cProfile blend_0.15 requests at the largest size (ucm engines): host time per function")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="per engine only the decode measurements and the decode host profile (no TTFT grid)")
     ap.add_argument("--decode-profile", action="store_true",
                     help="cProfile one batch-1 decode (plain and dram engines): host time per function")
     ap.add_argument("--host-profile-reps", type=int, default=3)
