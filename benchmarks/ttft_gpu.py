@@ -592,6 +592,9 @@ class Bench:
         text.write(f"decode host profile [{self.kind}]: {entry}\n")
         pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(45)
         pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(45)
+        # What the model runner's forward calls, and everything of ucm and the KV-connector path.
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_callees("_model_forward|execute_model")
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats("ucm/|kv_connector|kv_transfer", 40)
         work = Path(self.args.work_dir)
         prof.dump_stats(str(work / f"hostprofile_decode_{safe(self.kind)}.pstats"))
         (work / f"hostprofile_decode_{safe(self.kind)}.txt").write_text(text.getvalue())
