@@ -71,3 +71,18 @@ def test_stats_of_a_forward_whose_check_layer_ran_count_its_selection() -> None:
     assert record["reusable_tokens"] == 4 and record["recomputed_reused_tokens"] == 2
     assert record["reused_tokens"] == 2 and record["recompute_ratio"] == 0.5
     stats.clear()
+
+
+def test_vllms_dummy_forwards_are_not_timed_for_the_pay_policy() -> None:
+    """A forward without requests (a dummy run: vLLM 0.26 and 0.32 call the model directly
+    for theirs, but a runner that went through the patched model call would) carries one-time
+    costs and no request: it must not price a plain prefill. A forward of requests is timed."""
+    from ucm.integration.vllm.blend_agent import BatchInfo
+
+    agent = _agent(_blend({1: 0.5}))
+    agent.execute_begin(BatchInfo([], torch.arange(512)))  # a dummy run of 512 rows
+    agent.execute_finished(torch.empty(0))
+    assert agent.timer.take() == []
+    agent.execute_begin(BatchInfo(["req-a"], torch.arange(512)))  # a real prefill of 512 rows
+    agent.execute_finished(torch.empty(0))
+    assert [s.rows for s in agent.timer.take()] == [512]

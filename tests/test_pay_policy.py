@@ -147,6 +147,24 @@ def test_a_long_run_of_plain_decisions_remeasures_blend_once():
     assert all(far.decide(4096, 3500, 0.15).reason == "does not pay" for _ in range(6))
 
 
+def test_a_long_run_of_blend_decisions_remeasures_a_plain_prefill_once():
+    """The mirror case: a plain price learned from a slow step (an engine's first forward)
+    makes Blend look like it pays, and only a plain run of that size would correct it. After
+    ``remeasure_every`` blend decisions in a row, one request whose plain estimate is within
+    ``remeasure_within`` of Blend's runs plain. Far from a tie, Blend keeps every request."""
+    policy = BlendPayPolicy(PRE, remeasure_every=4)
+    policy.observe(StepSample(rows=4096, seconds=0.150))  # one slow plain step
+    for _ in range(3):
+        policy.observe(StepSample(rows=4096, blend=True, kept=800, seconds=0.120))
+    reasons = [policy.decide(4096, 3500, 0.15).reason for _ in range(9)]
+    assert reasons == ["pays"] * 3 + ["re-measuring plain"] + ["pays"] * 3 + ["re-measuring plain", "pays"]
+    far = BlendPayPolicy(PRE, remeasure_every=2)  # Blend far cheaper: never re-measured
+    far.observe(StepSample(rows=4096, seconds=1.0))
+    for _ in range(3):
+        far.observe(StepSample(rows=4096, blend=True, kept=800, seconds=0.05))
+    assert all(far.decide(4096, 3500, 0.15).reason == "pays" for _ in range(6))
+
+
 def test_decode_steps_are_not_timed_or_reported():
     import torch
 
@@ -193,3 +211,18 @@ def test_a_host_bound_prefill_is_not_priced_per_row():
     for rows, ms in ((1120, 29.9), (2144, 52.9), (4192, 101.1)):
         big.observe(StepSample(rows=rows, seconds=ms / 1e3))
     assert abs(big.plain_seconds(8288) - 0.216) / 0.216 < 0.15
+
+
+def test_chunks_are_worth_saving_only_where_reusing_them_could_ever_pay():
+    """A chunk's save costs its request time (a cold prompt through ucm was 0.48-0.76x a plain
+    prefill on a 0.5B model); where even reusing every chunk token would stay far dearer than a
+    plain prefill, the save buys nothing. 'Far': beyond the re-measuring slack, so a request the
+    policy may still re-measure keeps its chunks."""
+    assert BlendPayPolicy(PRE).worth_saving(8192, 8192, 0.15)  # nothing measured yet
+    assert BlendPayPolicy(PRE, enabled=False).worth_saving(1024, 1000, 0.15)  # pay_policy: always
+    big = _policy(26e-6, 0.020)  # 8B-like: 8K pays, 1K does not, but not by much
+    assert big.worth_saving(8192, 8000, 0.15) and big.worth_saving(1024, 1000, 0.15)
+    small = _policy(2.5e-6, 0.050)  # 0.5B-like: an 8K prefill ~20 ms, Blend's fixed cost 50 ms
+    assert not small.worth_saving(8192, 8000, 0.15)
+    assert not small.worth_saving(1024, 1000, 0.0)
+    assert not small.worth_saving(8192, 8000, 1.0)  # recomputing every row never pays

@@ -136,3 +136,33 @@ def test_a_decoding_request_is_not_planned_again_unless_a_blend_step_needs_its_r
     assert meta.blend_active and list(meta.requests) == ["r", "s"]
     assert meta.requests["r"].block_ids == [0, 1, 2, 3] and meta.requests["r"].num_scheduled == 1
     assert not meta.requests["r"].loads and not meta.requests["r"].saves
+
+
+def test_a_cold_request_does_not_save_chunks_that_could_never_pay():
+    """Where the pay policy measured that reusing a prompt's chunks could not pay even if every
+    chunk hit, its chunk blocks are not saved (the save only slowed the request); its exact
+    prefix blocks still are, and the request's stats say why its chunks were not stored."""
+    from ucm.sparse.blend.pay_policy import StepSample
+
+    prompt = SYS + C1 + C2 + Q
+    side = _side(_store())
+    side.pay_policy.enabled = True
+    for rows in (256, 512, 1024):  # a plain prefill costs ~1 ms; a Blend step 50 ms more
+        side.pay_policy.observe(StepSample(rows=rows, seconds=1e-3 + rows * 1e-6))
+        side.pay_policy.observe(StepSample(rows=rows, blend=True, kept=rows // 5, seconds=0.05))
+    assert side.num_new_matched_tokens("r", prompt, None, 0) == 0
+    side.after_alloc("r", 0)
+    step = side.build_meta(_new("r", [0, 1], 0, len(prompt))).requests["r"]
+    seed = CTX.seed(None)
+    chunk_keys = set(chunk_block_keys(seed, C1, B)) | set(chunk_block_keys(seed, C2, B))
+    assert not chunk_keys & {s.key for s in step.saves}  # no block under a chunk key
+    assert {s.key for s in step.saves} == set(block_keys(seed, prompt, B))  # the exact prefix blocks
+    tracked = side.finished("r")
+    assert tracked.decision_stats()["chunk_saves"] == "skipped: reuse cannot pay"
+    # Where reuse may pay (nothing measured yet), the same cold request saves its chunks.
+    fresh = _side(_store())
+    fresh.pay_policy.enabled = True
+    fresh.num_new_matched_tokens("r", prompt, None, 0)
+    fresh.after_alloc("r", 0)
+    saved = {s.key for s in fresh.build_meta(_new("r", [0, 1], 0, len(prompt))).requests["r"].saves}
+    assert chunk_keys <= saved

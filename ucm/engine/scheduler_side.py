@@ -10,7 +10,7 @@ request's block ids and token range. No tensors here.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 from ucm.config import SELECTIONS, UcmConfig
@@ -43,6 +43,7 @@ class _Tracked:
     epic_tokens: Optional[int] = None  # EPIC's per-request k
     suffix_start: Optional[int] = None  # where the question after the last chunk begins
     decision: Optional[PayDecision] = None  # whether chunk reuse pays (None: no chunk hit to weigh)
+    chunk_saves_skipped: bool = False  # its chunks were not saved: reusing them could not pay
 
     @property
     def blends(self) -> bool:
@@ -50,7 +51,10 @@ class _Tracked:
         return self.decision is None or self.decision.blend
 
     def decision_stats(self) -> dict:
-        return self.decision.to_stats() if self.decision is not None else {}
+        out = self.decision.to_stats() if self.decision is not None else {}
+        if self.chunk_saves_skipped:
+            out["chunk_saves"] = "skipped: reuse cannot pay"
+        return out
 
 
 RATIO_ARG = "ucm_blend_ratio"
@@ -135,6 +139,7 @@ class SchedulerSide:
         # processes, whose host memory the store here cannot see).
         self.held = HeldKeys()
         method = config.chunk_method
+        self._told_chunk_saves_skipped = False  # logged once per process
         self.pay_policy = BlendPayPolicy(self._full_layers_share(config, num_layers),
                                          enabled=bool(method and method.pay_policy == "auto"))
 
@@ -196,7 +201,27 @@ class SchedulerSide:
         hit = min(tracked.plan.prefix_hit_tokens, len(prompt) - 1)
         if tracked.decision is None and self.delimiter is not None and not precompute:
             tracked.decision = self._weigh(tracked, max(hit, num_computed))
+            self._maybe_skip_chunk_saves(tracked, max(hit, num_computed))
         return max(0, hit - num_computed)
+
+    def _maybe_skip_chunk_saves(self, tracked: _Tracked, computed: int) -> None:
+        """Drop a request's chunk saves where reusing its chunks could not pay even if they
+        all hit (``BlendPayPolicy.worth_saving``): a save costs the saving request time and
+        nothing would ever load it. A request that blends keeps them."""
+        plan = tracked.plan
+        if not plan.chunk_saves or (tracked.decision is not None and tracked.decision.blend):
+            return
+        chunk_tokens = plan.num_chunk_tokens
+        if self.pay_policy.worth_saving(tracked.prompt_len - computed, chunk_tokens,
+                                        self._recompute_share(tracked, max(1, chunk_tokens))):
+            return
+        tracked.plan = replace(plan, chunk_saves=())
+        tracked.chunk_saves_skipped = True
+        if not self._told_chunk_saves_skipped:
+            self._told_chunk_saves_skipped = True
+            logger.info("ucm: reusing chunks cannot pay here (a %d-token prompt: a plain prefill is faster than "
+                        "blending even with every chunk stored); chunks that could not pay are no longer "
+                        "saved (per-request stats: chunk_saves)", tracked.prompt_len)
 
     def _weigh(self, tracked: _Tracked, computed: int) -> Optional[PayDecision]:
         """Ask the pay policy, once per request, whether reusing its chunks beats computing them."""

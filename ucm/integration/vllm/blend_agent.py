@@ -85,7 +85,9 @@ class VllmBlendAgent(UcmSparseBase):
         self._began = self._beginning = True
         self._batch = batch
         meta = self.metadata()
-        rows = int(batch.positions.shape[0]) if batch.positions is not None else 0
+        # A forward without requests (a dummy run) carries one-time costs, not a prefill's
+        # price: not timed.
+        rows = int(batch.positions.shape[0]) if batch.positions is not None and batch.req_ids else 0
         self.timer.start(rows, blend=bool(meta is not None and meta.blend_active),
                          load_tokens=int(getattr(self.worker, "chunk_read", (0, 0.0))[0]))
         if meta is not None and meta.blend_active:
@@ -187,7 +189,7 @@ class VllmBlendAgent(UcmSparseBase):
             for req_id, outcome in step.outcomes.items():
                 if outcome.num_reusable:
                     stats.record_step(req_id, outcome.num_reusable, outcome.num_recomputed_reusable)
-        if self._batch is not None and not self._fell_back:
+        if self._batch is not None and self._batch.req_ids and not self._fell_back:
             tokens, seconds = getattr(self.worker, "chunk_read", (0, 0.0))
             self.timer.stop(rows=int(self._batch.positions.shape[0]), blend=step is not None,
                             kept=sum(step.row_counts.values()) if step is not None else 0,

@@ -5,8 +5,9 @@ check layer's selection, the per-layer work of the exact-mask path, and on a GPU
 step without CUDA graphs), and saves the compute of the rows it does not recompute.
 With a small model or a short prompt the fixed part wins, and a blended request is
 slower than a plain prefill. So the scheduler asks this policy, once per request,
-before it plans any chunk load; a request that does not pay runs as a plain prefill
-(its chunks are still saved).
+before it plans any chunk load; a request that does not pay runs as a plain prefill.
+Its chunks are still saved, unless reusing them could not pay even in the best case
+(:meth:`BlendPayPolicy.worth_saving`): then the save would only slow the request.
 
 The model, fitted online from the worker's step timings (:class:`StepSample`):
 
@@ -25,8 +26,9 @@ The model, fitted online from the worker's step timings (:class:`StepSample`):
 
 Until both a plain rate and ``explore`` Blend steps are known the policy blends (it must
 measure Blend to judge it); the fixed cost is the median of the recent Blend steps', so
-one slow first step does not condemn Blend; and after a long run of "does not pay" one
-near-paying request is blended again to re-measure (``remeasure_every``). Pure Python,
+one slow first step does not condemn Blend; after a long run of "does not pay" one
+near-paying request is blended again to re-measure (``remeasure_every``), and after a long
+run of "pays" one near-tie request runs plain ("re-measuring plain"). Pure Python,
 no vLLM, no tensors.
 """
 
@@ -181,7 +183,11 @@ class BlendPayPolicy:
         # within ``remeasure_within`` of plain blends again ("re-measuring").
         self.remeasure_every = remeasure_every
         self.remeasure_within = remeasure_within
+        # The mirror: a "pays" resting on a plain price from a slow step (an engine's first
+        # forward) would never be revisited either, since only plain runs measure plain: after
+        # ``remeasure_every`` blend decisions in a row, one near-tie request runs plain.
         self._plain_streak = 0
+        self._blend_streak = 0
         self._plain = _PlainCurve()
         self._load = _Ewma(alpha)
         # Recent Blend steps: their fixed cost is refitted against the current plain line,
@@ -218,6 +224,20 @@ class BlendPayPolicy:
     def measured(self) -> bool:
         return self._plain.known and len(self._blend) >= self.explore
 
+    def worth_saving(self, rows: int, chunk_tokens: int, ratio: float) -> bool:
+        """Whether storing a request's chunks could ever pay back: reusing all
+        ``chunk_tokens`` of a ``rows``-row prompt (its best case) must not cost more than
+        ``remeasure_within`` times a plain prefill. Beyond that even the re-measuring
+        requests would not blend, and a save is only time the saving request pays."""
+        if not self.enabled or not self.measured:
+            return True
+        if ratio >= 1.0:
+            return False
+        reusable = min(chunk_tokens, rows)
+        kept = (rows - reusable) + ratio * reusable
+        blend = self.fixed_cost() + self._compute(rows, kept) + reusable * (self._load.value or 0.0)
+        return blend <= self._plain(rows) * self.remeasure_within
+
     def decide(self, rows: int, reusable: int, ratio: float) -> PayDecision:
         """Blend this request or not: ``rows`` it computes, ``reusable`` of them loadable
         from chunk blocks (read from the store first), ``ratio`` of those recomputed."""
@@ -237,7 +257,12 @@ class BlendPayPolicy:
         pays = blend <= plain * (1.0 - self.margin)
         if pays:
             self._plain_streak = 0
+            self._blend_streak += 1
+            if self._blend_streak >= self.remeasure_every and plain <= blend * self.remeasure_within:
+                self._blend_streak = 0
+                return PayDecision(False, "re-measuring plain", plain * 1e3, blend * 1e3)
             return PayDecision(True, "pays", plain * 1e3, blend * 1e3)
+        self._blend_streak = 0
         self._plain_streak += 1
         if self._plain_streak >= self.remeasure_every and blend <= plain * self.remeasure_within:
             self._plain_streak = 0
