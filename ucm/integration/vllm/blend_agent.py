@@ -189,7 +189,7 @@ class VllmBlendAgent(UcmSparseBase):
             for req_id, outcome in step.outcomes.items():
                 if outcome.num_reusable:
                     stats.record_step(req_id, outcome.num_reusable, outcome.num_recomputed_reusable)
-        if self._batch is not None and self._batch.req_ids and not self._fell_back:
+        if self._batch is not None and not self._fell_back:
             tokens, seconds = getattr(self.worker, "chunk_read", (0, 0.0))
             self.timer.stop(rows=int(self._batch.positions.shape[0]), blend=step is not None,
                             kept=sum(step.row_counts.values()) if step is not None else 0,

@@ -233,10 +233,13 @@ class BlendPayPolicy:
             return True
         if ratio >= 1.0:
             return False
-        reusable = min(chunk_tokens, rows)
+        return self._blend_seconds(rows, min(chunk_tokens, rows), ratio) <= self._plain(rows) * self.remeasure_within
+
+    def _blend_seconds(self, rows: int, reusable: int, ratio: float) -> float:
+        """A Blend step's estimate: its fixed cost, the compute of the rows it keeps, and
+        the store's read of the reusable tokens."""
         kept = (rows - reusable) + ratio * reusable
-        blend = self.fixed_cost() + self._compute(rows, kept) + reusable * (self._load.value or 0.0)
-        return blend <= self._plain(rows) * self.remeasure_within
+        return self.fixed_cost() + self._compute(rows, kept) + reusable * (self._load.value or 0.0)
 
     def decide(self, rows: int, reusable: int, ratio: float) -> PayDecision:
         """Blend this request or not: ``rows`` it computes, ``reusable`` of them loadable
@@ -251,9 +254,8 @@ class BlendPayPolicy:
             return PayDecision(False, "recomputes every row")
         if not self.measured:
             return PayDecision(True, "measuring")
-        kept = (rows - reusable) + ratio * reusable
         plain = self._plain(rows)
-        blend = self.fixed_cost() + self._compute(rows, kept) + reusable * (self._load.value or 0.0)
+        blend = self._blend_seconds(rows, reusable, ratio)
         pays = blend <= plain * (1.0 - self.margin)
         if pays:
             self._plain_streak = 0
