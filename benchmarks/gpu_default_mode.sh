@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_default_mode.sh check     # gpu_check: inspect, control, equality (bf16)
 #   bash benchmarks/gpu_default_mode.sh qwen      # TTFT grid, Qwen2.5-Coder-0.5B shape: plain, dram, epic (+ decode host profile)
 #   bash benchmarks/gpu_default_mode.sh overhead  # Qwen shape: decode of plain / ucm prefix-only / Blend engines, host profiles
+#   bash benchmarks/gpu_default_mode.sh blendcost # Qwen shape: where a Blend step's time goes (always blend; host times, torch profile)
 #   bash benchmarks/gpu_default_mode.sh llama     # TTFT grid, Llama-3-8B shape: plain, plain_eager, dram (+ 32 concurrent, decode)
 #   bash benchmarks/gpu_default_mode.sh epic      # Llama-3-8B shape at 4K/8K: plain, epic
 set -uo pipefail
@@ -49,6 +50,12 @@ overhead)  # where a step's host time goes with ucm loaded: decode per engine ki
     --max-model-len 10240 --host-profile --host-profile-reps 3
   cp /tmp/work_ttft_qwen_hostprof/hostprofile_dram.txt "$OUT"/ 2>/dev/null
   ;;
+blendcost)  # the Blend step's cost on a host-bound model: pay policy off, ucm's host phases, a torch profile
+  ttft ttft_qwen_blendcost "${2:-420}" --shape qwen0.5b --model-dir /tmp/qwen05-shape --model-label "Qwen2.5-Coder-0.5B shape (dummy bf16)" \
+    --engines plain dram --mode default --chunks 2 16 --ratios 0 0.15 --reps 6 --cold-reps 2 --warmup-rounds 2 \
+    --concurrency 0 --max-model-len 10240 --pay-policy always --host-times --profile
+  cp /tmp/work_ttft_qwen_blendcost/profile_*.txt "$OUT"/ 2>/dev/null
+  ;;
 llama)
   ttft ttft_llama "${2:-580}" --engines plain dram plain_eager "${GRID[@]}" --concurrency 32 --tput-chunks 16 \
     --tput-max-tokens 128 --decode-batches 1 32 --decode-chunks 8
@@ -58,6 +65,6 @@ epic)
     --cold-reps 0 --concurrency 0 --max-model-len 10240
   ;;
 *)
-  echo "usage: $0 check|qwen|overhead|llama|epic [seconds]" >&2; exit 2
+  echo "usage: $0 check|qwen|overhead|blendcost|llama|epic [seconds]" >&2; exit 2
   ;;
 esac
