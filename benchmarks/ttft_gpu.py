@@ -180,8 +180,13 @@ def _allocator_counts() -> dict[str, int]:
 
 
 def base_kind(kind: str) -> str:
-    """The engine configuration of a kind: ``plain_eager`` is ``plain`` forced eager."""
-    return kind[: -len("_eager")] if kind.endswith("_eager") else kind
+    """The engine configuration of a kind: ``plain_eager`` is ``plain`` forced eager;
+    ``plain_again`` is ``plain`` once more, in a process of its own (how far two engine
+    processes of one configuration differ on this host)."""
+    for suffix in ("_eager", "_again"):
+        if kind.endswith(suffix):
+            return kind[: -len(suffix)]
+    return kind
 
 
 def eager_for(kind: str, mode: str) -> bool:
@@ -729,7 +734,7 @@ def run_engine_process(args: argparse.Namespace, kind: str, out_dir: Path, extra
 # Engine kind -> prefix of its modes in the merged table.
 PREFIX = {"plain": "", "dram": "", "plain_eager": "eager_", "dram_eager": "eager_", "dram_b64": "b64_", "dram_whole": "whole_", "dram_torchload": "torchload_",
           "dram_cudnn": "cudnn_", "dram_flex": "flex_", "dram_nodefer": "nodefer_", "file": "file_",
-          "epic": "epic_", "prefix": "prefix_"}
+          "epic": "epic_", "prefix": "prefix_", "plain_again": "again_"}
 MODE_ORDER = ["full_prefill", "eager_full_prefill", "prefix_hit", "eager_prefix_hit", "blend_0", "blend_0.05", "blend_0.15", "blend_0.3", "blend_1",
               "b64_blend_0", "b64_blend_0.15", "nodefer_blend_0", "nodefer_blend_0.15", "file_blend_0",
               "file_blend_0.15", "eager_blend_0", "eager_blend_0.15", "ucm_cold", "eager_ucm_cold"]
@@ -939,7 +944,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--engines", nargs="+", default=["plain", "dram", "dram_b64", "file"],
                     choices=sorted(PREFIX),
-                    help="plain: vLLM alone; dram/file: ucm with a host-memory / file store; "
+                    help="plain: vLLM alone (plain_again: the same in a second process); dram/file: ucm with a host-memory / file store; "
                          "dram_b64: host-memory store with 64-token ucm blocks; dram_whole: host-memory "
                          "store, chunk loads as whole blocks (no layer groups); dram_torchload: the same "
                          "written by per-layer torch ops instead of the Triton load kernel; dram_cudnn / "
