@@ -45,6 +45,7 @@ overhead)  # where a step's host time goes with ucm loaded: decode per engine ki
   ttft ttft_qwen_decode "${2:-300}" --shape qwen0.5b --model-dir /tmp/qwen05-shape --model-label "Qwen2.5-Coder-0.5B shape (dummy bf16)" \
     --engines plain prefix dram plain_again --mode default --chunks 16 --decode-only --decode-profile --decode-batches 1 32 --decode-chunks 8 \
     --max-model-len 10240 --concurrency 0
+  [ "${3:-200}" = 0 ] && exit 0  # 0: the decode part only
   ttft ttft_qwen_hostprof "${3:-200}" --shape qwen0.5b --model-dir /tmp/qwen05-shape --model-label "Qwen2.5-Coder-0.5B shape (dummy bf16)" \
     --engines dram --mode default --chunks 16 --ratios 0.15 --reps 6 --cold-reps 0 --warmup-rounds 2 --concurrency 0 \
     --max-model-len 10240 --host-profile --host-profile-reps 3
