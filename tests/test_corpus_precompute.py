@@ -18,6 +18,7 @@ import pytest
 from tests.tiny_tokenizer import build_tokenizer, passages
 from ucm.hashing import block_keys, rank_key
 from ucm.integration.vllm import corpus_precompute as cp
+from ucm.integration.vllm import precompute_cli as cli
 from ucm.integration.vllm.text_prompts import tokenize_segments
 from ucm.sparse.blend.chunking import Delimiter, split_prompt
 
@@ -74,8 +75,8 @@ def test_undecodable_bytes_are_an_error_naming_the_line(tmp_path):
 
 def test_main_exits_2_on_a_malformed_line_before_any_engine(tmp_path, capsys):
     corpus = write_lines(tmp_path / "c.jsonl", [json.dumps({"text": "ok"}), "{oops"])
-    code = cp.main(["--model", "unused", "--corpus", str(corpus), "--store", str(tmp_path / "store")])
-    assert code == cp.EXIT_USAGE
+    code = cli.main(["--model", "unused", "--corpus", str(corpus), "--store", str(tmp_path / "store")])
+    assert code == cli.EXIT_USAGE
     assert f"{corpus}:2: not valid JSON" in capsys.readouterr().err
 
 
@@ -94,8 +95,8 @@ def test_shard_arg_parses_and_validates():
 
 def test_main_exits_2_on_a_bad_shard(tmp_path, capsys):
     corpus = write_lines(tmp_path / "c.jsonl", [json.dumps({"text": "ok"})])
-    code = cp.main(["--model", "m", "--corpus", str(corpus), "--store", str(tmp_path / "s"), "--shard", "2/2"])
-    assert code == cp.EXIT_USAGE and "--shard: the index must be in 0..1" in capsys.readouterr().err
+    code = cli.main(["--model", "m", "--corpus", str(corpus), "--store", str(tmp_path / "s"), "--shard", "2/2"])
+    assert code == cli.EXIT_USAGE and "--shard: the index must be in 0..1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 7])
@@ -364,7 +365,7 @@ def test_the_connector_config_is_blend_on_the_file_store(tmp_path):
 
 
 def test_command_line_parses_into_settings(tmp_path):
-    s = cp.parse_settings(["--model", "m", "--corpus", "c.jsonl", "--store", "rel", "--shard", "1/3",
+    s = cli.parse_settings(["--model", "m", "--corpus", "c.jsonl", "--store", "rel", "--shard", "1/3",
                            "--cache-salt", "t1", "--batch-size", "4", "--block-tokens", "32", "--enforce-eager",
                            "--dtype", "float32", "--max-model-len", "512", "--text-field", "body", "--no-progress"])
     assert s.shard == cp.Shard(1, 3) and s.cache_salt == "t1" and s.batch_size == 4 and s.block_tokens == 32

@@ -24,7 +24,7 @@ def test_only_the_integration_imports_vllm():
 
 #: Command-line front ends: their usage text and one result line on stdout are what a
 #: shell user and a script read; they print only inside ``main`` and log everything else.
-CLI_MODULES = {"__main__.py", "integration/vllm/corpus_precompute.py"}
+CLI_MODULES = {"__main__.py", "integration/vllm/precompute_cli.py"}
 
 
 def test_library_code_never_prints():

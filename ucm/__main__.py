@@ -34,7 +34,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"python -m ucm: unknown command {args[0]!r}", file=sys.stderr)
         print(USAGE, end="", file=sys.stderr)
         return EXIT_USAGE
-    from ucm.integration.vllm.corpus_precompute import main as precompute
+    from ucm.integration.vllm.precompute_cli import main as precompute
 
     return precompute(args[1:], prog="python -m ucm precompute")
 

@@ -31,33 +31,29 @@ How its parts relate, and why:
   complete store starts no engine; once an engine runs, its own config is checked
   again and a differing seed (weights downloaded at start) re-plans the corpus.
 
-Library code logs; :func:`main` also prints one ``key=value`` summary line on stdout.
+Library code logs; the command line (:mod:`precompute_cli`) also prints one ``key=value``
+summary line on stdout.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from ucm.engine.corpus_plan import (  # noqa: F401  (re-exported: the command's whole surface in one place)
     DEFAULT_TEXT_FIELD, GB, ID_FIELD, ChunkPlanner, CorpusError, Document, PendingChunk, PrecomputeStats, Shard,
     SubmittedChunks, UsageError, batched, chunk_digest, count_documents, parse_summary, read_corpus, store_keys_fn)
+from ucm.integration.vllm.precompute_settings import (  # noqa: F401  (re-exported)
+    Settings, check_corpus_path, check_settings, check_store_path)
 from ucm.integration.vllm.text_prompts import tokenize_segments
 from ucm.sparse.blend.chunking import Delimiter, split_by_end_token, split_by_separator
 
 logger = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_FAILED = 1  # chunks were submitted but not all of their blocks reached the store
-EXIT_USAGE = 2  # a bad argument, corpus line or setting, refused before any compute
-EXIT_SIGNAL_BASE = 128  # interrupted: 128 + the signal number (130 for SIGINT, 143 for SIGTERM)
-
 
 # ---- documents to chunks ----------------------------------------------------------
 
@@ -127,111 +123,6 @@ class StopSignal:
     @property
     def name(self) -> Optional[str]:
         return signal.Signals(self.received).name if self.received is not None else None
-
-
-# ---- settings ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The command line, checked."""
-
-    model: str
-    corpus: str
-    store: str
-    shard: Shard = Shard()
-    text_field: str = DEFAULT_TEXT_FIELD
-    cache_salt: Optional[str] = None
-    batch_size: int = 16
-    block_tokens: Optional[int] = None  # None: the config's default
-    blend_special_str: Optional[str] = None
-    blend_chunk_end_token_id: Optional[int] = None
-    dtype: str = "auto"
-    max_model_len: Optional[int] = None
-    enforce_eager: bool = False
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: Optional[float] = None
-    progress: bool = True
-
-    def kv_transfer_config(self) -> dict[str, Any]:
-        """The connector config: Blend on a file store at ``store``, the given delimiter and
-        block size, no per-request log line (a corpus would print one per chunk)."""
-        from ucm.config import UcmConfig, UcmConfigError
-        from ucm.integration.vllm.cli_flags import blend_kv_transfer_config
-
-        try:
-            config = blend_kv_transfer_config(cache_provider=f"file:{self.store}", special_str=self.blend_special_str,
-                                              chunk_end_token_id=self.blend_chunk_end_token_id)
-            extra = config["kv_connector_extra_config"]
-            extra["log_stats"] = False
-            if self.block_tokens is not None:
-                extra["block_tokens"] = self.block_tokens
-            UcmConfig.from_dict(extra)
-        except UcmConfigError as err:
-            raise UsageError(f"bad setting: {err}") from None
-        return config
-
-    def engine_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = dict(model=self.model, dtype=self.dtype, enforce_eager=self.enforce_eager,
-                                      tensor_parallel_size=self.tensor_parallel_size)
-        if self.max_model_len is not None:
-            kwargs["max_model_len"] = self.max_model_len
-        if self.gpu_memory_utilization is not None:
-            kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
-        return kwargs
-
-
-def check_corpus_path(path: str) -> None:
-    if not os.path.exists(path):
-        raise UsageError(f"--corpus: {path} does not exist")
-    if not os.path.isfile(path):
-        raise UsageError(f"--corpus: {path} is not a file")
-    if not os.access(path, os.R_OK):
-        raise UsageError(f"--corpus: {path} is not readable")
-
-
-def check_store_path(path: str) -> None:
-    """The store root must be a directory this process can write (created if missing).
-
-    The file store would serve a read-only root read-only, skipping every save: right for
-    a serving engine, useless for a precompute, so it is refused here.
-    """
-    from ucm.store.base import StoreError
-    from ucm.store.block_files import describe_oserror, open_root
-
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"--store: {path} exists and is not a directory")
-    try:
-        writable = open_root(path)
-    except StoreError as exc:
-        raise UsageError(f"--store: {exc}") from None
-    except OSError as exc:
-        raise UsageError(f"--store: cannot use {path}: {describe_oserror(exc)}") from None
-    if not writable:
-        raise UsageError(f"--store: {path} is not writable by this process (read-only mount or permissions)")
-
-
-def check_settings(settings: Settings, env: Optional[dict[str, str]] = None) -> None:
-    """Everything that can be refused before reading the corpus or loading a model."""
-    from ucm.config import CONFIG_FILE_ENV
-
-    env = dict(os.environ) if env is None else env
-    if env.get(CONFIG_FILE_ENV, "").strip():
-        raise UsageError(f"{CONFIG_FILE_ENV} is set; ucm precompute builds its config from its own flags "
-                         f"(--store, --block-tokens, --blend-*): unset {CONFIG_FILE_ENV}")
-    if settings.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {settings.batch_size}")
-    if settings.tensor_parallel_size < 1:
-        raise UsageError(f"--tensor-parallel-size must be >= 1, got {settings.tensor_parallel_size}")
-    if settings.cache_salt is not None and not settings.cache_salt:
-        raise UsageError("--cache-salt must not be empty (leave it out for no salt)")
-    if not settings.text_field:
-        raise UsageError("--text-field must not be empty")
-    if settings.blend_special_str is not None and settings.blend_chunk_end_token_id is not None:
-        raise UsageError("give one chunk delimiter: --blend-special-str or --blend-chunk-end-token-id")
-    check_corpus_path(settings.corpus)
-    settings.kv_transfer_config()  # block size and delimiter, with the config's own checks
-    check_store_path(settings.store)
 
 
 # ---- the engine side ------------------------------------------------------------------
@@ -453,71 +344,3 @@ def run(settings: Settings, stop: Optional[StopSignal] = None) -> PrecomputeStat
     stats.seconds = time.perf_counter() - started
     logger.info("%s", stats.summary())
     return stats
-
-
-# ---- command line ---------------------------------------------------------------------
-
-
-def build_parser(prog: str = "ucm precompute") -> argparse.ArgumentParser:
-    from ucm.integration.vllm.cli_flags import DEFAULT_SPECIAL_STR
-
-    p = argparse.ArgumentParser(
-        prog=prog, description="Store each corpus document's KV as a Blend chunk in a file store, so that "
-        "served prompts holding the document reuse it. Resumable: chunks already in the store are skipped.")
-    p.add_argument("--model", required=True, help="the model, as served (path or hub name)")
-    p.add_argument("--corpus", required=True,
-                   help='JSON Lines file, one document per line: {"text": ..., "id": ...} (id optional)')
-    p.add_argument("--store", required=True, help="root directory of the file store (UcmNfsStore storage_backends)")
-    p.add_argument("--shard", default="0/1", help="i/n: process shard i (0-based) of n; run all n, on any "
-                   "hosts, into one store (default 0/1)")
-    p.add_argument("--text-field", default=DEFAULT_TEXT_FIELD, help="the field holding the text (default text)")
-    p.add_argument("--cache-salt", default=None, help="the cache_salt of the requests that will reuse the chunks")
-    p.add_argument("--batch-size", type=int, default=16, help="requests per generate call (default 16)")
-    p.add_argument("--block-tokens", type=int, default=None,
-                   help="tokens per stored block, the serving config's block_tokens (default: the config's, 16)")
-    p.add_argument("--blend-special-str", default=None,
-                   help=f"the served chunk separator text (default {DEFAULT_SPECIAL_STR!r})")
-    p.add_argument("--blend-chunk-end-token-id", type=int, default=None,
-                   help="the chunk END token id, for engines configured with chunk_end_token_id")
-    p.add_argument("--dtype", default="auto", help="model dtype, as served (it is part of the store keys)")
-    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + 1 (default: the model's)")
-    p.add_argument("--enforce-eager", action="store_true", help="run vLLM eagerly (no compilation)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="as served (it is part of the store keys)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=None, help="passed to vLLM")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
-
-
-def parse_settings(argv: Sequence[str], prog: str = "ucm precompute") -> Settings:
-    """Settings from the command line; argparse exits 2 on unknown flags, UsageError for bad values."""
-    a = build_parser(prog).parse_args(list(argv))
-    return Settings(model=a.model, corpus=a.corpus, store=os.path.abspath(a.store), shard=Shard.parse(a.shard),
-                    text_field=a.text_field, cache_salt=a.cache_salt, batch_size=a.batch_size,
-                    block_tokens=a.block_tokens, blend_special_str=a.blend_special_str,
-                    blend_chunk_end_token_id=a.blend_chunk_end_token_id, dtype=a.dtype,
-                    max_model_len=a.max_model_len, enforce_eager=a.enforce_eager,
-                    tensor_parallel_size=a.tensor_parallel_size, gpu_memory_utilization=a.gpu_memory_utilization,
-                    progress=not a.no_progress)
-
-
-def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
-    """``ucm precompute`` / ``ucm-precompute``: the exit code (0 done, 1 chunks failed to
-    store, 2 refused at start, 128 + signal number when interrupted)."""
-    if prog is None:
-        prog = "ucm-precompute" if argv is None else "ucm precompute"
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        settings = parse_settings(argv, prog)
-        with StopSignal() as stop:
-            stats = run(settings, stop)
-    except UsageError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    print(stats.summary(), flush=True)
-    if stats.interrupted is not None:
-        return EXIT_SIGNAL_BASE + int(signal.Signals[stats.interrupted])
-    return EXIT_FAILED if stats.failed else EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(main())
