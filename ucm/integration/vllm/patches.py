@@ -31,6 +31,9 @@ Patch points:
    graph, no padding rows), and patch 1 runs its model call with ``skip_compiled`` (the
    plain ``forward``, where patches 2 and 3 act). Every other step keeps vLLM's compiled
    and CUDA-graph path untouched; patches 2 and 3 step aside while Dynamo traces them.
+   For that eager call only, the model's custom ops with a platform kernel run it, and IR
+   ops put vLLM's C kernels first, as under ``enforce_eager`` (default mode leaves them
+   native for Inductor to fuse; :mod:`eager_kernels`).
 5. ``BaseRenderer._tokenize_prompt`` (API server): a text prompt holding
    ``blend_special_str`` is tokenized part by part (:mod:`text_prompts`), so a chunk's
    tokens do not depend on its neighbours.
@@ -45,11 +48,12 @@ import functools
 import importlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from ucm.engine.host_time import HOST_TIMES
+from ucm.integration.vllm.eager_kernels import EagerKernels
 from ucm.integration.vllm.startup_checks import SUPPORTED_DECODER_LAYERS, check_decoder_layers, decoder_layers
 from ucm.sparse import state
 
@@ -155,14 +159,15 @@ def _wrap_model_forward(original: Callable) -> Callable:
         start = HOST_TIMES.start()
         try:
             return _blend_forward(agent, lambda: original(self, *args, **kwargs), self.input_batch,
-                                  kwargs.get("positions"))
+                                  kwargs.get("positions"), EagerKernels.of(self.model.model))
         finally:
             HOST_TIMES.add("forward", start)
 
     return _model_forward
 
 
-def _blend_forward(agent: Any, forward: Callable[[], Any], input_batch: Any, positions: Any) -> Any:
+def _blend_forward(agent: Any, forward: Callable[[], Any], input_batch: Any, positions: Any,
+                   kernels: Optional[EagerKernels] = None) -> Any:
     """One forward under the agent; if its Blend step fails, the same batch again as a
     plain prefill.
 
@@ -178,7 +183,7 @@ def _blend_forward(agent: Any, forward: Callable[[], Any], input_batch: Any, pos
         if agent.step is None:
             out = forward()  # no Blend work: vLLM's compiled / CUDA-graph path, untouched
         else:
-            with _plain_model_forward():
+            with _plain_model_forward(), kernels.active() if kernels is not None else contextlib.nullcontext():
                 out = forward()
     except Exception as exc:  # noqa: BLE001 - a cache must not take the engine down
         if not agent.abandon_step(exc):
@@ -219,6 +224,7 @@ def install_layer_hooks(model: torch.nn.Module, agent: Any) -> None:
         norm = layer.post_attention_layernorm
         norm.forward = _wrap_post_attention_norm(norm.forward)
     agent.last_layer = end - 1
+    EagerKernels.of(model.model)  # collected (and logged) at start, not in the first Blend step
     model._ucm_layer_hooks = True
 
 
