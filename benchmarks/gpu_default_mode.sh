@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_default_mode.sh qwen      # TTFT grid, Qwen2.5-Coder-0.5B shape: plain, dram, epic (+ decode host profile)
 #   bash benchmarks/gpu_default_mode.sh overhead  # Qwen shape: decode of plain / ucm prefix-only / Blend engines, host profiles
 #   bash benchmarks/gpu_default_mode.sh blendcost # Qwen shape: where a Blend step's time goes (always blend; host times, torch profile)
-#   bash benchmarks/gpu_default_mode.sh llamacost # the same, Llama-3-8B shape at 4K and 8K
+#   bash benchmarks/gpu_default_mode.sh llamacost # the same, Llama-3-8B shape at 4K and 8K, and Blend steps on native ops
 #   bash benchmarks/gpu_default_mode.sh llama     # TTFT grid, Llama-3-8B shape: plain, plain_eager, dram (+ 32 concurrent, decode)
 #   bash benchmarks/gpu_default_mode.sh epic      # Llama-3-8B shape at 4K/8K: plain, epic
 set -uo pipefail
@@ -59,7 +59,7 @@ blendcost)  # the Blend step's cost on a host-bound model: pay policy off, ucm's
   cp /tmp/work_ttft_qwen_blendcost/profile_*.txt "$OUT"/ 2>/dev/null
   ;;
 llamacost)  # the same for the Llama-3-8B shape at 4K and 8K
-  ttft ttft_llama_blendcost "${2:-420}" --engines plain dram --mode default --chunks 8 16 --ratios 0 0.15 --reps 6 \
+  ttft ttft_llama_blendcost "${2:-420}" --engines plain dram dram_nativeops --mode default --chunks 8 16 --ratios 0 0.15 --reps 6 \
     --cold-reps 0 --warmup-rounds 2 --concurrency 0 --max-model-len 10240 --pay-policy always --host-times --profile
   cp /tmp/work_ttft_llama_blendcost/profile_*.txt "$OUT"/ 2>/dev/null
   ;;

@@ -243,6 +243,8 @@ class Bench:
             options = {}
             if self.base == "dram_nodefer":
                 options["defer_chunk_loads"] = False
+            if self.base == "dram_nativeops":
+                options["eager_kernels"] = False
             load_group = -1 if self.base in ("dram_whole", "dram_torchload") else a.load_group
             if load_group is not None:
                 options["load_layer_group"] = load_group
@@ -475,7 +477,7 @@ class Bench:
             for n in a.chunks:
                 for r in ((a.epic_ks[0], 0) if self.base == "epic" else (0.15, 0.0)):
                     self.one(self.prompts.rag(n), ratio=r)
-        ratios = {"dram": a.ratios, "dram_b64": a.b64_ratios, "epic": a.epic_ks}.get(self.base, a.file_ratios)
+        ratios = {"dram": a.ratios, "dram_nativeops": a.ratios, "dram_b64": a.b64_ratios, "epic": a.epic_ks}.get(self.base, a.file_ratios)
         if self.base.startswith("file") and a.file_cold:
             os.sync()
         def blend(n: int, r: float) -> tuple[float, Any]:
@@ -734,7 +736,7 @@ def run_engine_process(args: argparse.Namespace, kind: str, out_dir: Path, extra
 # Engine kind -> prefix of its modes in the merged table.
 PREFIX = {"plain": "", "dram": "", "plain_eager": "eager_", "dram_eager": "eager_", "dram_b64": "b64_", "dram_whole": "whole_", "dram_torchload": "torchload_",
           "dram_cudnn": "cudnn_", "dram_flex": "flex_", "dram_nodefer": "nodefer_", "file": "file_",
-          "epic": "epic_", "prefix": "prefix_", "plain_again": "again_"}
+          "epic": "epic_", "prefix": "prefix_", "plain_again": "again_", "dram_nativeops": "nativeops_"}
 MODE_ORDER = ["full_prefill", "eager_full_prefill", "prefix_hit", "eager_prefix_hit", "blend_0", "blend_0.05", "blend_0.15", "blend_0.3", "blend_1",
               "b64_blend_0", "b64_blend_0.15", "nodefer_blend_0", "nodefer_blend_0.15", "file_blend_0",
               "file_blend_0.15", "eager_blend_0", "eager_blend_0.15", "ucm_cold", "eager_ucm_cold"]
@@ -950,7 +952,8 @@ def main() -> None:
                          "written by per-layer torch ops instead of the Triton load kernel; dram_cudnn / "
                          "dram_flex: host-memory store, exact-mask attention by cuDNN / FlexAttention over "
                          "a gathered context instead of the paged Triton kernel; dram_nodefer: chunk loads "
-                         "issued before the forward (engine_options.defer_chunk_loads off)")
+                         "issued before the forward (engine_options.defer_chunk_loads off); dram_nativeops: Blend steps "
+                         "keep vLLM's native custom-op code (engine_options.eager_kernels off)")
     ap.add_argument("--chunks", nargs="+", type=int, default=[6, 8, 16], help="chunks of 512 tokens per prompt")
     ap.add_argument("--pool", type=int, default=None, help="chunks in the pool (default: max --chunks)")
     ap.add_argument("--reps", type=int, default=10)

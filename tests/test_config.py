@@ -146,6 +146,8 @@ BAD = [
      ["'l1', 'l2'", "got 'l3'"]),
     ("save-chunks-str", blend(chunk_end_token_id=2, save_chunks="true"), f"{BLEND}.save_chunks", ["expected bool"]),
     ("min-chunk-zero", blend(chunk_end_token_id=2, min_chunk_tokens=0), f"{BLEND}.min_chunk_tokens", [">= 1"]),
+    ("eager-kernels-str", {"engine_options": {"eager_kernels": "yes"}}, "engine_options.eager_kernels",
+     ["expected bool", "str"]),
 ]
 
 

@@ -228,6 +228,7 @@ class EngineOptions(Section):
     rope_slice_bytes: int = 64 << 20  # device bytes of re-rotated K per slice on the torch load path
     shrink_before_mlp: bool = True  # a check layer drops its unselected rows before its MLP
     save_copies_queued: int = 1  # device -> host save copies queued at a time on CUDA
+    eager_kernels: bool = True  # a Blend step runs vLLM's custom ops on their platform kernels (as enforce_eager)
 
     def __post_init__(self) -> None:
         expect("defer_chunk_loads", self.defer_chunk_loads, bool, "bool")
@@ -236,6 +237,7 @@ class EngineOptions(Section):
         as_int("rope_slice_bytes", self.rope_slice_bytes, lo=1)
         expect("shrink_before_mlp", self.shrink_before_mlp, bool, "bool")
         as_int("save_copies_queued", self.save_copies_queued, lo=1)
+        expect("eager_kernels", self.eager_kernels, bool, "bool")
 
 
 #: Sparse method name (key of ``ucm_sparse_config``) -> (config class, UcmConfig field).

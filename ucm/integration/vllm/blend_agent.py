@@ -56,7 +56,7 @@ class VllmBlendAgent(UcmSparseBase):
     def __init__(self, method: Blend, worker: WorkerSide, metadata: Callable[[], Optional[StepPlan]],
                  all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                  host_all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 shrink_before_mlp: bool = True) -> None:
+                 shrink_before_mlp: bool = True, eager_kernels: bool = True) -> None:
         super().__init__(method.config, UcmSparseRole.WORKER)
         self.method = method
         self.worker = worker
@@ -68,6 +68,7 @@ class VllmBlendAgent(UcmSparseBase):
         # Shrink to the kept rows inside a check layer, before its MLP (False: at the next
         # layer's start, running the check layer's MLP on every row). Exact either way.
         self.shrink_before_mlp = shrink_before_mlp
+        self.eager_kernels = eager_kernels  # read by patch 1: custom ops on their kernels in a Blend step
         self.step: Optional[BlendStep] = None
         self._began = False  # the model-runner patch announced the current forward
         self._beginning = False  # execute_begin is under way (a failure there is ucm's)

@@ -198,7 +198,8 @@ class UCMConnector(KVConnectorBase_V1):
         assert name is not None and config is not None and self.worker_side is not None
         method = create_sparse_method(name, config, UcmSparseRole.WORKER)  # Blend or EPIC: the same agent
         agent = VllmBlendAgent(method, self.worker_side, self._step_metadata, *tp_all_reduces(self.tp_size),
-                               shrink_before_mlp=self.ucm_config.engine.shrink_before_mlp)
+                               shrink_before_mlp=self.ucm_config.engine.shrink_before_mlp,
+                               eager_kernels=self.ucm_config.engine.eager_kernels)
         apply_patches()
         state.set_sparse_agent(agent)
         return agent

@@ -159,7 +159,8 @@ def _wrap_model_forward(original: Callable) -> Callable:
         start = HOST_TIMES.start()
         try:
             return _blend_forward(agent, lambda: original(self, *args, **kwargs), self.input_batch,
-                                  kwargs.get("positions"), EagerKernels.of(self.model.model))
+                                  kwargs.get("positions"),
+                                  EagerKernels.of(self.model.model) if getattr(agent, "eager_kernels", True) else None)
         finally:
             HOST_TIMES.add("forward", start)
 
