@@ -153,7 +153,8 @@ def test_a_long_run_of_blend_decisions_remeasures_a_plain_prefill_once():
     ``remeasure_every`` blend decisions in a row, one request whose plain estimate is within
     ``remeasure_within`` of Blend's runs plain. Far from a tie, Blend keeps every request."""
     policy = BlendPayPolicy(PRE, remeasure_every=4)
-    policy.observe(StepSample(rows=4096, seconds=0.150))  # one slow plain step
+    for _ in range(3):  # slow plain steps (enough of them: no "measuring plain" first)
+        policy.observe(StepSample(rows=4096, seconds=0.150))
     for _ in range(3):
         policy.observe(StepSample(rows=4096, blend=True, kept=800, seconds=0.120))
     reasons = [policy.decide(4096, 3500, 0.15).reason for _ in range(9)]
@@ -226,3 +227,37 @@ def test_chunks_are_worth_saving_only_where_reusing_them_could_ever_pay():
     assert not small.worth_saving(8192, 8000, 0.15)
     assert not small.worth_saving(1024, 1000, 0.0)
     assert not small.worth_saving(8192, 8000, 1.0)  # recomputing every row never pays
+
+
+def test_a_near_tie_at_a_size_with_few_plain_samples_measures_plain_first():
+    """8B shape on an H100 at ~1.1K tokens: the plain price came from one slow plain step at
+    that size (42 ms estimated, ~20 ms real), Blend looked 20% cheaper, and the blended
+    requests were 0.73-0.93x a plain prefill. Where the estimates are close and fewer than
+    ``explore`` plain steps of this size were measured, the request runs plain ("measuring
+    plain"): a plain run is never slower than vLLM alone, and it prices the size. At most
+    ``explore`` such runs per size, however many requests arrive before their samples do."""
+    policy = BlendPayPolicy(PRE, explore=3)
+    for rows, seconds in ((2144, 0.043), (4192, 0.095), (8288, 0.204)):
+        for _ in range(3):
+            policy.observe(StepSample(rows=rows, seconds=seconds))
+    policy.observe(StepSample(rows=1120, seconds=0.060))  # one slow first step at ~1.1K
+    for _ in range(3):
+        policy.observe(StepSample(rows=4192, blend=True, kept=900, seconds=0.040))
+    first = policy.decide(1120, 1024, 0.15)
+    assert not first.blend and first.reason == "measuring plain"
+    assert policy.decide(1120, 1024, 0.15).reason == "measuring plain"  # the second of the three
+    for _ in range(2):  # the two plain runs report their (real) cost
+        policy.observe(StepSample(rows=1120, seconds=0.021))
+    settled = policy.decide(1120, 1024, 0.15)
+    assert settled.reason == "does not pay" and settled.plain_ms < 30
+    # Far from a tie, Blend is not held back by a sparse size: 8K stays "pays" at once.
+    assert policy.decide(8288, 8192, 0.15).reason == "pays"
+
+
+def test_measuring_plain_asks_no_more_runs_than_explore_while_samples_are_in_flight():
+    policy = BlendPayPolicy(PRE, explore=3)
+    policy.observe(StepSample(rows=4096, seconds=0.100))
+    for _ in range(3):
+        policy.observe(StepSample(rows=4096, blend=True, kept=800, seconds=0.075))
+    reasons = [policy.decide(4096, 3500, 0.15).reason for _ in range(6)]
+    assert reasons == ["measuring plain"] * 2 + ["pays"] * 4

@@ -28,8 +28,10 @@ Until both a plain rate and ``explore`` Blend steps are known the policy blends 
 measure Blend to judge it); the fixed cost is the median of the recent Blend steps', so
 one slow first step does not condemn Blend; after a long run of "does not pay" one
 near-paying request is blended again to re-measure (``remeasure_every``), and after a long
-run of "pays" one near-tie request runs plain ("re-measuring plain"). Pure Python,
-no vLLM, no tensors.
+run of "pays" one near-tie request runs plain ("re-measuring plain"). A near tie at a size
+with fewer than ``explore`` plain steps runs plain first ("measuring plain", at most
+``explore`` runs a half-octave of rows): the plain price there may rest on one slow step.
+Pure Python, no vLLM, no tensors.
 """
 
 from __future__ import annotations
@@ -108,10 +110,18 @@ class _PlainCurve:
     def known(self) -> bool:
         return bool(self._bins)
 
+    @staticmethod
+    def bin_of(rows: int) -> int:
+        """The half-octave of ``rows`` that samples are kept under."""
+        return round(2 * math.log2(max(rows, 1)))
+
     def add(self, rows: int, seconds: float) -> None:
-        key = round(2 * math.log2(rows))
-        self._bins.setdefault(key, deque(maxlen=self.keep)).append((rows, seconds))
+        self._bins.setdefault(self.bin_of(rows), deque(maxlen=self.keep)).append((rows, seconds))
         self._fit = None
+
+    def count(self, rows: int) -> int:
+        """Plain steps kept in the half-octave of ``rows``."""
+        return len(self._bins.get(self.bin_of(rows), ()))
 
     def _points(self) -> list[tuple[float, float]]:
         points = []
@@ -169,7 +179,7 @@ class BlendPayPolicy:
 
     def __init__(self, pre: float, *, enabled: bool = True, min_rows: int = MIN_PLAIN_ROWS, alpha: float = 0.25,
                  margin: float = 0.05, explore: int = 3, keep_blend_samples: int = 16,
-                 remeasure_every: int = 64, remeasure_within: float = 1.5) -> None:
+                 remeasure_every: int = 64, remeasure_within: float = 1.5, measure_within: float = 2.0) -> None:
         if not 0.0 <= pre <= 1.0:  # 0: no layer computes every row (EPIC)
             raise ValueError(f"pre must be in [0, 1], got {pre}")
         self.pre = pre
@@ -183,11 +193,18 @@ class BlendPayPolicy:
         # within ``remeasure_within`` of plain blends again ("re-measuring").
         self.remeasure_every = remeasure_every
         self.remeasure_within = remeasure_within
+        # "Measuring plain": Blend's estimate within this factor of a plain price resting on
+        # fewer than ``explore`` plain steps of the size (one slow first step read 2x high on
+        # an H100) is checked by running plain first.
+        self.measure_within = measure_within
         # The mirror: a "pays" resting on a plain price from a slow step (an engine's first
         # forward) would never be revisited either, since only plain runs measure plain: after
         # ``remeasure_every`` blend decisions in a row, one near-tie request runs plain.
         self._plain_streak = 0
         self._blend_streak = 0
+        # Plain runs asked per half-octave of rows to price a size ("measuring plain"), so
+        # requests decided before those runs report do not all run plain.
+        self._plain_asked: dict[int, int] = {}
         self._plain = _PlainCurve()
         self._load = _Ewma(alpha)
         # Recent Blend steps: their fixed cost is refitted against the current plain line,
@@ -204,6 +221,11 @@ class BlendPayPolicy:
             self._blend.append(sample)
         elif sample.rows >= self.min_rows and sample.seconds > 0:
             self._plain.add(sample.rows, sample.seconds)
+
+    def _plain_sparse(self, rows: int) -> bool:
+        """Fewer than ``explore`` plain steps of this size measured or asked for."""
+        asked = self._plain_asked.get(_PlainCurve.bin_of(rows), 0)
+        return self._plain.count(rows) + asked < self.explore
 
     def plain_seconds(self, rows: int) -> float:
         """What a plain prefill of ``rows`` rows costs here, from the plain steps measured."""
@@ -257,6 +279,13 @@ class BlendPayPolicy:
         plain = self._plain(rows)
         blend = self._blend_seconds(rows, reusable, ratio)
         pays = blend <= plain * (1.0 - self.margin)
+        if pays and plain <= blend * self.measure_within and self._plain_sparse(rows):
+            # A close call priced from fewer than ``explore`` plain steps of this size (one
+            # slow first step can set it): run plain, which is never slower than vLLM alone,
+            # and let the run price the size.
+            self._plain_asked[_PlainCurve.bin_of(rows)] = self._plain_asked.get(_PlainCurve.bin_of(rows), 0) + 1
+            self._blend_streak = 0
+            return PayDecision(False, "measuring plain", plain * 1e3, blend * 1e3)
         if pays:
             self._plain_streak = 0
             self._blend_streak += 1
