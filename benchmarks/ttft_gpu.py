@@ -676,6 +676,9 @@ def engine_main(args: argparse.Namespace) -> None:
                 bench.decode("decode_full_prefill", None, salted=True)
             else:
                 bench.decode("decode_blend_0.15", 0.15, salted=False)
+                # The same after a prefill ucm runs plain (ratio 1.0 under the default policy):
+                # whether decode cost depends on how the request's prefill ran.
+                bench.decode("decode_ran_plain", 1.0, salted=False)
         bench.decode_profile()
     elif base == "plain":
         bench.run_plain()

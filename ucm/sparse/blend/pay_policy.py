@@ -283,7 +283,8 @@ class BlendPayPolicy:
             # A close call priced from fewer than ``explore`` plain steps of this size (one
             # slow first step can set it): run plain, which is never slower than vLLM alone,
             # and let the run price the size.
-            self._plain_asked[_PlainCurve.bin_of(rows)] = self._plain_asked.get(_PlainCurve.bin_of(rows), 0) + 1
+            size = _PlainCurve.bin_of(rows)
+            self._plain_asked[size] = self._plain_asked.get(size, 0) + 1
             self._blend_streak = 0
             return PayDecision(False, "measuring plain", plain * 1e3, blend * 1e3)
         if pays:
