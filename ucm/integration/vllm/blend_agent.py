@@ -68,7 +68,8 @@ class VllmBlendAgent(UcmSparseBase):
         # Shrink to the kept rows inside a check layer, before its MLP (False: at the next
         # layer's start, running the check layer's MLP on every row). Exact either way.
         self.shrink_before_mlp = shrink_before_mlp
-        self.eager_kernels = eager_kernels  # read by patch 1: custom ops on their kernels in a Blend step
+        self.eager_kernels = eager_kernels  # custom ops on their kernels in a Blend step (patches 1 and 2)
+        self.step_kernels: Any = None  # the model's switches (eager_kernels.EagerKernels), set by patch 2
         self.step: Optional[BlendStep] = None
         self._began = False  # the model-runner patch announced the current forward
         self._beginning = False  # execute_begin is under way (a failure there is ucm's)

@@ -159,16 +159,14 @@ def _wrap_model_forward(original: Callable) -> Callable:
         start = HOST_TIMES.start()
         try:
             return _blend_forward(agent, lambda: original(self, *args, **kwargs), self.input_batch,
-                                  kwargs.get("positions"),
-                                  EagerKernels.of(self.model.model) if getattr(agent, "eager_kernels", True) else None)
+                                  kwargs.get("positions"))
         finally:
             HOST_TIMES.add("forward", start)
 
     return _model_forward
 
 
-def _blend_forward(agent: Any, forward: Callable[[], Any], input_batch: Any, positions: Any,
-                   kernels: Optional[EagerKernels] = None) -> Any:
+def _blend_forward(agent: Any, forward: Callable[[], Any], input_batch: Any, positions: Any) -> Any:
     """One forward under the agent; if its Blend step fails, the same batch again as a
     plain prefill.
 
@@ -184,6 +182,7 @@ def _blend_forward(agent: Any, forward: Callable[[], Any], input_batch: Any, pos
         if agent.step is None:
             out = forward()  # no Blend work: vLLM's compiled / CUDA-graph path, untouched
         else:
+            kernels: Optional[EagerKernels] = getattr(agent, "step_kernels", None)  # set by install_layer_hooks
             with _plain_model_forward(), kernels.active() if kernels is not None else contextlib.nullcontext():
                 out = forward()
     except Exception as exc:  # noqa: BLE001 - a cache must not take the engine down
@@ -225,7 +224,8 @@ def install_layer_hooks(model: torch.nn.Module, agent: Any) -> None:
         norm = layer.post_attention_layernorm
         norm.forward = _wrap_post_attention_norm(norm.forward)
     agent.last_layer = end - 1
-    EagerKernels.of(model.model)  # collected (and logged) at start, not in the first Blend step
+    # Collected (and logged) once, at start: a Blend step only switches them.
+    agent.step_kernels = EagerKernels.of(model.model) if getattr(agent, "eager_kernels", True) else None
     model._ucm_layer_hooks = True
 
 
