@@ -1,6 +1,6 @@
 """Where does Blend lose quality? Variants of the algorithm on real weights, CPU, float32.
 
-The GPU quality run (docs/BENCHMARKS.md) found Blend at ratio 0.15 3.6 F1 points below a
+The GPU quality run (docs/BENCHMARKS_QUALITY.md) found Blend at ratio 0.15 3.6 F1 points below a
 full prefill. This script asks *why* without vLLM: the pure-torch reference decoder
 (``ucm.sparse.blend.reference.TinyDecoder``) loaded with real weights runs, per HotpotQA
 question, a full prefill and several Blend variants on the same prompt, and compares the
