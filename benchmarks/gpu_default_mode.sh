@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_default_mode.sh check     # gpu_check: inspect, control, equality (bf16)
 #   bash benchmarks/gpu_default_mode.sh qwen      # TTFT grid, Qwen2.5-Coder-0.5B shape: plain, dram, epic (+ decode host profile)
 #   bash benchmarks/gpu_default_mode.sh overhead  # Qwen shape: decode of plain / ucm prefix-only / Blend engines, host profiles
+#   bash benchmarks/gpu_default_mode.sh hostprof  # Qwen shape: cProfile of plain-run, cold and back-to-back cold requests, plain and dram
 #   bash benchmarks/gpu_default_mode.sh blendcost # Qwen shape: where a Blend step's time goes (always blend; host times, torch profile)
 #   bash benchmarks/gpu_default_mode.sh llamacost # the same, Llama-3-8B shape at 4K and 8K, and Blend steps on native ops
 #   bash benchmarks/gpu_default_mode.sh llama     # TTFT grid, Llama-3-8B shape: plain, plain_eager, dram (+ 32 concurrent, decode)
@@ -50,7 +51,13 @@ overhead)  # where a step's host time goes with ucm loaded: decode per engine ki
   ttft ttft_qwen_hostprof "${3:-200}" --shape qwen0.5b --model-dir /tmp/qwen05-shape --model-label "Qwen2.5-Coder-0.5B shape (dummy bf16)" \
     --engines dram --mode default --chunks 16 --ratios 0.15 --reps 6 --cold-reps 0 --warmup-rounds 2 --concurrency 0 \
     --max-model-len 10240 --host-profile --host-profile-reps 3
-  cp /tmp/work_ttft_qwen_hostprof/hostprofile_dram.txt "$OUT"/ 2>/dev/null
+  cp /tmp/work_ttft_qwen_hostprof/hostprofile_dram_*.txt "$OUT"/ 2>/dev/null
+  ;;
+hostprof)  # cProfile of plain-run, cold and back-to-back cold requests (Qwen shape, 8K): ucm's host time per function
+  ttft ttft_qwen_hostprof "${2:-300}" --shape qwen0.5b --model-dir /tmp/qwen05-shape --model-label "Qwen2.5-Coder-0.5B shape (dummy bf16)" \
+    --engines plain dram --mode default --chunks 16 --ratios 0.15 --reps 3 --cold-reps 3 --warmup-rounds 2 --concurrency 0 \
+    --max-model-len 10240 --host-times --host-profile --host-profile-reps 3 --host-profile-modes blend cold cold_chained
+  cp /tmp/work_ttft_qwen_hostprof/hostprofile_*.txt "$OUT"/ 2>/dev/null
   ;;
 blendcost)  # the Blend step's cost on a host-bound model: pay policy off, ucm's host phases, a torch profile
   ttft ttft_qwen_blendcost "${2:-420}" --shape qwen0.5b --model-dir /tmp/qwen05-shape --model-label "Qwen2.5-Coder-0.5B shape (dummy bf16)" \
@@ -72,6 +79,6 @@ epic)
     --cold-reps 0 --concurrency 0 --max-model-len 10240
   ;;
 *)
-  echo "usage: $0 check|qwen|overhead|blendcost|llamacost|llama|epic [seconds]" >&2; exit 2
+  echo "usage: $0 check|qwen|overhead|hostprof|blendcost|llamacost|llama|epic [seconds]" >&2; exit 2
   ;;
 esac

@@ -502,8 +502,22 @@ class Bench:
                 self.record("ucm_cold", n, times)
 
     def host_profile(self) -> None:
-        """cProfile (host time, every Python function) over blend requests at the largest
-        size, ratio 0.15: where the wall time that no kernel accounts for goes."""
+        """cProfile (host time, every Python function) over requests at the largest size,
+        one profile per ``--host-profile-modes`` entry: where the wall time that no kernel
+        accounts for goes.
+
+        ``blend``: ratio 0.15 (the pay policy may run them plain); ``cold``: salted prompts
+        that save every block, each after the last one's saves landed; ``cold_chained``:
+        the same back to back, as the grid's ``ucm_cold`` cells run (a save still in flight
+        competes with the next request)."""
+        from ucm.engine.inflight import INFLIGHT
+
+        self.one(self.prompts.rag(max(self.args.chunks)), ratio=0.15)
+        for mode in self.args.host_profile_modes:
+            _wait_saves(INFLIGHT)  # saves of earlier requests would compete for the GIL
+            self._host_profile_mode(mode)
+
+    def _host_profile_mode(self, mode: str) -> None:
         import cProfile
         import io
         import pstats
@@ -512,33 +526,31 @@ class Bench:
 
         n = max(self.args.chunks)
         reps = max(1, self.args.host_profile_reps)
-        self.one(self.prompts.rag(n), ratio=0.15)
-        _wait_saves(INFLIGHT)  # saves of earlier (cold) requests would compete for the GIL
         prof = cProfile.Profile()
         walls = []
-        cold = self.args.host_profile_cold
+        cold = mode.startswith("cold")
         for i in range(reps):
             ids = self.prompts.rag(n)
             prof.enable()
             if cold:  # a salted prompt: no prefix hit, every block saved
-                dt, _ = self.one(ids, salt=f"hostprof-{i}-{random.random()}")
+                dt, out = self.one(ids, salt=f"hostprof-{i}-{random.random()}")
             else:
-                dt, _ = self.one(ids, ratio=0.15)
+                dt, out = self.one(ids, ratio=0.15)
             prof.disable()
-            walls.append(dt)
-            if cold:  # the next request starts as the cold reps do
+            walls.append((dt, self.stats(out).get("blend_reason", "-")))
+            if mode == "cold":  # the next request starts with no save in flight
                 _wait_saves(INFLIGHT)
-        what = "ucm_cold" if cold else "blend_0.15"
         text = io.StringIO()
-        text.write(f"host profile, {reps} {what} requests of {n} chunks; wall under cProfile per request: "
-                   f"{', '.join(f'{w * 1e3:.1f}' for w in walls)} ms (times below are totals over all)\n")
+        text.write(f"host profile [{self.kind}] {mode}: {reps} requests of {n} chunks; wall under cProfile per "
+                   f"request (pay decision): {', '.join(f'{w * 1e3:.1f} ({r})' for w, r in walls)} ms "
+                   "(times below are totals over all)\n")
         stats = pstats.Stats(prof, stream=text)
         stats.sort_stats("cumulative").print_stats(60)
         stats.sort_stats("tottime").print_stats(40)
         stats.sort_stats("ncalls").print_stats(40)
-        prof.dump_stats(str(Path(self.args.work_dir) / f"hostprofile_{safe(self.kind)}.pstats"))
-        out = Path(self.args.work_dir) / f"hostprofile_{safe(self.kind)}.txt"
-        out.write_text(text.getvalue())
+        name = f"hostprofile_{safe(self.kind)}_{mode}"
+        prof.dump_stats(str(Path(self.args.work_dir) / f"{name}.pstats"))
+        (Path(self.args.work_dir) / f"{name}.txt").write_text(text.getvalue())
         print(text.getvalue()[:12000], flush=True)
 
     def decode_profile(self) -> None:
@@ -686,7 +698,7 @@ def engine_main(args: argparse.Namespace) -> None:
         bench.run_ucm()
     if args.profile and args.engine in args.profile_engines:
         bench.profile()
-    if args.host_profile and base != "plain":
+    if args.host_profile:  # plain too: vLLM's own host time per function, to compare with
         bench.host_profile()
     if args.decode_profile and base in ("plain", "dram") and not args.decode_only:
         bench.decode_profile()
@@ -885,9 +897,8 @@ def driver(args: argparse.Namespace) -> None:
     if args.trace:
         common.append("--trace")
     if args.host_profile:
-        common += ["--host-profile", "--host-profile-reps", str(args.host_profile_reps)]
-        if args.host_profile_cold:
-            common.append("--host-profile-cold")
+        common += ["--host-profile", "--host-profile-reps", str(args.host_profile_reps),
+                   "--host-profile-modes", *args.host_profile_modes]
     if args.host_times:
         common.append("--host-times")
     if args.decode_profile:
@@ -1020,8 +1031,10 @@ def main() -> None:
     ap.add_argument("--decode-profile", action="store_true",
                     help="cProfile one batch-1 decode (plain and dram engines): host time per function")
     ap.add_argument("--host-profile-reps", type=int, default=3)
-    ap.add_argument("--host-profile-cold", action="store_true",
-                    help="host-profile cold requests (salted prompts that save every block) instead of 0.15")
+    ap.add_argument("--host-profile-modes", nargs="+", default=["blend"], choices=["blend", "cold", "cold_chained"],
+                    help="what --host-profile profiles, one profile each: blend (ratio 0.15 requests), cold "
+                         "(salted prompts saving every block, each after the last one's saves landed), "
+                         "cold_chained (the same back to back)")
     ap.add_argument("--host-times", action="store_true",
                     help="record ucm's host time per phase (plan, load, forward, ...) of every timed request")
     ap.add_argument("--trace", action="store_true")
