@@ -52,10 +52,34 @@ def test_salt_model_dtype_and_tp_isolate_keys():
     assert CTX.seed("tenant-a") != CTX.seed("tenant-b")
 
 
-def test_rank_keys_differ_per_rank():
+def test_rank_keys_differ_per_rank_and_rank_zero_is_the_logical_key():
+    """Rank 0's shard is stored under the logical key itself: with one GPU (most engines)
+    no second hash per block. The seed mixes the TP size, so a TP=1 key is never a TP=2
+    rank-0 key."""
     key = block_keys(CTX.seed(), list(range(16)), 16)[0]
-    assert rank_key(key, 0) != rank_key(key, 1)
-    assert rank_key(key, 0) == rank_key(key, 0)
+    assert rank_key(key, 0) == key
+    assert len({rank_key(key, r) for r in range(4)}) == 4
+    two = HashContext("tiny-llama", "torch.float32", tp_size=2)
+    assert rank_key(block_keys(two.seed(), list(range(16)), 16)[0], 0) != key
+
+
+def test_key_format_3_is_one_blake2b_of_parent_and_little_endian_tokens():
+    """The layout other processes and stored files rely on: a block's key is BLAKE2b-256 of
+    its parent key (32 bytes) followed by its tokens as little-endian int64, in one call."""
+    import hashlib
+    import struct
+
+    from ucm.hashing import KEY_FORMAT
+
+    assert KEY_FORMAT == 3
+    seed = CTX.seed()
+    tokens = [5, 2**40, 0, 7] * 8
+    keys = block_keys(seed, tokens, 16)
+    parent = seed
+    for i, key in enumerate(keys):
+        want = hashlib.blake2b(parent + struct.pack("<16q", *tokens[16 * i:16 * i + 16]), digest_size=32).digest()
+        assert key == want
+        parent = key
 
 
 def test_block_size_changes_keys():
@@ -100,3 +124,4 @@ def test_memoised_chunk_and_rank_keys_equal_fresh_hashes():
     assert chunk_block_keys(CTX.seed(), chunk, 4) == first
     key = first[0]
     assert rank_key(key, 1) == _digest(b"rank", key, struct.pack("<I", 1))
+    assert rank_key(key, 0) == key

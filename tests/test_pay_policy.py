@@ -13,7 +13,9 @@ def _policy(per_token_s: float, fixed_s: float, **kw) -> BlendPayPolicy:
     """A policy fed with steps of a prefill costing per_token_s a row and Blend steps
     costing fixed_s more than their rows' compute."""
     policy = BlendPayPolicy(PRE, **kw)
-    policy.observe(StepSample(rows=4096, seconds=4096 * per_token_s))
+    for rows in (1024, 4096, 8192):  # plain steps at the sizes asked (none is priced from others)
+        for _ in range(3):
+            policy.observe(StepSample(rows=rows, seconds=rows * per_token_s))
     for rows in (2048, 4096, 8192):
         kept = int(rows * 0.2)
         policy.observe(StepSample(rows=rows, blend=True, kept=kept,
@@ -72,7 +74,8 @@ def test_blend_samples_before_any_plain_rate_are_fitted_later():
     for _ in range(3):
         policy.observe(StepSample(rows=8192, blend=True, kept=1638, seconds=0.075))
     assert not policy.measured
-    policy.observe(StepSample(rows=8192, seconds=0.216))
+    for _ in range(3):
+        policy.observe(StepSample(rows=8192, seconds=0.216))
     assert policy.measured and policy.decide(8192, 7000, 0.15).blend
 
 
@@ -115,7 +118,8 @@ def test_a_wrong_does_not_pay_corrects_itself_from_the_plain_run():
         policy.observe(StepSample(rows=1400, blend=True, kept=280,
                                   seconds=0.02 + true_rate * policy.equivalent_rows(1400, 280)))
     assert policy.fixed_cost() > 0.1  # the short prompts' price leaves Blend's compute in "fixed"
-    policy.observe(StepSample(rows=1400, seconds=_attention_bound(1400)))  # a request run plain
+    for _ in range(3):  # requests run plain (the first measuring the size)
+        policy.observe(StepSample(rows=1400, seconds=_attention_bound(1400)))
     policy.observe(StepSample(rows=600, seconds=_attention_bound(600)))
     decision = policy.decide(1400, 1300, 0.15)
     assert abs(decision.plain_ms / 1e3 - _attention_bound(1400)) / _attention_bound(1400) < 0.1
@@ -127,7 +131,8 @@ def test_one_slow_first_blend_step_does_not_condemn_blend():
     """The first Blend step pays one-time costs (a kernel's first call): the median of the
     recent steps, not their mean, sets the fixed cost."""
     policy = BlendPayPolicy(PRE)
-    policy.observe(StepSample(rows=4096, seconds=4096 * 26e-6))
+    for _ in range(3):
+        policy.observe(StepSample(rows=8192, seconds=8192 * 26e-6))
     for seconds in (0.9, 0.075, 0.076):  # first step 12x slower than the others
         policy.observe(StepSample(rows=8192, blend=True, kept=1638, seconds=seconds))
     assert policy.decide(8192, 7000, 0.15).blend
@@ -160,7 +165,8 @@ def test_a_long_run_of_blend_decisions_remeasures_a_plain_prefill_once():
     reasons = [policy.decide(4096, 3500, 0.15).reason for _ in range(9)]
     assert reasons == ["pays"] * 3 + ["re-measuring plain"] + ["pays"] * 3 + ["re-measuring plain", "pays"]
     far = BlendPayPolicy(PRE, remeasure_every=2)  # Blend far cheaper: never re-measured
-    far.observe(StepSample(rows=4096, seconds=1.0))
+    for _ in range(3):
+        far.observe(StepSample(rows=4096, seconds=1.0))
     for _ in range(3):
         far.observe(StepSample(rows=4096, blend=True, kept=800, seconds=0.05))
     assert all(far.decide(4096, 3500, 0.15).reason == "pays" for _ in range(6))
@@ -261,3 +267,23 @@ def test_measuring_plain_asks_no_more_runs_than_explore_while_samples_are_in_fli
         policy.observe(StepSample(rows=4096, blend=True, kept=800, seconds=0.075))
     reasons = [policy.decide(4096, 3500, 0.15).reason for _ in range(6)]
     assert reasons == ["measuring plain"] * 2 + ["pays"] * 4
+
+
+def test_a_pays_priced_from_other_sizes_measures_plain_first_however_wide_the_gap():
+    """0.5B shape on an H100 at ~8.3K tokens: the only plain steps were the ~550-row chunk
+    precomputes (3 ms each, mostly per-step overhead), so the 8K plain price was extrapolated
+    per row to ~45 ms; a Blend step cost ~20 ms, and Blend "paid" by 2x. The plain forward
+    really cost ~14.5 ms: the blended requests were 0.79x a plain prefill. A "pays" at a size
+    without ``explore`` plain steps of its own runs plain first, however wide the estimated
+    gap: a plain run is never slower than vLLM alone, and it prices the size."""
+    policy = BlendPayPolicy(PRE, explore=3)
+    for _ in range(16):  # chunk precomputes: the only plain steps so far
+        policy.observe(StepSample(rows=550, seconds=0.003))
+    for _ in range(3):
+        policy.observe(StepSample(rows=8288, blend=True, kept=1300, seconds=0.020))
+    first = policy.decide(8288, 8192, 0.15)
+    assert not first.blend and first.reason == "measuring plain"
+    assert first.plain_ms > 2 * first.blend_ms  # the estimated gap was wide
+    policy.observe(StepSample(rows=8288, seconds=0.0145))  # the plain run reports its real cost
+    settled = policy.decide(8288, 8192, 0.15)
+    assert not settled.blend and settled.plain_ms < 16
