@@ -41,7 +41,7 @@ check)
 qwen)
   ttft ttft_qwen "${2:-330}" --shape qwen0.5b --model-dir /tmp/qwen05-shape --model-label "Qwen2.5-Coder-0.5B shape (dummy bf16)" \
     --engines plain dram epic --epic-ks 16 "${GRID[@]}" --concurrency 32 --tput-chunks 16 --decode-profile \
-    --tput-max-tokens 128 --decode-batches 1 32 --decode-chunks 8
+    --tput-max-tokens 128 --decode-batches 1 32 --decode-chunks 8 --host-times
   ;;
 overhead)  # where a step's host time goes with ucm loaded: decode per engine kind, host profile of plain-decided requests
   ttft ttft_qwen_decode "${2:-300}" --shape qwen0.5b --model-dir /tmp/qwen05-shape --model-label "Qwen2.5-Coder-0.5B shape (dummy bf16)" \
@@ -72,7 +72,7 @@ llamacost)  # the same for the Llama-3-8B shape at 4K and 8K
   ;;
 llama)
   ttft ttft_llama "${2:-580}" --engines plain dram plain_eager "${GRID[@]}" --concurrency 32 --tput-chunks 16 \
-    --tput-max-tokens 128 --decode-batches 1 32 --decode-chunks 8
+    --tput-max-tokens 128 --decode-batches 1 32 --decode-chunks 8 --host-times
   ;;
 epic)
   ttft ttft_epic "${2:-400}" --engines plain epic --epic-ks 16 32 --mode default --chunks 8 16 --reps 6 \
