@@ -381,38 +381,54 @@ class Bench:
         print(f"[{self.kind}] throughput {n_chunks:2d} chunks {mode}: {entry}", flush=True)
 
     def decode(self, mode: str, ratio: Optional[float], salted: bool) -> None:
+        """Decode time per output token of one mode (see :meth:`decode_modes`)."""
+        self.decode_modes([(mode, ratio)], salted)
+
+    def decode_modes(self, modes: list[tuple[str, Optional[float]]], salted: bool) -> None:
         """Decode time per output token at each ``--decode-batches`` size: that many RAG
         prompts of ``--decode-chunks`` chunks at once, ``--decode-tokens`` greedy tokens
         each; per request (last_token_ts - first_token_ts) / (tokens - 1) from vLLM's
         engine-core timestamps (the prefill is outside it), median over requests and
-        ``--decode-reps`` repeats. The wall time of the batch is kept next to it."""
+        ``--decode-reps`` repeats. The wall time of the batch is kept next to it.
+
+        Several ``(mode, ratio)`` are timed in alternation, repeat by repeat (their order
+        turning each repeat): the host's speed drifts over tens of seconds, and timed one
+        after the other a later mode read up to 17% slower per token in the same engine."""
         a = self.args
         n_tok = a.decode_tokens
         chunks = min(a.decode_chunks, len(self.prompts.chunks))
         for batch in a.decode_batches:
-            per_token, walls = [], []
+            per_token: dict[str, list[float]] = {m: [] for m, _ in modes}
+            walls: dict[str, list[float]] = {m: [] for m, _ in modes}
+            last: dict[str, Any] = {}
             for rep in range(a.decode_reps + 1):  # the first repeat is a warm-up
-                prompts = []
-                for i in range(batch):
-                    p: dict[str, Any] = {"prompt_token_ids": self.prompts.rag(chunks)}
-                    if salted:
-                        p["cache_salt"] = f"decode-{batch}-{rep}-{i}-{random.random()}"
-                    prompts.append(p)
-                t0 = time.perf_counter()
-                outs = self.llm.generate(prompts, [self.params(ratio, max_tokens=n_tok)] * batch, use_tqdm=False)
-                wall = time.perf_counter() - t0
-                if rep:
-                    per_token += _decode_ms(outs, each=True)
-                    walls.append(wall)
-            entry = {"batch": batch, "new_tokens": n_tok, "context_chunks": chunks,
-                     "ms_per_token": round(statistics.median(per_token), 3) if per_token else None,
-                     "ms_per_token_min": round(min(per_token), 3) if per_token else None,
-                     "ms_per_token_max": round(max(per_token), 3) if per_token else None,
-                     "wall_s": [round(w, 3) for w in walls]}
-            if self.base != "plain":
-                entry["ucm"] = _summarise_stats([self.stats(o) for o in outs])
-            self.results.setdefault("decode", {}).setdefault(str(batch), {})[mode] = entry
-            print(f"[{self.kind}] decode batch {batch:2d} {mode}: {entry}", flush=True)
+                turn = rep % len(modes)
+                for mode, ratio in modes[turn:] + modes[:turn]:
+                    prompts = []
+                    for i in range(batch):
+                        p: dict[str, Any] = {"prompt_token_ids": self.prompts.rag(chunks)}
+                        if salted:
+                            p["cache_salt"] = f"decode-{batch}-{rep}-{i}-{random.random()}"
+                        prompts.append(p)
+                    t0 = time.perf_counter()
+                    outs = self.llm.generate(prompts, [self.params(ratio, max_tokens=n_tok)] * batch,
+                                             use_tqdm=False)
+                    wall = time.perf_counter() - t0
+                    if rep:
+                        per_token[mode] += _decode_ms(outs, each=True)
+                        walls[mode].append(wall)
+                        last[mode] = outs
+            for mode, _ in modes:
+                times = per_token[mode]
+                entry = {"batch": batch, "new_tokens": n_tok, "context_chunks": chunks,
+                         "ms_per_token": round(statistics.median(times), 3) if times else None,
+                         "ms_per_token_min": round(min(times), 3) if times else None,
+                         "ms_per_token_max": round(max(times), 3) if times else None,
+                         "wall_s": [round(w, 3) for w in walls[mode]]}
+                if self.base != "plain" and mode in last:
+                    entry["ucm"] = _summarise_stats([self.stats(o) for o in last[mode]])
+                self.results.setdefault("decode", {}).setdefault(str(batch), {})[mode] = entry
+                print(f"[{self.kind}] decode batch {batch:2d} {mode}: {entry}", flush=True)
 
     # ---- the scenarios ------------------------------------------------------------
     def run_plain(self) -> None:
@@ -687,10 +703,9 @@ def engine_main(args: argparse.Namespace) -> None:
             if base in ("plain", "prefix"):
                 bench.decode("decode_full_prefill", None, salted=True)
             else:
-                bench.decode("decode_blend_0.15", 0.15, salted=False)
-                # The same after a prefill ucm runs plain (ratio 1.0 under the default policy):
+                # Also after a prefill ucm runs plain (ratio 1.0 under the default policy):
                 # whether decode cost depends on how the request's prefill ran.
-                bench.decode("decode_ran_plain", 1.0, salted=False)
+                bench.decode_modes([("decode_blend_0.15", 0.15), ("decode_ran_plain", 1.0)], salted=False)
         bench.decode_profile()
     elif base == "plain":
         bench.run_plain()
