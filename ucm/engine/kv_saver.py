@@ -192,6 +192,8 @@ class KVSaver:
 
     def reap(self, wait: bool = False) -> None:
         """Collect finished dumps; a failed dump is a future miss, logged, never fatal."""
+        if not self.pending:
+            return
         still = []
         for task in self.pending:
             if wait or task.done():

@@ -32,7 +32,7 @@ class ForwardTimer:
     def start(self, rows: int, blend: bool = False, load_tokens: int = 0) -> None:
         """Begin timing a forward of ``rows`` rows, unless it is one the policy ignores
         (a decode step): those are most steps, and an event each is host time they pay."""
-        if self._uninformative(rows, blend, load_tokens):
+        if self.uninformative(rows, blend, load_tokens):
             self._start = None
         elif self.cuda:
             self._start = torch.cuda.Event(enable_timing=True)
@@ -43,7 +43,7 @@ class ForwardTimer:
     def stop(self, **sample: Any) -> None:
         """End the forward begun by :meth:`start`; ``sample`` holds StepSample's other fields."""
         began, self._start = self._start, None
-        if began is None or self._uninformative(sample.get("rows", 0), sample.get("blend", False),
+        if began is None or self.uninformative(sample.get("rows", 0), sample.get("blend", False),
                                                 sample.get("load_tokens", 0)):
             return
         if not self.cuda:
@@ -56,7 +56,7 @@ class ForwardTimer:
             self._pending.popleft()
 
     @staticmethod
-    def _uninformative(rows: int, blend: bool, load_tokens: int) -> bool:
+    def uninformative(rows: int, blend: bool, load_tokens: int) -> bool:
         """A short plain step without a store read (a decode step): the pay policy ignores
         it, so it is neither kept (no events on CUDA) nor reported to the scheduler."""
         return not blend and rows < MIN_PLAIN_ROWS and not load_tokens

@@ -155,11 +155,16 @@ class WorkerSide:
         if self._deferred is not None:
             raise RuntimeError("ucm: the previous step's chunk load was never issued (no reader of its "
                                "layers and no wait_loads); its KV would be missing from the cache")
-        start = HOST_TIMES.start()
-        self._release_inflight()
-        HOST_TIMES.add("load_release", start)
-        self.reusable = {rid: torch.zeros(r.num_scheduled, dtype=torch.bool) for rid, r in meta.requests.items()}
+        if self._inflight:
+            start = HOST_TIMES.start()
+            self._release_inflight()
+            HOST_TIMES.add("load_release", start)
         self.chunk_read = (0, 0.0)
+        if not meta.requests:  # a step with nothing planned (decode): no per-step objects
+            if self.reusable:
+                self.reusable = {}
+            return
+        self.reusable = {rid: torch.zeros(r.num_scheduled, dtype=torch.bool) for rid, r in meta.requests.items()}
         items = [(req, load) for req in meta.requests.values() for load in req.loads]
         if not items:
             return

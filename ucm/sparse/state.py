@@ -31,6 +31,13 @@ def get_sparse_agent() -> Optional[UcmSparseBase]:
     return _AGENT
 
 
+def step_active() -> bool:
+    """Whether the agent runs a step with sparse work now. The per-layer patch points ask
+    this first: in a step without it (every decode step, every plain prefill) a layer then
+    costs one call instead of three calls into the agent."""
+    return _AGENT is not None and getattr(_AGENT, "step", None) is not None
+
+
 def maybe_execute_layer_begin(layer_index: int, positions: torch.Tensor, hidden_states: torch.Tensor,
                               residual: Optional[torch.Tensor]):
     if _AGENT is None:

@@ -80,10 +80,24 @@ class VllmBlendAgent(UcmSparseBase):
         self._next_plan: Optional[RowPlan] = None  # the same after the pending shrink
         self.timer = ForwardTimer(getattr(worker, "device", torch.device("cpu")))  # for the pay policy
         self._fell_back = False  # this forward's Blend step failed and its batch ran twice
+        self._idle = False  # the model-runner patch found this forward idle (idle_forward)
 
     # ---- forward boundaries -------------------------------------------------------------
+    def idle_forward(self, positions: Optional[torch.Tensor]) -> bool:
+        """A forward the agent has nothing to do in: no step plan bound (no load, save or
+        Blend work) and too few rows for the pay policy to time (a decode step). It then
+        skips :meth:`execute_begin`/:meth:`execute_finished` altogether."""
+        if self.step is not None or self._began or positions is None:
+            return False
+        if self.metadata() is not None:
+            return False
+        self._idle = self.timer.uninformative(int(positions.shape[0]), False,
+                                              int(getattr(self.worker, "chunk_read", (0, 0.0))[0]))
+        return self._idle
+
     def execute_begin(self, batch: BatchInfo) -> None:
         self.step = None
+        self._idle = False
         self._began = self._beginning = True
         self._batch = batch
         meta = self.metadata()
@@ -261,6 +275,8 @@ class VllmBlendAgent(UcmSparseBase):
     def attention_forward(self, layer: Any, query, key, value) -> Optional[torch.Tensor]:
         step = self.step
         if step is None:
+            if self._idle:  # the model-runner patch ran and found nothing to do
+                return None
             meta = None if self._began else self.metadata()
             if meta is not None and meta.blend_active:
                 raise RuntimeError("ucm Blend: the model-runner patch did not run for this forward; "

@@ -70,6 +70,7 @@ class ConnectorCounters:
         self._clock = clock
         self._pending: dict[str, float] = {}
         self._reported: dict[str, int] = {}
+        self._reported_counts: tuple[int, ...] = (0, 0, 0, 0)
 
     def add(self, **counts: float) -> None:
         for name, value in counts.items():
@@ -95,10 +96,13 @@ class ConnectorCounters:
     def observe_worker(self, worker_side: Any) -> None:
         """Fold in the worker's running block counters (and their bytes) since the last call."""
         saver = worker_side.saver
-        running = {"loaded_blocks": worker_side.stats.loaded_blocks, "failed_blocks": worker_side.stats.failed_blocks,
-                   "saved_blocks": saver.saved_blocks, "failed_saves": saver.failed_saves}
+        counts = (worker_side.stats.loaded_blocks, worker_side.stats.failed_blocks, saver.saved_blocks,
+                  saver.failed_saves)
+        if counts == self._reported_counts:  # most steps (decode) move no block
+            return
+        running = dict(zip(("loaded_blocks", "failed_blocks", "saved_blocks", "failed_saves"), counts))
         delta = {k: v - self._reported.get(k, 0) for k, v in running.items()}
-        self._reported = running
+        self._reported, self._reported_counts = running, counts
         block_bytes = saver.block_nbytes
         self.add(**delta, load_bytes=delta["loaded_blocks"] * block_bytes,
                  save_bytes=delta["saved_blocks"] * block_bytes)

@@ -156,6 +156,10 @@ def _wrap_model_forward(original: Callable) -> Callable:
         if agent is None:
             return original(self, *args, **kwargs)
         install_layer_hooks(self.model, agent)
+        if agent.idle_forward(kwargs.get("positions")):
+            # Nothing to load, blend, save or time (a decode step): vLLM's path, no
+            # bookkeeping. Most steps are these.
+            return original(self, *args, **kwargs)
         start = HOST_TIMES.start()
         try:
             return _blend_forward(agent, lambda: original(self, *args, **kwargs), self.input_batch,
@@ -242,7 +246,9 @@ def check_attention_layer(name: str, layer: Any) -> None:
 def _wrap_layer(original: Callable, index: int) -> Callable:
     @functools.wraps(original)
     def forward(positions, hidden_states, residual, *args: Any, **kwargs: Any):
-        if torch.compiler.is_compiling():  # traced into a compiled graph: never a Blend step
+        # Traced into a compiled graph: never a Blend step. Outside one, a step without
+        # Blend work (eager decode) runs the layer as it is.
+        if torch.compiler.is_compiling() or not state.step_active():
             return original(positions, hidden_states, residual, *args, **kwargs)
         positions, hidden_states, residual = state.maybe_execute_layer_begin(index, positions, hidden_states, residual)
         hidden_states, residual = original(positions, hidden_states, residual, *args, **kwargs)
@@ -255,7 +261,7 @@ def _wrap_layer(original: Callable, index: int) -> Callable:
 def _wrap_post_attention_norm(original: Callable) -> Callable:
     @functools.wraps(original)
     def forward(hidden_states, residual=None, *args: Any, **kwargs: Any):
-        if residual is not None and not torch.compiler.is_compiling():
+        if residual is not None and not torch.compiler.is_compiling() and state.step_active():
             hidden_states, residual = state.maybe_execute_before_mlp(hidden_states, residual)
         return original(hidden_states, residual, *args, **kwargs)
 
