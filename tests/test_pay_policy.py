@@ -287,3 +287,38 @@ def test_a_pays_priced_from_other_sizes_measures_plain_first_however_wide_the_ga
     policy.observe(StepSample(rows=8288, seconds=0.0145))  # the plain run reports its real cost
     settled = policy.decide(8288, 8192, 0.15)
     assert not settled.blend and settled.plain_ms < 16
+
+
+def test_a_step_is_timed_from_its_load_setup_not_from_its_forward():
+    """A Blend step's load setup (store reads, index rows, the copies' launches: 1.2-2.9 ms of
+    host time at 8K on the H100 host) runs before the forward, and a plain prefill has none.
+    Timed from the forward alone, Blend looked that much cheaper than it was; the connector
+    marks the step's start where its load setup begins. A step the policy ignores drops the
+    mark, so a later step is never timed from an old one."""
+    import torch
+
+    from ucm.engine.step_timer import ForwardTimer
+
+    now = [0.0]
+    timer = ForwardTimer(torch.device("cpu"), clock=lambda: now[0])
+    timer.mark()  # start_load_kv of a Blend step: t = 0
+    now[0] = 0.003  # the forward begins after 3 ms of load setup
+    timer.start(rows=4096, blend=True)
+    now[0] = 0.020
+    timer.stop(rows=4096, blend=True, kept=600)
+    timer.mark()  # a decode step with a plan (say, a save): ignored by the policy
+    now[0] = 0.030
+    timer.start(rows=8)
+    timer.stop(rows=8)
+    now[0] = 0.040  # a plain prefill without a plan: timed from its forward
+    timer.start(rows=4096)
+    now[0] = 0.055
+    timer.stop(rows=4096)
+    timer.mark()  # a step with a plan but no forward (vLLM's no-forward connector step)
+    timer.drop_mark()  # its end (wait_for_save)
+    now[0] = 0.060
+    timer.start(rows=4096)
+    now[0] = 0.070
+    timer.stop(rows=4096)
+    samples = timer.take()
+    assert [(s.blend, round(s.seconds, 6)) for s in samples] == [(True, 0.020), (False, 0.015), (False, 0.010)]

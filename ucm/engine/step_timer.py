@@ -26,14 +26,33 @@ class ForwardTimer:
         self.cuda = device.type == "cuda"
         self._clock = clock
         self._start: Optional[Any] = None
+        self._mark: Optional[Any] = None  # where the coming step's setup began (mark)
         self._pending: deque[tuple[Any, Any, dict]] = deque()
         self._done: list[StepSample] = []
 
+    def mark(self) -> None:
+        """The coming step's ucm work begins here (its load setup, before the forward): a
+        step :meth:`start` times is timed from this mark. Called only for steps with a
+        plan (loads or saves), so decode steps pay nothing."""
+        if self.cuda:
+            self._mark = torch.cuda.Event(enable_timing=True)
+            self._mark.record()
+        else:
+            self._mark = self._clock()
+
+    def drop_mark(self) -> None:
+        """The step ended: a mark no forward used (a step without one) must not date a later step."""
+        self._mark = None
+
     def start(self, rows: int, blend: bool = False, load_tokens: int = 0) -> None:
-        """Begin timing a forward of ``rows`` rows, unless it is one the policy ignores
-        (a decode step): those are most steps, and an event each is host time they pay."""
+        """Begin timing a forward of ``rows`` rows (from the step's :meth:`mark` if it has
+        one), unless it is one the policy ignores (a decode step): those are most steps,
+        and an event each is host time they pay."""
+        marked, self._mark = self._mark, None
         if self.uninformative(rows, blend, load_tokens):
             self._start = None
+        elif marked is not None:
+            self._start = marked
         elif self.cuda:
             self._start = torch.cuda.Event(enable_timing=True)
             self._start.record()

@@ -229,6 +229,8 @@ class UCMConnector(KVConnectorBase_V1):
             return
         meta = self._get_connector_metadata()
         assert isinstance(meta, UcmConnectorMetadata)
+        if self.agent is not None:  # the pay policy prices the step from its load setup on
+            self.agent.timer.mark()
         start = HOST_TIMES.start()
         with self._counters.timed("load_seconds"):
             self.worker_side.start_load(meta)
@@ -242,6 +244,8 @@ class UCMConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         assert self.worker_side is not None
+        if self.agent is not None:
+            self.agent.timer.drop_mark()
         if not self.has_connector_metadata():  # a step with nothing to save (decode)
             self.worker_side.reap_saves()
             return
