@@ -8,9 +8,10 @@ KV does not wait for any of it: a background thread copies the blocks to the hos
 side stream -- straight into slots the store lends (the DRAM tier's pinned arena), else
 into pinned staging buffers -- and then inserts them; ``inflight.INFLIGHT`` makes a
 lookup in this process wait for exactly the keys still being saved. On CPU the gather
-runs on the request path (the copy is the same work as the compute, on the same cores)
-and the dump is handed to the store at once; a store that writes in threads of its own
-(the file store) registers the keys in ``INFLIGHT`` too, until its task is done.
+runs on the request path (the copy is the same work as the compute, on the same cores),
+copies into the slots the store lends (one copy per run of slots), and the dump is handed
+to the store at once; a store that writes in threads of its own (the file store)
+registers the keys in ``INFLIGHT`` too, until its task is done.
 """
 
 from __future__ import annotations
@@ -120,9 +121,29 @@ class KVSaver:
         if per_block.is_cuda:
             self.pending.append(self._dump_when_copied(keys, per_block))
         else:
-            task = self.store.dump(keys, list(per_block.unbind(0)), BLOCK_LAYOUT)
+            task = self._dump_on_host(keys, per_block)
             INFLIGHT.add(keys, task)  # the store may still be writing (the file store's I/O threads)
             self.pending.append(task)
+
+    def _dump_on_host(self, keys: list[bytes], per_block: torch.Tensor) -> Task:
+        """CPU: copy the gathered blocks into slots the store lends, one copy per run of
+        consecutive slots, and dump them (the store adopts them); a store that lends none
+        gets the blocks to copy itself.
+
+        Why: on CPU the save runs on the request's path, and a dump block by block (a copy,
+        a slot and an insert each) cost a cold 4K-token prompt of a tiny model ~100 ms on
+        the 2-core VM.
+        """
+        lent = self.store.lend_blocks(len(keys), tuple(per_block.shape[1:]), per_block.dtype)
+        if lent is None:
+            return self.store.dump(keys, list(per_block.unbind(0)), BLOCK_LAYOUT)
+        try:
+            for first, count, run in coalesce_runs(lent):
+                run.copy_(per_block[first:first + count])
+        except BaseException:
+            self.store.return_blocks(lent)
+            raise
+        return self.store.dump(keys, lent, BLOCK_LAYOUT)
 
     def _dump_when_copied(self, keys: list[bytes], per_block: torch.Tensor) -> Task:
         """Copy blocks to pinned host memory on a side stream and dump them, all from a
