@@ -135,38 +135,48 @@ def test_a_failed_dump_gives_the_lent_slots_back(cuda_as_cpu):
     assert store.lend_blocks(4, SHAPE, torch.bfloat16) is not None  # every slot is free again
 
 
-def test_cpu_saves_copy_into_lent_slots_one_copy_per_run(monkeypatch):
-    """On CPU the save runs on the request's path: a dump block by block (a copy, a slot
-    and an insert per block) cost a cold 4K-token prompt of a tiny model ~100 ms on the
-    2-core VM. The saver lends the DRAM tier's slots instead, copies each run of consecutive
-    slots once, and the dump adopts them; what is stored equals what was gathered."""
+def test_cpu_saves_gather_into_lent_slots_and_copy_once_per_run(monkeypatch):
+    """On CPU the save runs on the request's path: a dump block by block (a copy, a slot and
+    an insert per block) cost a cold 4K-token prompt of a tiny model ~100 ms on the 2-core
+    VM. The saver lends the DRAM tier's slots: one run of fresh slots is gathered into
+    directly (no copy at all), several runs get one copy each; the dump adopts them, and
+    what is stored equals the paged cache."""
     from ucm.engine.kv_layout import PagedKV
     from ucm.engine.kv_saver import KVSaver
     from ucm.engine.step_meta import BlockSave, RequestStep, StepPlan
 
-    layers, blocks = 2, 12
-    store = UcmDramStore(capacity_bytes=64 * 2 * 2 * 4 * 1 * 8 * 4)
+    layers, blocks = 2, 6
+    block = (layers, 2, 4, 1, 8)
+    store = UcmDramStore(capacity_bytes=14 * 2 * 2 * 4 * 1 * 8 * 4)  # 14 slots
     saver = KVSaver(store, 4, 0, None, max_step_tokens=64)
     saver.reserve(layers, 1, 8, 4)  # [L, 2, 4, 1, 8] float32 blocks
     views = {f"l{i}": PagedKV(torch.randn(16, 4, 1, 8), torch.randn(16, 4, 1, 8)) for i in range(layers)}
-    step = RequestStep("r", list(range(blocks)), 0, blocks * 4, blocks * 4)
-    step.saves = [BlockSave(bytes([i]) * 32, 4 * i, 0) for i in range(blocks)]
-    plan = StepPlan()
-    plan.requests["r"] = step
     copies = []
     real_copy = torch.Tensor.copy_
 
     def counting_copy(self, src, *args, **kwargs):
-        copies.append(tuple(self.shape))
+        if tuple(self.shape[1:]) == block:  # a copy of whole stored blocks
+            copies.append(self.shape[0])
         return real_copy(self, src, *args, **kwargs)
 
-    monkeypatch.setattr(torch.Tensor, "copy_", counting_copy)
-    saver.save(plan, views, list(views), 4)
-    monkeypatch.setattr(torch.Tensor, "copy_", real_copy)
-    saver.reap(wait=True)
-    assert copies == [(blocks, layers, 2, 4, 1, 8)]  # one run of 12 fresh slots, one copy
-    loaded = store.wait(store.load([s.key for s in step.saves], "ucm-kv-v1:L,KV,T,H,D"))
-    for i, block in enumerate(loaded):
-        for layer in range(layers):
-            view = views[f"l{layer}"]
-            assert torch.equal(block[layer, 0], view.k[i]) and torch.equal(block[layer, 1], view.v[i])
+    def save(first_key: int) -> list[bytes]:
+        step = RequestStep("r", list(range(blocks)), 0, blocks * 4, blocks * 4)
+        step.saves = [BlockSave(bytes([first_key + i]) * 32, 4 * i, 0) for i in range(blocks)]
+        plan = StepPlan()
+        plan.requests["r"] = step
+        monkeypatch.setattr(torch.Tensor, "copy_", counting_copy)
+        saver.save(plan, views, list(views), 4)
+        monkeypatch.setattr(torch.Tensor, "copy_", real_copy)
+        saver.reap(wait=True)
+        return [s.key for s in step.saves]
+
+    def stored_equal(keys: list[bytes]) -> bool:
+        loaded = store.wait(store.load(keys, "ucm-kv-v1:L,KV,T,H,D"))
+        return all(torch.equal(b[layer, 0], views[f"l{layer}"].k[i]) and torch.equal(b[layer, 1], views[f"l{layer}"].v[i])
+                   for i, b in enumerate(loaded) for layer in range(layers))
+
+    assert stored_equal(save(0)) and copies == []  # one run of fresh slots (0-5): gathered in place
+    hole = store.lend_blocks(3, block, torch.float32)  # slots 6-8 lent ...
+    store.return_blocks(hole[1:2])  # ... and slot 7 given back: the next lend is 9-13, then 7
+    del hole
+    assert stored_equal(save(100)) and copies == [5, 1]  # two runs: one copy each

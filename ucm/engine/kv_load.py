@@ -115,8 +115,12 @@ def _read_torch(blocks: torch.Tensor, views: Sequence[PagedKV], rows: torch.Tens
         # CPU they cost as much as the rotation itself; a cold prompt's save paid it L times).
         assert rope is not None
         cos, sin = _delta_cos_sin(-delta, rope, position, blocks.device)
+    located: dict[tuple, tuple[torch.Tensor, ...]] = {}  # every layer reads the same slots
     for i, view in enumerate(views):
-        k, v = view.gather(slot)
+        where = located.get(view.layout_key)
+        if where is None:
+            where = located[view.layout_key] = view.locate(slot)
+        k, v = view.gather_at(where)
         if cos is not None:
             k = apply_rotation(k, cos, sin, rope)
         blocks[:, i, 0] = k.view(n, b, *k.shape[1:])

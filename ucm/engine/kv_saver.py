@@ -111,37 +111,48 @@ class KVSaver:
         if not self.block_shape or self.block_shape[0] != len(layer_names):
             raise RuntimeError(f"ucm: saving {len(layer_names)} layers, blocks of shape {self.block_shape} "
                                "were reserved")
-        per_block = torch.empty((len(saves),) + self.block_shape, dtype=views[layer_names[0]].k.dtype, device=device)
-        if per_block[0].nbytes != self.block_nbytes:  # the store reserved blocks of another dtype
-            raise RuntimeError(f"ucm: saved blocks have {per_block[0].nbytes} bytes, "
+        dtype = views[layer_names[0]].k.dtype
+        if math.prod(self.block_shape) * dtype.itemsize != self.block_nbytes:  # reserved for another dtype
+            raise RuntimeError(f"ucm: saved blocks have {math.prod(self.block_shape) * dtype.itemsize} bytes, "
                                f"{self.block_nbytes} were reserved")
-        read_layers(per_block, [views[name] for name in layer_names], rows_dev, self.rope, rotate)
+        layer_views = [views[name] for name in layer_names]
         keys = [rank_key(s.key, self.tp_rank) for _, s in saves]
         self.saved_blocks += len(saves)
-        if per_block.is_cuda:
+        if device.type == "cuda":
+            per_block = torch.empty((n,) + self.block_shape, dtype=dtype, device=device)
+            read_layers(per_block, layer_views, rows_dev, self.rope, rotate)
             self.pending.append(self._dump_when_copied(keys, per_block))
         else:
-            task = self._dump_on_host(keys, per_block)
+            task = self._dump_on_host(keys, layer_views, rows_dev, rotate, dtype)
             INFLIGHT.add(keys, task)  # the store may still be writing (the file store's I/O threads)
             self.pending.append(task)
 
-    def _dump_on_host(self, keys: list[bytes], per_block: torch.Tensor) -> Task:
-        """CPU: copy the gathered blocks into slots the store lends, one copy per run of
-        consecutive slots, and dump them (the store adopts them); a store that lends none
-        gets the blocks to copy itself.
+    def _dump_on_host(self, keys: list[bytes], layer_views: list[PagedKV], rows: torch.Tensor, rotate: bool,
+                      dtype: torch.dtype) -> Task:
+        """CPU: gather straight into slots the store lends when they form one run (fresh
+        arena slots do), else gather and copy once per run of slots; the dump adopts them.
+        A store that lends none gets the gathered blocks to copy itself.
 
         Why: on CPU the save runs on the request's path, and a dump block by block (a copy,
         a slot and an insert each) cost a cold 4K-token prompt of a tiny model ~100 ms on
         the 2-core VM.
         """
-        lent = self.store.lend_blocks(len(keys), tuple(per_block.shape[1:]), per_block.dtype)
-        if lent is None:
-            return self.store.dump(keys, list(per_block.unbind(0)), BLOCK_LAYOUT)
+        n = len(keys)
+        lent = self.store.lend_blocks(n, self.block_shape, dtype)
         try:
-            for first, count, run in coalesce_runs(lent):
-                run.copy_(per_block[first:first + count])
+            runs = coalesce_runs(lent) if lent is not None else []
+            if len(runs) == 1:
+                read_layers(runs[0][2], layer_views, rows, self.rope, rotate)
+            else:
+                per_block = torch.empty((n,) + self.block_shape, dtype=dtype)
+                read_layers(per_block, layer_views, rows, self.rope, rotate)
+                if lent is None:
+                    return self.store.dump(keys, list(per_block.unbind(0)), BLOCK_LAYOUT)
+                for first, count, run in runs:
+                    run.copy_(per_block[first:first + count])
         except BaseException:
-            self.store.return_blocks(lent)
+            if lent is not None:
+                self.store.return_blocks(lent)
             raise
         return self.store.dump(keys, lent, BLOCK_LAYOUT)
 
