@@ -354,14 +354,20 @@ class Bench:
               f"(min {entry['min_ms']}, max {entry['max_ms']}) {({k: v for k, v in entry.items() if 'hit' in k or 'ratio' in k})}",
               flush=True)
 
+    def rag_batch(self, count: int, n_chunks: int, salt: Optional[str]) -> list[dict[str, Any]]:
+        """``count`` RAG prompts of ``n_chunks`` chunks in new orders; with ``salt``, each
+        under its own cache salt (cold in every cache)."""
+        prompts: list[dict[str, Any]] = []
+        for i in range(count):
+            p: dict[str, Any] = {"prompt_token_ids": self.prompts.rag(n_chunks)}
+            if salt is not None:
+                p["cache_salt"] = f"{salt}-{i}"
+            prompts.append(p)
+        return prompts
+
     def throughput(self, mode: str, n_chunks: int, ratio: Optional[float], salted: bool) -> None:
         c = self.args.concurrency
-        prompts = []
-        for i in range(c):
-            p: dict[str, Any] = {"prompt_token_ids": self.prompts.rag(n_chunks)}
-            if salted:
-                p["cache_salt"] = f"tput-{n_chunks}-{i}-{time.time()}"
-            prompts.append(p)
+        prompts = self.rag_batch(c, n_chunks, f"tput-{n_chunks}-{time.time()}" if salted else None)
         new = self.args.tput_max_tokens
         t0 = time.perf_counter()
         outs = self.llm.generate(prompts, [self.params(ratio, max_tokens=new)] * c, use_tqdm=False)
@@ -404,12 +410,7 @@ class Bench:
             for rep in range(a.decode_reps + 1):  # the first repeat is a warm-up
                 turn = rep % len(modes)
                 for mode, ratio in modes[turn:] + modes[:turn]:
-                    prompts = []
-                    for i in range(batch):
-                        p: dict[str, Any] = {"prompt_token_ids": self.prompts.rag(chunks)}
-                        if salted:
-                            p["cache_salt"] = f"decode-{batch}-{rep}-{i}-{random.random()}"
-                        prompts.append(p)
+                    prompts = self.rag_batch(batch, chunks, f"decode-{batch}-{rep}-{random.random()}" if salted else None)
                     t0 = time.perf_counter()
                     outs = self.llm.generate(prompts, [self.params(ratio, max_tokens=n_tok)] * batch,
                                              use_tqdm=False)
