@@ -380,7 +380,12 @@ def control(workdir: Path, dtypes: tuple[str, ...] = ("bfloat16",)) -> dict:
         res = {"eager_vs_default": rows(runs["eager"]["main"], runs["default"]["main"]),
                "default_batch_vs_one_by_one": rows(runs["default"]["main"], runs["default"]["one_by_one"]),
                "ucm_auto_ratio1_vs_default": rows(ucm["ratio1"], runs["default"]["one_by_one"]),
-               "ucm_auto_ratio1_decisions": [r["stats"].get("blend_reason") for r in ucm["ratio1"]]}
+               "ucm_auto_ratio1_decisions": [r["stats"].get("blend_reason") for r in ucm["ratio1"]],
+               # What else differs from plain vLLM for those requests: KV loaded from ucm's
+               # store (prefix blocks stored by the precompute requests) is computed by
+               # another forward, so it may part from the plain prefill in the last bits.
+               "ucm_auto_ratio1_hits": [{k: r["stats"].get(k) for k in ("prefix_hit_tokens", "chunk_hit_tokens")}
+                                        for r in ucm["ratio1"]]}
         res["PASS_auto_ratio1_exact"] = all(r["same_tokens"] and r["max_dlogprob"] == 0.0
                                             for r in res["ucm_auto_ratio1_vs_default"])
         out[dtype] = res
