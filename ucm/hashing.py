@@ -101,12 +101,8 @@ def block_keys(seed: bytes, token_ids: Sequence[int], block_size: int) -> list[b
     A trailing partial block has no key: its KV is recomputed (or kept only in the
     engine's own cache).
     """
-    if block_size <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size}")
-    num_blocks = len(token_ids) // block_size
-    if num_blocks == 0:
-        return []
-    return _chain(seed, _tokens_bytes(token_ids[:num_blocks * block_size]), block_size * 8, 0, num_blocks)
+    chain = BlockChain(seed, token_ids, block_size)
+    return chain.keys(chain.num_blocks)
 
 
 class BlockChain:

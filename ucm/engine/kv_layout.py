@@ -77,9 +77,7 @@ class PagedKV:
 
     def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[n, heads, head_dim]`` K and V at ``slots`` (copies)."""
-        self.wait_ready()
-        blocks, offsets = self._split(slots)
-        return self.k[blocks, offsets], self.v[blocks, offsets]
+        return self.gather_at(self.locate(slots))
 
     def gather_at(self, where: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`gather` of slots already :meth:`located <locate>` (a save reads every layer
@@ -160,9 +158,6 @@ class ProbedPagedKV(PagedKV):
     @property
     def block_size(self) -> int:
         return self.size
-
-    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.gather_at(self.locate(slots))
 
     @property
     def layout_key(self) -> tuple:

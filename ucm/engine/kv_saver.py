@@ -9,8 +9,8 @@ side stream -- straight into slots the store lends (the DRAM tier's pinned arena
 into pinned staging buffers -- and then inserts them; ``inflight.INFLIGHT`` makes a
 lookup in this process wait for exactly the keys still being saved. On CPU the gather
 runs on the request path (the copy is the same work as the compute, on the same cores),
-copies into the slots the store lends (one copy per run of slots), and the dump is handed
-to the store at once; a store that writes in threads of its own (the file store)
+straight into the slots the store lends when they form one run (else one copy per run),
+and the dump is handed to the store at once; a store that writes in threads of its own (the file store)
 registers the keys in ``INFLIGHT`` too, until its task is done.
 """
 

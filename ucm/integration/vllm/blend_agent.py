@@ -83,6 +83,11 @@ class VllmBlendAgent(UcmSparseBase):
         self._idle = False  # the model-runner patch found this forward idle (idle_forward)
 
     # ---- forward boundaries -------------------------------------------------------------
+    def _chunk_read(self) -> tuple[int, float]:
+        """Chunk tokens the worker read from the store for this step, and the seconds it took."""
+        tokens, seconds = getattr(self.worker, "chunk_read", (0, 0.0))
+        return int(tokens), seconds
+
     def idle_forward(self, positions: Optional[torch.Tensor]) -> bool:
         """A forward the agent has nothing to do in: no step plan bound (no load, save or
         Blend work) and too few rows for the pay policy to time (a decode step). It then
@@ -91,8 +96,7 @@ class VllmBlendAgent(UcmSparseBase):
             return False
         if self.metadata() is not None:
             return False
-        self._idle = self.timer.uninformative(int(positions.shape[0]), False,
-                                              int(getattr(self.worker, "chunk_read", (0, 0.0))[0]))
+        self._idle = self.timer.uninformative(int(positions.shape[0]), False, self._chunk_read()[0])
         return self._idle
 
     def execute_begin(self, batch: BatchInfo) -> None:
@@ -105,7 +109,7 @@ class VllmBlendAgent(UcmSparseBase):
         # price: not timed.
         rows = int(batch.positions.shape[0]) if batch.positions is not None and batch.req_ids else 0
         self.timer.start(rows, blend=bool(meta is not None and meta.blend_active),
-                         load_tokens=int(getattr(self.worker, "chunk_read", (0, 0.0))[0]))
+                         load_tokens=self._chunk_read()[0])
         if meta is not None and meta.blend_active:
             start = HOST_TIMES.start()
             try:
@@ -206,7 +210,7 @@ class VllmBlendAgent(UcmSparseBase):
                 if outcome.num_reusable:
                     stats.record_step(req_id, outcome.num_reusable, outcome.num_recomputed_reusable)
         if self._batch is not None and not self._fell_back:
-            tokens, seconds = getattr(self.worker, "chunk_read", (0, 0.0))
+            tokens, seconds = self._chunk_read()
             self.timer.stop(rows=int(self._batch.positions.shape[0]), blend=step is not None,
                             kept=sum(step.row_counts.values()) if step is not None else 0,
                             load_tokens=tokens, load_seconds=seconds)

@@ -69,8 +69,7 @@ class ConnectorCounters:
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self._clock = clock
         self._pending: dict[str, float] = {}
-        self._reported: dict[str, int] = {}
-        self._reported_counts: tuple[int, ...] = (0, 0, 0, 0)
+        self._reported: tuple[int, ...] = (0, 0, 0, 0)  # the worker's block counters last folded in
 
     def add(self, **counts: float) -> None:
         for name, value in counts.items():
@@ -98,11 +97,11 @@ class ConnectorCounters:
         saver = worker_side.saver
         counts = (worker_side.stats.loaded_blocks, worker_side.stats.failed_blocks, saver.saved_blocks,
                   saver.failed_saves)
-        if counts == self._reported_counts:  # most steps (decode) move no block
+        if counts == self._reported:  # most steps (decode) move no block
             return
-        running = dict(zip(("loaded_blocks", "failed_blocks", "saved_blocks", "failed_saves"), counts))
-        delta = {k: v - self._reported.get(k, 0) for k, v in running.items()}
-        self._reported, self._reported_counts = running, counts
+        delta = dict(zip(("loaded_blocks", "failed_blocks", "saved_blocks", "failed_saves"),
+                         (now - before for now, before in zip(counts, self._reported))))
+        self._reported = counts
         block_bytes = saver.block_nbytes
         self.add(**delta, load_bytes=delta["loaded_blocks"] * block_bytes,
                  save_bytes=delta["saved_blocks"] * block_bytes)
