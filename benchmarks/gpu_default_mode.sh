@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/gpu_default_mode.sh check     # gpu_check: inspect, control, equality (bf16)
 #   bash benchmarks/gpu_default_mode.sh qwen      # TTFT grid, Qwen2.5-Coder-0.5B shape: plain, dram, epic (+ decode host profile)
-#   bash benchmarks/gpu_default_mode.sh overhead  # Qwen shape: decode of plain / ucm prefix-only / Blend engines, host profiles
+#   bash benchmarks/gpu_default_mode.sh overhead  # Qwen shape: decode of plain / no-op connector / Blend engines (each twice), host profiles
+#   bash benchmarks/gpu_default_mode.sh ab        # Qwen shape: TTFT of requests that run vLLM's prefill: plain, no-op connector, ucm prefix, ucm Blend
 #   bash benchmarks/gpu_default_mode.sh hostprof  # Qwen shape: cProfile of plain-run, cold and back-to-back cold requests, plain and dram
 #   bash benchmarks/gpu_default_mode.sh blendcost # Qwen shape: where a Blend step's time goes (always blend; host times, torch profile)
 #   bash benchmarks/gpu_default_mode.sh llamacost # the same, Llama-3-8B shape at 4K and 8K, and Blend steps on native ops
@@ -45,13 +46,19 @@ qwen)
   ;;
 overhead)  # where a step's host time goes with ucm loaded: decode per engine kind, host profile of plain-decided requests
   ttft ttft_qwen_decode "${2:-300}" --shape qwen0.5b --model-dir /tmp/qwen05-shape --model-label "Qwen2.5-Coder-0.5B shape (dummy bf16)" \
-    --engines plain prefix dram plain_again --mode default --chunks 16 --decode-only --decode-profile --decode-batches 1 32 --decode-chunks 8 \
+    --engines plain noop dram plain_again dram_again --mode default --chunks 16 --decode-only --decode-profile --decode-batches 1 32 --decode-chunks 8 \
     --max-model-len 10240 --concurrency 0
   [ "${3:-200}" = 0 ] && exit 0  # 0: the decode part only
   ttft ttft_qwen_hostprof "${3:-200}" --shape qwen0.5b --model-dir /tmp/qwen05-shape --model-label "Qwen2.5-Coder-0.5B shape (dummy bf16)" \
     --engines dram --mode default --chunks 16 --ratios 0.15 --reps 6 --cold-reps 0 --warmup-rounds 2 --concurrency 0 \
     --max-model-len 10240 --host-profile --host-profile-reps 3
   cp /tmp/work_ttft_qwen_hostprof/hostprofile_dram_*.txt "$OUT"/ 2>/dev/null
+  ;;
+ab)  # what a request that runs vLLM's own prefill pays for each layer of ucm (Qwen shape, 1K and 8K)
+  ttft ttft_qwen_ab "${2:-330}" --shape qwen0.5b --model-dir /tmp/qwen05-shape --model-label "Qwen2.5-Coder-0.5B shape (dummy bf16)" \
+    --engines plain noop prefix dram --mode default --chunks 2 16 --ratios 0.15 --reps 10 --cold-reps 3 --warmup-rounds 2 \
+    --concurrency 0 --max-model-len 10240 --host-times --host-profile --host-profile-reps 4 --host-profile-modes blend
+  cp /tmp/work_ttft_qwen_ab/hostprofile_*.txt "$OUT"/ 2>/dev/null
   ;;
 hostprof)  # cProfile of plain-run, cold and back-to-back cold requests (Qwen shape, 8K): ucm's host time per function
   ttft ttft_qwen_hostprof "${2:-300}" --shape qwen0.5b --model-dir /tmp/qwen05-shape --model-label "Qwen2.5-Coder-0.5B shape (dummy bf16)" \
@@ -79,6 +86,6 @@ epic)
     --cold-reps 0 --concurrency 0 --max-model-len 10240
   ;;
 *)
-  echo "usage: $0 check|qwen|overhead|hostprof|blendcost|llamacost|llama|epic [seconds]" >&2; exit 2
+  echo "usage: $0 check|qwen|overhead|ab|hostprof|blendcost|llamacost|llama|epic [seconds]" >&2; exit 2
   ;;
 esac

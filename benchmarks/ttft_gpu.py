@@ -189,6 +189,12 @@ def base_kind(kind: str) -> str:
     return kind
 
 
+PLAIN_KINDS = ("plain", "noop", "prefix")
+"""Engines that run vLLM's own prefill on every request: plain vLLM, vLLM with a connector
+that does nothing (``noop``: what any connector costs), ucm's prefix connector alone
+(``prefix``: no Blend, no patches)."""
+
+
 def eager_for(kind: str, mode: str) -> bool:
     """``enforce_eager`` of an engine: ``--mode`` decides, a ``_eager`` kind is always eager."""
     return mode == "eager" or kind.endswith("_eager")
@@ -224,7 +230,10 @@ class Bench:
             # vLLM's default: prefix caching on for every engine, ucm's included.
             disable_log_stats=False, enable_prefix_caching=True,
             tensor_parallel_size=a.tp, async_scheduling=a.scheduling == "async")
-        if self.base != "plain":
+        if self.base == "noop":  # vLLM's cost of any connector: one that does nothing
+            engine["kv_transfer_config"] = KVTransferConfig(
+                kv_connector="NoopConnector", kv_connector_module_path="benchmarks.noop_connector", kv_role="kv_both")
+        elif self.base != "plain":
             if self.base.startswith("dram") or self.base in ("epic", "prefix"):
                 stores = [{"ucm_connector_name": "UcmDramStore",
                            "ucm_connector_config": {"capacity_bytes": a.dram_gib * 2**30}}]
@@ -580,7 +589,7 @@ class Bench:
         import io
         import pstats
 
-        ratio = None if self.base in ("plain", "prefix") else 0.15
+        ratio = None if self.base in PLAIN_KINDS else 0.15
         chunks = min(self.args.decode_chunks, len(self.prompts.chunks))
         n_tok = self.args.decode_tokens
         self.llm.generate([{"prompt_token_ids": self.prompts.rag(chunks)}], [self.params(ratio, max_tokens=n_tok)],
@@ -687,7 +696,7 @@ class Bench:
 def engine_main(args: argparse.Namespace) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     base = base_kind(args.engine)
-    if base not in ("plain", "prefix"):
+    if base not in PLAIN_KINDS:
         os.environ["ENABLE_SPARSE"] = "1"
     if base in ("dram_cudnn", "dram_flex"):
         os.environ["UCM_BLEND_ATTENTION"] = base.split("_")[1]
@@ -697,18 +706,18 @@ def engine_main(args: argparse.Namespace) -> None:
     bench.results["engine_start_s"] = bench.start_seconds
     bench.results["enforce_eager"] = eager_for(args.engine, args.mode)
     if args.decode_only:  # the decode measurements alone (comparing engine kinds' per-step cost)
-        if base not in ("plain", "prefix"):  # the chunks stored, as after the TTFT grid
+        if base not in PLAIN_KINDS:  # the chunks stored, as after the TTFT grid
             chunk_prompts = [{"prompt_token_ids": c} for c in bench.prompts.chunks]
             bench.llm.generate(chunk_prompts, [bench.params()] * len(chunk_prompts), use_tqdm=False)
         if args.decode_batches:
-            if base in ("plain", "prefix"):
+            if base in PLAIN_KINDS:
                 bench.decode("decode_full_prefill", None, salted=True)
             else:
                 # Also after a prefill ucm runs plain (ratio 1.0 under the default policy):
                 # whether decode cost depends on how the request's prefill ran.
                 bench.decode_modes([("decode_blend_0.15", 0.15), ("decode_ran_plain", 1.0)], salted=False)
         bench.decode_profile()
-    elif base == "plain":
+    elif base in PLAIN_KINDS:
         bench.run_plain()
     else:
         bench.run_ucm()
@@ -767,7 +776,7 @@ def run_engine_process(args: argparse.Namespace, kind: str, out_dir: Path, extra
 # Engine kind -> prefix of its modes in the merged table.
 PREFIX = {"plain": "", "dram": "", "plain_eager": "eager_", "dram_eager": "eager_", "dram_b64": "b64_", "dram_whole": "whole_", "dram_torchload": "torchload_",
           "dram_cudnn": "cudnn_", "dram_flex": "flex_", "dram_nodefer": "nodefer_", "file": "file_",
-          "epic": "epic_", "prefix": "prefix_", "plain_again": "again_", "dram_nativeops": "nativeops_"}
+          "epic": "epic_", "prefix": "prefix_", "noop": "noop_", "plain_again": "again_", "dram_again": "dramagain_", "dram_nativeops": "nativeops_"}
 MODE_ORDER = ["full_prefill", "eager_full_prefill", "prefix_hit", "eager_prefix_hit", "blend_0", "blend_0.05", "blend_0.15", "blend_0.3", "blend_1",
               "b64_blend_0", "b64_blend_0.15", "nodefer_blend_0", "nodefer_blend_0.15", "file_blend_0",
               "file_blend_0.15", "eager_blend_0", "eager_blend_0.15", "ucm_cold", "eager_ucm_cold"]
