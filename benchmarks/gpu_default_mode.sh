@@ -57,7 +57,7 @@ overhead)  # where a step's host time goes with ucm loaded: decode per engine ki
 ab)  # what a request that runs vLLM's own prefill pays for each layer of ucm (Qwen shape, 1K and 8K)
   ttft ttft_qwen_ab "${2:-330}" --shape qwen0.5b --model-dir /tmp/qwen05-shape --model-label "Qwen2.5-Coder-0.5B shape (dummy bf16)" \
     --engines plain noop prefix dram --mode default --chunks 2 16 --ratios 0.15 --reps 10 --cold-reps 3 --warmup-rounds 2 \
-    --concurrency 0 --max-model-len 10240 --host-times --host-profile --host-profile-reps 4 --host-profile-modes blend
+    --concurrency 0 --max-model-len 10240 --host-times --host-profile --host-profile-reps 4 --host-profile-modes blend ratio1
   cp /tmp/work_ttft_qwen_ab/hostprofile_*.txt "$OUT"/ 2>/dev/null
   ;;
 hostprof)  # cProfile of plain-run, cold and back-to-back cold requests (Qwen shape, 8K): ucm's host time per function

@@ -532,7 +532,8 @@ class Bench:
         one profile per ``--host-profile-modes`` entry: where the wall time that no kernel
         accounts for goes.
 
-        ``blend``: ratio 0.15 (the pay policy may run them plain); ``cold``: salted prompts
+        ``blend``: ratio 0.15 (the pay policy may run them plain); ``ratio1``: ratio 1.0 (vLLM's
+        own prefill under the default policy, after ucm's planning); ``cold``: salted prompts
         that save every block, each after the last one's saves landed; ``cold_chained``:
         the same back to back, as the grid's ``ucm_cold`` cells run (a save still in flight
         competes with the next request)."""
@@ -561,7 +562,7 @@ class Bench:
             if cold:  # a salted prompt: no prefix hit, every block saved
                 dt, out = self.one(ids, salt=f"hostprof-{i}-{random.random()}")
             else:
-                dt, out = self.one(ids, ratio=0.15)
+                dt, out = self.one(ids, ratio=1.0 if mode == "ratio1" else 0.15)
             prof.disable()
             walls.append((dt, self.stats(out).get("blend_reason", "-")))
             if mode == "cold":  # the next request starts with no save in flight
@@ -1056,8 +1057,8 @@ def main() -> None:
     ap.add_argument("--decode-profile", action="store_true",
                     help="cProfile one batch-1 decode (plain and dram engines): host time per function")
     ap.add_argument("--host-profile-reps", type=int, default=3)
-    ap.add_argument("--host-profile-modes", nargs="+", default=["blend"], choices=["blend", "cold", "cold_chained"],
-                    help="what --host-profile profiles, one profile each: blend (ratio 0.15 requests), cold "
+    ap.add_argument("--host-profile-modes", nargs="+", default=["blend"], choices=["blend", "ratio1", "cold", "cold_chained"],
+                    help="what --host-profile profiles, one profile each: blend (ratio 0.15 requests), ratio1 (ratio 1.0), cold "
                          "(salted prompts saving every block, each after the last one's saves landed), "
                          "cold_chained (the same back to back)")
     ap.add_argument("--host-times", action="store_true",
