@@ -193,3 +193,51 @@ def test_first_reused_token_is_where_kv_turns_approximate():
     assert plan.first_reused_token(computed=26) is None  # every chunk hit already computed
     no_hits = build_plan(prompt, split_by_end_token(prompt, END), SEED, 4, _store())
     assert no_hits.first_reused_token() is None
+
+
+def _reference_chunk_blocks(prompt, split, stored, block, prefix_hit_tokens, min_chunk_tokens=1):
+    """Every chunk block the plan may reuse, the obvious way: chunk by chunk, block by
+    block, skipping blocks that start inside the prefix hit; (hits, saves) as
+    (key, token_start, stored_pos_start)."""
+    hits, saves = [], []
+    for chunk in split.chunks:
+        if len(chunk) < max(min_chunk_tokens, block):
+            continue
+        for i, key in enumerate(block_keys(SEED, prompt[chunk.start:chunk.end], block)):
+            start = chunk.start + i * block
+            if start >= prefix_hit_tokens:
+                (hits if key in stored else saves).append((key, start, i * block))
+    return hits, saves
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.integers(min_value=3, max_value=5), min_size=0, max_size=14), min_size=1, max_size=6),
+       st.lists(st.booleans(), min_size=40, max_size=40), st.integers(min_value=0, max_value=6),
+       st.integers(min_value=1, max_value=6))
+def test_chunk_lookup_in_one_batch_equals_block_by_block(chunks, stored_mask, cached_prefix_blocks, min_chunk):
+    """One lookup for every chunk block at once finds the same hits and saves, with the
+    same positions, as asking chunk by chunk; a prefix hit reaching into a chunk hides
+    exactly its blocks that start inside the hit."""
+    block = 2
+    prompt = [tok for c in chunks for tok in c + [END]] + [1]
+    split = split_by_end_token(prompt, END)
+    chunk_keys = [k for c in split.chunks for k in block_keys(SEED, prompt[c.start:c.end], block)]
+    stored = {k for k, keep in zip(chunk_keys, stored_mask) if keep}
+    stored |= set(block_keys(SEED, prompt, block)[:cached_prefix_blocks])  # a cached prompt prefix
+    asked = []
+
+    def exists(keys):
+        asked.append(len(keys))
+        return [k in stored for k in keys]
+
+    plan = build_plan(prompt, split, SEED, block, exists, min_chunk_tokens=min_chunk)
+    hits, saves = _reference_chunk_blocks(prompt, split, stored, block, plan.prefix_hit_tokens, min_chunk)
+    assert [tuple(h) for h in plan.chunk_hits] == hits
+    assert [tuple(s) for s in plan.chunk_saves] == saves
+    assert all(h.rope_delta == h.token_start - h.stored_pos_start for h in plan.chunk_hits)
+    assert plan.first_reused_token() == (min(h[1] for h in hits) if hits else None)
+    # The prefix lookup's batches, then one lookup for all chunk blocks (none if no block).
+    prefix_calls = len(asked)
+    build_plan(prompt, None, SEED, block, exists)
+    prefix_calls = len(asked) - prefix_calls
+    assert len(asked) - 2 * prefix_calls == (1 if hits or saves else 0)

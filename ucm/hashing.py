@@ -122,17 +122,16 @@ class BlockChain:
         self.num_blocks = len(token_ids) // block_size
         self._keys: list[bytes] = []
         self._seed = seed
-        self._data: Optional[bytes] = None  # the tokens as bytes, converted on the first ask
 
     def keys(self, end: int) -> list[bytes]:
         """Keys of blocks ``[0, end)`` (``end`` clipped to the full blocks)."""
         end = min(end, self.num_blocks)
         have = len(self._keys)
         if have < end:
-            if self._data is None:
-                self._data = _tokens_bytes(self.token_ids[:self.num_blocks * self.block_size])
+            b = self.block_size
+            data = _tokens_bytes(self.token_ids[have * b:end * b])  # only the blocks asked
             parent = self._keys[-1] if self._keys else self._seed
-            self._keys.extend(_chain(parent, self._data, self.block_size * 8, have, end))
+            self._keys.extend(_chain(parent, data, b * 8, 0, end - have))
         return self._keys[:end]
 
 

@@ -10,6 +10,7 @@ request's block ids and token range. No tensors here.
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
@@ -156,15 +157,20 @@ class SchedulerSide:
 
     # ---- lookup ------------------------------------------------------------------
     def _exists(self, keys: Sequence[bytes]) -> list[bool]:
-        """A logical key exists only if every TP rank's shard is stored."""
+        """A logical key exists only if every TP rank's shard is stored (in the store, or
+        in a worker's private tier as the workers report it). Element-wise in C: a lookup
+        asks ~1,000 keys for an 8K-token prompt, on the scheduler's path."""
         if not keys:
             return []
-        found = [True] * len(keys)
+        found: Optional[list[bool]] = None
         for rank in range(self.tp_size):
-            shard_keys = [rank_key(k, rank) for k in keys]
+            shard_keys = keys if rank == 0 else [rank_key(k, rank) for k in keys]  # rank 0's key is the key
             INFLIGHT.wait(shard_keys)  # a save of these keys in this process lands first
-            hits = [found or key in self.held for found, key in zip(self.store.lookup(shard_keys), shard_keys)]
-            found = [a and b for a, b in zip(found, hits)]
+            hits = list(self.store.lookup(shard_keys))
+            if len(self.held):
+                hits = list(map(operator.or_, hits, self.held.contains_each(shard_keys)))
+            found = hits if found is None else list(map(operator.and_, found, hits))
+        assert found is not None
         return found
 
     def plan_request(self, req_id: str, prompt: Sequence[int], cache_salt: Optional[str],
@@ -227,8 +233,11 @@ class SchedulerSide:
         """Ask the pay policy, once per request, whether reusing its chunks beats computing them."""
         plan = tracked.plan
         b = self.block_tokens
-        reusable = sum(min(b, h.token_start + b - max(h.token_start, computed)) for h in plan.chunk_hits
-                       if h.token_start + b > computed)
+        if plan.chunk_hits and plan.first_reused_token() >= computed:  # none computed yet: every hit whole
+            reusable = len(plan.chunk_hits) * b
+        else:
+            reusable = sum(min(b, h.token_start + b - max(h.token_start, computed)) for h in plan.chunk_hits
+                           if h.token_start + b > computed)
         if reusable <= 0:
             return None
         return self.pay_policy.decide(tracked.prompt_len - computed, reusable, self._recompute_share(tracked, reusable))

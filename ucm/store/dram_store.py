@@ -173,7 +173,7 @@ class UcmDramStore(KVStoreBase):
         """Presence only; deliberately does not refresh LRU order (a load does)."""
         keys = check_keys(keys)
         with self._lock:
-            return [key in self._blocks for key in keys]
+            return list(map(self._blocks.__contains__, keys))
 
     def load(self, keys: Sequence[bytes], layout: str) -> Task:
         """Return cached tensors (read-only unless copy_on_load); a wrong layout is a miss."""

@@ -57,5 +57,9 @@ class HeldKeys:
     def __contains__(self, key: bytes) -> bool:
         return key in self._keys
 
+    def contains_each(self, keys: Sequence[bytes]) -> list[bool]:
+        """Whether each key is held, in one C-level pass (a lookup asks ~1,000 at a time)."""
+        return list(map(self._keys.__contains__, keys))
+
     def __len__(self) -> int:
         return len(self._keys)

@@ -12,23 +12,29 @@ found is used, wherever in the chunk it lies.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from operator import attrgetter
+from typing import Callable, NamedTuple, Sequence
 
 from ucm.hashing import BlockChain, chunk_block_keys
 from ucm.sparse.blend.chunking import PromptSplit
 
 ExistsFn = Callable[[Sequence[bytes]], Sequence[bool]]
+_TOKEN_START = attrgetter("token_start")
 
 
-@dataclass(frozen=True)
-class BlockRef:
+class BlockRef(NamedTuple):
     """One stored block placed into the prompt.
 
     ``token_start`` is where the block's first token sits in this prompt;
     ``stored_pos_start`` is the position its first token had when its KV was
     computed. Loading rotates K by ``token_start - stored_pos_start``; saving by the
     negative. For prefix blocks the two are equal.
+
+    A named tuple, not a dataclass: a plan makes one per block (~1,000 for an 8K-token
+    prompt) on the scheduler's path before the request's first step, and a tuple is
+    built in C.
     """
 
     key: bytes
@@ -38,6 +44,11 @@ class BlockRef:
     @property
     def rope_delta(self) -> int:
         return self.token_start - self.stored_pos_start
+
+
+_new_ref = functools.partial(tuple.__new__, BlockRef)
+"""``BlockRef`` from a ``(key, token_start, stored_pos_start)`` tuple, without the Python
+frame of the named tuple's ``__new__`` (a plan places one per block)."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,10 @@ class ReusePlan:
         blocks before them are never loaded.
         """
         b = self.block_size
+        if not self.chunk_hits:
+            return None
+        if self.chunk_hits[0].token_start >= computed:  # the usual case: hits in prompt order, all ahead
+            return min(map(_TOKEN_START, self.chunk_hits))
         starts = [max(h.token_start, computed) for h in self.chunk_hits if h.token_start + b > computed]
         return min(starts) if starts else None
 
@@ -142,27 +157,28 @@ def build_plan(
     chunk_saves: list[BlockRef] = []
     num_chunk_tokens = 0
     if split is not None:
+        # Every chunk's usable blocks in one lookup (one store call, not one per chunk).
+        placed: list[BlockRef] = []
         for chunk in split.chunks:
             num_chunk_tokens += len(chunk)
             if len(chunk) < max(min_chunk_tokens, block_size):
                 continue
             keys = chunk_block_keys(seed, token_ids[chunk.start:chunk.end], block_size)
-            usable = [(i, k) for i, k in enumerate(keys) if chunk.start + i * block_size >= prefix_hit_tokens]
-            if not usable:
-                continue
-            present = exists([k for _, k in usable])
-            for (i, key), hit in zip(usable, present):
-                ref = BlockRef(key, chunk.start + i * block_size, i * block_size)
-                (chunk_hits if hit else chunk_saves).append(ref)
+            first = 0 if chunk.start >= prefix_hit_tokens else -(-(prefix_hit_tokens - chunk.start) // block_size)
+            placed += [_new_ref((k, chunk.start + i * block_size, i * block_size))
+                       for i, k in enumerate(keys[first:], first)]
+        if placed:
+            present = exists([ref.key for ref in placed])
+            chunk_hits = [ref for ref, hit in zip(placed, present) if hit]
+            chunk_saves = [ref for ref, hit in zip(placed, present) if not hit]
     # Only exact KV goes under prefix keys: blocks that end before the first reused
     # chunk token. Everything after it was computed against approximate context.
-    exact_end = min((h.token_start for h in chunk_hits), default=n)
+    exact_end = min(map(_TOKEN_START, chunk_hits), default=n)
     if chunk_precompute and split is not None:
         exact_end = min(exact_end, split.prefix.end)
     prefix_saves = tuple(
-        BlockRef(k, i * block_size, i * block_size)
-        for i, k in enumerate(chain.keys(exact_end // block_size))
-        if i >= hit_blocks
+        _new_ref((k, i * block_size, i * block_size))
+        for i, k in enumerate(chain.keys(exact_end // block_size)[hit_blocks:], hit_blocks)
     )
     return ReusePlan(
         num_tokens=n,
