@@ -1,0 +1,99 @@
+"""Host time of planning one request on the scheduler side (no GPU, no vLLM).
+
+Every request pays ``SchedulerSide.num_new_matched_tokens`` before its first step: the
+prompt split, the prefix-chain lookup, every chunk block's lookup and the pay decision.
+On a small model this host time is part of TTFT (a 0.5B model's 8K prefill is ~24 ms on
+an H100), so it is measured here alone: a DRAM store holding ``--chunks`` chunks of 512
+tokens, prompts of a 32-token system prompt, the chunks in a new order and a question.
+
+- ``warm``: every chunk stored (the usual RAG request; under the default pay policy a
+  small model runs it as a plain prefill after this plan);
+- ``cold``: a salted prompt, nothing stored (every prefix and chunk block hashed and
+  looked up).
+
+Prints a table (median and quartiles, ms per plan) and writes it as JSON::
+
+    python benchmarks/plan_host_cpu.py --chunks 16 --out benchmarks/results/plan_host_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ucm.config import UcmConfig
+from ucm.engine.scheduler_side import SchedulerSide
+from ucm.hashing import HashContext, chunk_block_keys, rank_key
+from ucm.sparse.blend.chunking import Delimiter
+from ucm.store.dram_store import UcmDramStore
+
+END = 2
+BLOCK = 16
+CHUNK = 512
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--chunks", type=int, default=16, help="chunks per prompt (16 x 512 = 8K tokens)")
+    ap.add_argument("--reps", type=int, default=200, help="plans timed per mode")
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    rng = random.Random(0)
+    ctx = HashContext(model_id="bench", kv_dtype="bf16", tp_size=1)
+    seed = ctx.seed(None)
+    chunks = [[rng.randrange(10, 30000) for _ in range(CHUNK - 1)] + [END] for _ in range(args.chunks)]
+    system = [rng.randrange(10, 30000) for _ in range(31)] + [END]
+    store = UcmDramStore(capacity_bytes=1 << 30)
+    keys = [rank_key(k, 0) for c in chunks for k in chunk_block_keys(seed, c, BLOCK)]
+    store.dump(keys, [torch.zeros(2)] * len(keys), "bench").result()
+    config = UcmConfig.from_dict({"block_tokens": BLOCK, "ucm_sparse_config": {"Blend": {"chunk_end_token_id": END}}})
+    side = SchedulerSide(config, store, ctx, BLOCK, 1, Delimiter(chunk_end_token_id=END), num_layers=24)
+
+    def prompt() -> list[int]:
+        order = rng.sample(range(args.chunks), args.chunks)
+        return system + [t for i in order for t in chunks[i]] + [rng.randrange(10, 30000) for _ in range(64)]
+
+    results: dict[str, dict] = {}
+    for mode in ("warm", "cold"):
+        times = []
+        for i in tqdm(range(args.reps + 10), desc=mode, leave=False):
+            ids, salt = prompt(), (f"cold-{i}" if mode == "cold" else None)
+            t0 = time.perf_counter()
+            side.num_new_matched_tokens(f"{mode}-{i}", ids, salt, 0, 0.15)
+            dt = time.perf_counter() - t0
+            side.finished(f"{mode}-{i}")
+            if i >= 10:  # the first ten warm the caches
+                times.append(dt * 1e3)
+        q = statistics.quantiles(times, n=4)
+        results[mode] = {"median_ms": round(statistics.median(times), 3), "p25_ms": round(q[0], 3),
+                         "p75_ms": round(q[2], 3), "n": len(times)}
+    tokens = len(system) + args.chunks * CHUNK + 64
+    print(f"plan host time per request, {tokens}-token prompts ({args.chunks} chunks of {CHUNK}), commit {_commit()}")
+    print("| mode | median ms | p25 | p75 |\n|---|---|---|---|")
+    for mode, r in results.items():
+        print(f"| {mode} | {r['median_ms']} | {r['p25_ms']} | {r['p75_ms']} |")
+    if args.out:
+        meta = {"date": time.strftime("%Y-%m-%d"), "commit": _commit(), "python": platform.python_version(),
+                "machine": platform.machine(), "prompt_tokens": tokens, "chunks": args.chunks, "reps": args.reps}
+        args.out.write_text(json.dumps({"meta": meta, "plan": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
