@@ -236,7 +236,8 @@ class Bench:
         elif self.base != "plain":
             if self.base.startswith("dram") or self.base in ("epic", "prefix"):
                 stores = [{"ucm_connector_name": "UcmDramStore",
-                           "ucm_connector_config": {"capacity_bytes": a.dram_gib * 2**30}}]
+                           "ucm_connector_config": {} if a.dram_gib is None else
+                           {"capacity_bytes": a.dram_gib * 2**30}}]
             else:
                 stores = [{"ucm_connector_name": "UcmNfsStore",
                            "ucm_connector_config": {"storage_backends": a.file_dir, "io_threads": a.io_threads}}]
@@ -900,7 +901,7 @@ def driver(args: argparse.Namespace) -> None:
               *map(str, args.file_ratios), "--concurrency", str(args.concurrency), "--max-model-len",
               str(args.max_model_len), "--max-batched-tokens", str(args.max_batched_tokens), "--gpu-mem",
               str(args.gpu_mem), "--block-tokens", str(args.block_tokens), "--check-layer", str(args.check_layer),
-              "--file-dir", args.file_dir, "--dram-gib", str(args.dram_gib), "--tp", str(args.tp),
+              "--file-dir", args.file_dir, *(["--dram-gib", str(args.dram_gib)] if args.dram_gib else []), "--tp", str(args.tp),
               "--cold-reps", str(args.cold_reps), "--warmup-rounds", str(args.warmup_rounds), "--seed", str(args.seed),
               "--io-threads", str(args.io_threads), "--dtype", args.dtype, "--mode", args.mode,
               "--tput-max-tokens", str(args.tput_max_tokens), "--decode-tokens", str(args.decode_tokens),
@@ -1030,7 +1031,10 @@ def main() -> None:
     ap.add_argument("--check-layer", type=int, default=1)
     ap.add_argument("--load-group", type=int, default=None,
                     help="engine_options.load_layer_group for the ucm engines (default: ucm's own)")
-    ap.add_argument("--dram-gib", type=int, default=8, help="host-memory tier capacity (pinned at engine start)")
+    ap.add_argument("--dram-gib", type=int, default=None,
+                    help="host-memory tier capacity (pinned at engine start); default 8, and with --tiny (a CPU "
+                         "run, where vLLM's KV cache leaves ~1.5 GiB of a 24 GiB host) the store's own default, "
+                         "fitted to the host")
     ap.add_argument("--file-dir", default="/var/tmp/ucm_ttft_kv")
     ap.add_argument("--file-cold", action="store_true")
     ap.add_argument("--io-threads", type=int, default=8)
@@ -1068,6 +1072,8 @@ def main() -> None:
     ap.add_argument("--engine", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.dram_gib is None and not args.tiny:
+        args.dram_gib = 8
     if args.plot_only:
         saved = json.loads(Path(args.plot_only).read_text())
         out_dir = Path(args.out_dir)

@@ -112,8 +112,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--store-dir", default=None,
                         help="Keep chunk KV in files under this directory (UcmNfsStore; a local dir or an NFS "
                              "mount, shareable by several engines). Default: host memory (UcmDramStore).")
-    parser.add_argument("--dram-gib", type=float, default=1.0,
-                        help="Byte budget of the host-memory store (LRU beyond it). Ignored with --store-dir.")
+    parser.add_argument("--dram-gib", type=float, default=None,
+                        help="Byte budget of the host-memory store (LRU beyond it); default: the store's own "
+                             "(4 GiB, or half of the host memory left after vLLM's KV cache). Ignored with "
+                             "--store-dir.")
     parser.add_argument("--pay-policy", choices=("always", "auto"), default="always",
                         help="'always' (default here): every blend mode blends, so the table compares ratios; "
                              "'auto': a request is blended only where this process measured blending faster "
@@ -177,8 +179,8 @@ def ucm_extra_config(args: argparse.Namespace, delimiter: dict[str, Any]) -> dic
     if args.store_dir:
         store = {"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {"storage_backends": args.store_dir}}
     else:
-        store = {"ucm_connector_name": "UcmDramStore",
-                 "ucm_connector_config": {"capacity_bytes": int(args.dram_gib * (1 << 30))}}
+        budget = {} if args.dram_gib is None else {"capacity_bytes": int(args.dram_gib * (1 << 30))}
+        store = {"ucm_connector_name": "UcmDramStore", "ucm_connector_config": budget}
     meta = {f"model.layers.{layer}.self_attn.attn": {"ratio": 0.15} for layer in args.check_layers}
     blend = dict(delimiter, compute_meta=meta, pay_policy=args.pay_policy)
     return {"ucm_connectors": [store], "ucm_sparse_config": {"Blend": blend}}

@@ -39,11 +39,13 @@ _FALSE_WORDS = ("", "0", "false", "no", "off")
 
 @dataclass(frozen=True)
 class DramStoreConfig(Section):
-    """Host-memory LRU tier; the budget bounds how much RAM the cache may pin."""
-    capacity_bytes: int = 4 * GiB
+    """Host-memory LRU tier; the budget bounds how much RAM the cache may pin. None: the
+    store's default (4 GiB), fitted to the host's available memory at start."""
+    capacity_bytes: Optional[int] = None
 
     def __post_init__(self) -> None:
-        set_field(self, "capacity_bytes", as_int("capacity_bytes", self.capacity_bytes, lo=1))
+        if self.capacity_bytes is not None:
+            set_field(self, "capacity_bytes", as_int("capacity_bytes", self.capacity_bytes, lo=1))
 
 
 @dataclass(frozen=True)

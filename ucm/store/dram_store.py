@@ -14,13 +14,14 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ucm.config_checks import UcmConfigError
 from ucm.store import pinned
 from ucm.store.arena import BlockArena
+from ucm.store.host_memory import available_bytes
 from ucm.store.journal import KeyJournal
 from ucm.store.base import (
     BASE_COUNTERS,
@@ -36,6 +37,12 @@ from ucm.store.base import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_DRAM_CAPACITY = 4 * 1024**3
+"""The budget when ``capacity_bytes`` is not set, unless the host has less to spare
+(:meth:`UcmDramStore.reserve` then takes half of what is available)."""
+
+HOST_HEADROOM = 0.1
+"""Share of the host's available memory an explicit budget must leave free: the
+engine's own host memory grows after start (request state, pinned staging, Python)."""
 
 
 class UcmDramStore(KVStoreBase):
@@ -52,13 +59,18 @@ class UcmDramStore(KVStoreBase):
     private clones instead.
     """
 
-    def __init__(self, capacity_bytes: int = DEFAULT_DRAM_CAPACITY, copy_on_load: bool = False, *,
-                 config_key: str = "") -> None:
-        """``config_key``: the key path of this store's config section, named by errors
-        found once the KV layout is known (:meth:`reserve`); the factory passes it."""
-        if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
+    def __init__(self, capacity_bytes: Optional[int] = None, copy_on_load: bool = False, *,
+                 config_key: str = "", host_memory: Optional[Callable[[], Optional[int]]] = None) -> None:
+        """``capacity_bytes``: the byte budget; None: :data:`DEFAULT_DRAM_CAPACITY`, fitted to
+        the host at :meth:`reserve`. ``config_key``: the key path of this store's config
+        section, named by errors found once the KV layout is known (:meth:`reserve`); the
+        factory passes it. ``host_memory``: the host's available bytes now (None: unknown);
+        by default ``MemAvailable`` (tests pass their own)."""
+        if capacity_bytes is not None and (not isinstance(capacity_bytes, int) or capacity_bytes <= 0):
             raise ValueError(f"capacity_bytes must be a positive int, got {capacity_bytes!r}")
-        self.capacity_bytes = capacity_bytes
+        self._default_capacity = capacity_bytes is None
+        self.capacity_bytes = DEFAULT_DRAM_CAPACITY if capacity_bytes is None else capacity_bytes
+        self._host_memory = available_bytes if host_memory is None else host_memory
         self.config_key = config_key
         self.copy_on_load = copy_on_load
         self._lock = threading.Lock()
@@ -89,6 +101,8 @@ class UcmDramStore(KVStoreBase):
         """
         if block_nbytes <= 0 or block_nbytes in self._reserved:
             return
+        if self._arena is None:
+            self.capacity_bytes = self._fitted_capacity(block_nbytes)
         self._check_capacity(block_nbytes)
         self._reserved.add(block_nbytes)
         slots = self.capacity_bytes // block_nbytes
@@ -110,14 +124,41 @@ class UcmDramStore(KVStoreBase):
             stage_blocks = max(1, stage_blocks)
             self._pin_blocks(block_nbytes * stage_blocks, -(-in_flight_blocks // stage_blocks))
 
+    def _capacity_key(self) -> str:
+        return f"{self.config_key}.capacity_bytes" if self.config_key else "capacity_bytes"
+
+    def _fitted_capacity(self, block_nbytes: int) -> int:
+        """The budget against the host's available memory, before any of it is laid out:
+        an explicit budget beyond it (less :data:`HOST_HEADROOM`) is refused; the default
+        one shrinks to half of what is available, in whole blocks, with a warning."""
+        available = self._host_memory()
+        if available is None or self.capacity_bytes <= available * (1 - HOST_HEADROOM):
+            return self.capacity_bytes
+        gib = 1024**3
+        if not self._default_capacity:
+            raise UcmConfigError(self._capacity_key(), (
+                f"UcmDramStore's capacity_bytes is {self.capacity_bytes / gib:.1f} GiB but the host has "
+                f"{available / gib:.1f} GiB available after vLLM allocated its KV cache; the tier would run "
+                f"the host out of memory as it fills. Set capacity_bytes to at most "
+                f"{int(available * (1 - HOST_HEADROOM))} bytes, or give vLLM's KV cache less host memory "
+                "(on CPU: VLLM_CPU_KVCACHE_SPACE or kv_cache_memory_bytes)"))
+        fitted = available // 2 // block_nbytes * block_nbytes
+        if fitted < block_nbytes:
+            raise UcmConfigError(self._capacity_key(), (
+                f"UcmDramStore cannot hold one block of {block_nbytes} bytes: the host has "
+                f"{available} bytes available after vLLM allocated its KV cache"))
+        logger.warning("ucm dram store: capacity_bytes is not set and its default (%.1f GiB) does not fit the "
+                       "%.1f GiB the host has available; using %.1f GiB (half of it). Set capacity_bytes to "
+                       "choose", self.capacity_bytes / gib, available / gib, fitted / gib)
+        return fitted
+
     def _check_capacity(self, block_nbytes: int) -> None:
         """Refuse a budget below one block: every dump would be skipped, the tier would
         cache nothing, and only a per-block warning would say so. The block size is
         known only here, once the worker knows the KV layout, so this is the first
         moment to refuse it."""
         if self.capacity_bytes < block_nbytes:
-            key = f"{self.config_key}.capacity_bytes" if self.config_key else "capacity_bytes"
-            raise UcmConfigError(key, (
+            raise UcmConfigError(self._capacity_key(), (
                 f"UcmDramStore holds no block: capacity_bytes is {self.capacity_bytes} but one block of this "
                 f"model's KV takes {block_nbytes} bytes; set capacity_bytes to at least {block_nbytes}"))
 
