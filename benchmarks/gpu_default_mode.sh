@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_default_mode.sh check     # gpu_check: inspect, control, equality (bf16)
 #   bash benchmarks/gpu_default_mode.sh qwen      # TTFT grid, Qwen2.5-Coder-0.5B shape: plain, dram, epic (+ decode host profile)
 #   bash benchmarks/gpu_default_mode.sh overhead  # Qwen shape: decode of plain / no-op connector / Blend engines (each twice), host profiles
-#   bash benchmarks/gpu_default_mode.sh ab        # Qwen shape: TTFT of requests that run vLLM's prefill: plain, no-op connector, ucm prefix, ucm Blend
+#   bash benchmarks/gpu_default_mode.sh ab        # Qwen shape: TTFT of requests that run vLLM's prefill: plain, no-op connector, ucm Blend
 #   bash benchmarks/gpu_default_mode.sh hostprof  # Qwen shape: cProfile of plain-run, cold and back-to-back cold requests, plain and dram
 #   bash benchmarks/gpu_default_mode.sh blendcost # Qwen shape: where a Blend step's time goes (always blend; host times, torch profile)
 #   bash benchmarks/gpu_default_mode.sh llamacost # the same, Llama-3-8B shape at 4K and 8K, and Blend steps on native ops
@@ -56,7 +56,7 @@ overhead)  # where a step's host time goes with ucm loaded: decode per engine ki
   ;;
 ab)  # what a request that runs vLLM's own prefill pays for each layer of ucm (Qwen shape, 1K and 8K)
   ttft ttft_qwen_ab "${2:-330}" --shape qwen0.5b --model-dir /tmp/qwen05-shape --model-label "Qwen2.5-Coder-0.5B shape (dummy bf16)" \
-    --engines plain noop prefix dram --mode default --chunks 2 16 --ratios 0.15 --reps 10 --cold-reps 3 --warmup-rounds 2 \
+    --engines plain noop dram --mode default --chunks 2 16 --ratios 0.15 --reps 10 --cold-reps 3 --warmup-rounds 2 \
     --concurrency 0 --max-model-len 10240 --host-times --host-profile --host-profile-reps 4 --host-profile-modes blend ratio1
   cp /tmp/work_ttft_qwen_ab/hostprofile_*.txt "$OUT"/ 2>/dev/null
   ;;
