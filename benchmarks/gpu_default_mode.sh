@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_default_mode.sh check     # gpu_check: inspect, control, equality (bf16)
 #   bash benchmarks/gpu_default_mode.sh qwen      # TTFT grid, Qwen2.5-Coder-0.5B shape: plain, dram, epic (+ decode host profile)
 #   bash benchmarks/gpu_default_mode.sh overhead  # Qwen shape: decode of plain / no-op connector / Blend engines (each twice), host profiles
+#   bash benchmarks/gpu_default_mode.sh abmin     # the same, plain and Blend engines at 8K only
 #   bash benchmarks/gpu_default_mode.sh ab        # Qwen shape: TTFT of requests that run vLLM's prefill: plain, no-op connector, ucm Blend
 #   bash benchmarks/gpu_default_mode.sh hostprof  # Qwen shape: cProfile of plain-run, cold and back-to-back cold requests, plain and dram
 #   bash benchmarks/gpu_default_mode.sh blendcost # Qwen shape: where a Blend step's time goes (always blend; host times, torch profile)
@@ -60,6 +61,12 @@ ab)  # what a request that runs vLLM's own prefill pays for each layer of ucm (Q
     --concurrency 0 --max-model-len 10240 --host-times --host-profile --host-profile-reps 4 --host-profile-modes blend ratio1
   cp /tmp/work_ttft_qwen_ab/hostprofile_*.txt "$OUT"/ 2>/dev/null
   ;;
+abmin)  # the same, plain and Blend engines at 8K only (a short device call)
+  ttft ttft_qwen_ab "${2:-240}" --shape qwen0.5b --model-dir /tmp/qwen05-shape --model-label "Qwen2.5-Coder-0.5B shape (dummy bf16)" \
+    --engines plain dram --mode default --chunks 16 --ratios 0.15 --reps 10 --cold-reps 3 --warmup-rounds 2 \
+    --concurrency 0 --max-model-len 10240 --host-times --host-profile --host-profile-reps 4 --host-profile-modes ratio1
+  cp /tmp/work_ttft_qwen_ab/hostprofile_*.txt "$OUT"/ 2>/dev/null
+  ;;
 hostprof)  # cProfile of plain-run, cold and back-to-back cold requests (Qwen shape, 8K): ucm's host time per function
   ttft ttft_qwen_hostprof "${2:-300}" --shape qwen0.5b --model-dir /tmp/qwen05-shape --model-label "Qwen2.5-Coder-0.5B shape (dummy bf16)" \
     --engines plain dram --mode default --chunks 16 --ratios 0.15 --reps 3 --cold-reps 3 --warmup-rounds 2 --concurrency 0 \
@@ -86,6 +93,6 @@ epic)
     --cold-reps 0 --concurrency 0 --max-model-len 10240
   ;;
 *)
-  echo "usage: $0 check|qwen|overhead|ab|hostprof|blendcost|llamacost|llama|epic [seconds]" >&2; exit 2
+  echo "usage: $0 check|qwen|overhead|ab|abmin|hostprof|blendcost|llamacost|llama|epic [seconds]" >&2; exit 2
   ;;
 esac
