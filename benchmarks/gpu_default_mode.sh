@@ -6,8 +6,8 @@
 #   bash benchmarks/gpu_default_mode.sh check     # gpu_check: inspect, control, equality (bf16)
 #   bash benchmarks/gpu_default_mode.sh qwen      # TTFT grid, Qwen2.5-Coder-0.5B shape: plain, dram, epic (+ decode host profile)
 #   bash benchmarks/gpu_default_mode.sh overhead  # Qwen shape: decode of plain / no-op connector / Blend engines (each twice), host profiles
-#   bash benchmarks/gpu_default_mode.sh abmin     # the same, plain and Blend engines at 8K only
 #   bash benchmarks/gpu_default_mode.sh ab        # Qwen shape: TTFT of requests that run vLLM's prefill: plain, no-op connector, ucm Blend
+#   bash benchmarks/gpu_default_mode.sh abmin     # the same, plain and Blend engines at 8K only
 #   bash benchmarks/gpu_default_mode.sh hostprof  # Qwen shape: cProfile of plain-run, cold and back-to-back cold requests, plain and dram
 #   bash benchmarks/gpu_default_mode.sh blendcost # Qwen shape: where a Blend step's time goes (always blend; host times, torch profile)
 #   bash benchmarks/gpu_default_mode.sh llamacost # the same, Llama-3-8B shape at 4K and 8K, and Blend steps on native ops
