@@ -11,6 +11,10 @@ tokens, prompts of a 32-token system prompt, the chunks in a new order and a que
 - ``cold``: a salted prompt, nothing stored (every prefix and chunk block hashed and
   looked up).
 
+Each mode also times the step metadata of the request's prefill (``build_meta``: the
+warm request's chunk loads under ``pay_policy: always``, the cold one's ~1,030 block
+saves), which the scheduler builds before that step runs.
+
 Prints a table (median and quartiles, ms per plan) and writes it as JSON::
 
     python benchmarks/plan_host_cpu.py --chunks 16 --out benchmarks/results/plan_host_cpu.json
@@ -32,6 +36,7 @@ from tqdm import tqdm
 
 from ucm.config import UcmConfig
 from ucm.engine.scheduler_side import SchedulerSide
+from ucm.engine.step_meta import ScheduledRequest
 from ucm.hashing import HashContext, chunk_block_keys, rank_key
 from ucm.sparse.blend.chunking import Delimiter
 from ucm.store.dram_store import UcmDramStore
@@ -63,7 +68,8 @@ def main() -> None:
     store = UcmDramStore(capacity_bytes=1 << 30)
     keys = [rank_key(k, 0) for c in chunks for k in chunk_block_keys(seed, c, BLOCK)]
     store.dump(keys, [torch.zeros(2)] * len(keys), "bench").result()
-    config = UcmConfig.from_dict({"block_tokens": BLOCK, "ucm_sparse_config": {"Blend": {"chunk_end_token_id": END}}})
+    config = UcmConfig.from_dict({"block_tokens": BLOCK, "ucm_sparse_config": {"Blend": {
+        "chunk_end_token_id": END, "pay_policy": "always"}}})
     side = SchedulerSide(config, store, ctx, BLOCK, 1, Delimiter(chunk_end_token_id=END), num_layers=24)
 
     def prompt() -> list[int]:
@@ -72,18 +78,25 @@ def main() -> None:
 
     results: dict[str, dict] = {}
     for mode in ("warm", "cold"):
-        times = []
+        plans, metas = [], []
         for i in tqdm(range(args.reps + 10), desc=mode, leave=False):
-            ids, salt = prompt(), (f"cold-{i}" if mode == "cold" else None)
+            ids, salt, rid = prompt(), (f"cold-{i}" if mode == "cold" else None), f"{mode}-{i}"
             t0 = time.perf_counter()
-            side.num_new_matched_tokens(f"{mode}-{i}", ids, salt, 0, 0.15)
-            dt = time.perf_counter() - t0
-            side.finished(f"{mode}-{i}")
+            side.num_new_matched_tokens(rid, ids, salt, 0, 0.15)
+            t1 = time.perf_counter()
+            side.after_alloc(rid, 0)
+            blocks = list(range(-(-len(ids) // BLOCK)))
+            t2 = time.perf_counter()
+            side.build_meta([ScheduledRequest(rid, 0, len(ids), blocks, new=True)])
+            t3 = time.perf_counter()
+            side.finished(rid)
             if i >= 10:  # the first ten warm the caches
-                times.append(dt * 1e3)
-        q = statistics.quantiles(times, n=4)
-        results[mode] = {"median_ms": round(statistics.median(times), 3), "p25_ms": round(q[0], 3),
-                         "p75_ms": round(q[2], 3), "n": len(times)}
+                plans.append((t1 - t0) * 1e3)
+                metas.append((t3 - t2) * 1e3)
+        for name, times in ((mode, plans), (f"{mode}_meta", metas)):
+            q = statistics.quantiles(times, n=4)
+            results[name] = {"median_ms": round(statistics.median(times), 3), "p25_ms": round(q[0], 3),
+                             "p75_ms": round(q[2], 3), "n": len(times)}
     tokens = len(system) + args.chunks * CHUNK + 64
     print(f"plan host time per request, {tokens}-token prompts ({args.chunks} chunks of {CHUNK}), commit {_commit()}")
     print("| mode | median ms | p25 | p75 |\n|---|---|---|---|")

@@ -3,6 +3,7 @@ tests: a store, prompts, and the scheduler's outputs as plain objects, step by s
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ucm.config import UcmConfig
@@ -166,3 +167,28 @@ def test_a_cold_request_does_not_save_chunks_that_could_never_pay():
     fresh.after_alloc("r", 0)
     saved = {s.key for s in fresh.build_meta(_new("r", [0, 1], 0, len(prompt))).requests["r"].saves}
     assert chunk_keys <= saved
+
+
+def _token_loads(steps) -> set[tuple[bytes, int, int]]:
+    """(key, prompt token, rope delta) of every token the steps' chunk loads write."""
+    return {(l.key, t, l.rope_delta) for step in steps for l in step.loads if l.chunk for t in range(l.lo, l.hi)}
+
+
+@pytest.mark.parametrize("split_at", [5, 9, 14, 17, 21, 30])
+def test_one_step_loads_the_same_chunk_tokens_as_a_chunked_prefill(split_at):
+    """The whole prompt in one step takes every chunk hit whole; split in two pieces at any
+    token, the pieces' clipped loads write exactly the same tokens with the same shifts."""
+    prompt = SYS + C2 + C3 + C1 + Q
+    whole_side = _side(_store(chunks=(C1, C2)))
+    whole_side.num_new_matched_tokens("w", prompt, None, 0)
+    whole_side.after_alloc("w", 0)
+    whole = whole_side.build_meta(_new("w", [0, 1, 2, 3, 4, 5, 6], 0, len(prompt))).requests["w"]
+    assert whole.blend and whole.chunk_starts == (8, 24)
+    assert all(l.hi - l.lo == B and l.lo == l.token_start for l in whole.loads if l.chunk)
+    split_side = _side(_store(chunks=(C1, C2)))
+    split_side.num_new_matched_tokens("s", prompt, None, 0)
+    split_side.after_alloc("s", 0)
+    first = split_side.build_meta(_new("s", [0, 1, 2], 0, split_at)).requests.get("s")
+    second = split_side.build_meta(_cached("s", [3, 4, 5, 6], split_at, len(prompt) - split_at)).requests["s"]
+    assert _token_loads([whole]) == _token_loads([s for s in (first, second) if s is not None])
+    assert [tuple(s) for s in whole.saves] == [tuple(s) for s in second.saves]

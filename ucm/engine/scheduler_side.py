@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 from ucm.config import SELECTIONS, UcmConfig
 from ucm.hashing import HashContext, rank_key
 from ucm.engine.inflight import INFLIGHT
-from ucm.engine.step_meta import BlockLoad, BlockSave, RequestStep, ScheduledRequest, StepPlan
+from ucm.engine.step_meta import BlockLoad, RequestStep, ScheduledRequest, StepPlan, new_load, new_save
 from ucm.sparse.blend.chunking import Delimiter, split_prompt
 from ucm.sparse.blend.pay_policy import BlendPayPolicy, PayDecision
 from ucm.sparse.blend.plan import ReusePlan, build_plan
@@ -314,16 +314,24 @@ class SchedulerSide:
                 if a < z:
                     step.loads.append(BlockLoad(ref.key, ref.token_start, a, z, 0, chunk=False))
             tracked.prefix_loaded = True
-        if lo < tracked.prompt_len and tracked.blends:
-            for ref in plan.chunk_hits_in(lo, min(hi, tracked.prompt_len)):
-                a, z = max(ref.token_start, lo), min(ref.token_start + b, hi)
-                step.loads.append(BlockLoad(ref.key, ref.token_start, a, z, ref.rope_delta, chunk=True))
+        if lo < tracked.prompt_len and tracked.blends and plan.chunk_hits:
+            end = min(hi, tracked.prompt_len)
+            hits = plan.chunk_hits
+            before = len(step.loads)
+            if lo <= hits[0].token_start and hits[-1].token_start + b <= end:
+                # The usual case (the whole prompt in one step): every hit whole, in C.
+                step.loads += [new_load((key, start, start, start + b, start - stored, True))
+                               for key, start, stored in hits]
+            else:  # a chunked prefill: the hits this piece overlaps, clipped to it
+                for ref in plan.chunk_hits_in(lo, end):
+                    a, z = max(ref.token_start, lo), min(ref.token_start + b, hi)
+                    step.loads.append(BlockLoad(ref.key, ref.token_start, a, z, ref.rope_delta, chunk=True))
+            if len(step.loads) > before:
                 step.blend = True
-            if step.blend:
                 step.chunk_starts = plan.reused_chunk_starts()
         if not tracked.saved and hi >= tracked.prompt_len:
-            step.saves = [BlockSave(r.key, r.token_start, r.rope_delta)
-                          for r in plan.prefix_saves + plan.chunk_saves]
+            step.saves = [new_save((key, start, start - stored))
+                          for key, start, stored in plan.prefix_saves + plan.chunk_saves]
             tracked.saved = True
         return step
 
