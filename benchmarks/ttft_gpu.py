@@ -1072,7 +1072,7 @@ def main() -> None:
     ap.add_argument("--engine", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.dram_gib is None and not args.tiny:
+    if args.dram_gib is None and not args.tiny and not args.engine:  # an engine gets the driver's choice
         args.dram_gib = 8
     if args.plot_only:
         saved = json.loads(Path(args.plot_only).read_text())
