@@ -13,7 +13,9 @@ tokens, prompts of a 32-token system prompt, the chunks in a new order and a que
 
 Each mode also times the step metadata of the request's prefill (``build_meta``: the
 warm request's chunk loads under ``pay_policy: always``, the cold one's ~1,030 block
-saves), which the scheduler builds before that step runs.
+saves), which the scheduler builds before that step runs. ``decode32`` times the
+connector's ``build_connector_meta`` for a decode step of 32 running requests (most steps
+are these; a small model's decode step is ~1.5-4 ms on a GPU).
 
 Prints a table (median and quartiles, ms per plan) and writes it as JSON::
 
@@ -29,6 +31,7 @@ import random
 import statistics
 import subprocess
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -52,6 +55,34 @@ def _commit() -> str:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def _decode_step(side: SchedulerSide, prompt, reps: int) -> dict:
+    """``build_connector_meta`` of a step that decodes 32 planned, prefilled requests."""
+    from ucm.integration.vllm.connector import UCMConnector  # imports vLLM
+
+    ids = [f"decode-{i}" for i in range(32)]
+    for rid in ids:
+        p = prompt()
+        side.num_new_matched_tokens(rid, p, None, 0, 1.0)
+        side.after_alloc(rid, 0)
+        side.build_meta([ScheduledRequest(rid, 0, len(p), list(range(-(-len(p) // BLOCK))), new=True)])
+    cached = types.SimpleNamespace(req_ids=ids, new_block_ids=[None] * 32, num_computed_tokens=[9000] * 32,
+                                   resumed_req_ids=set())
+    step = types.SimpleNamespace(scheduled_new_reqs=[], scheduled_cached_reqs=cached,
+                                 num_scheduled_tokens={rid: 1 for rid in ids})
+    connector = types.SimpleNamespace(scheduler_side=side)
+    times = []
+    for i in tqdm(range(reps * 10 + 100), desc="decode32", leave=False):
+        t0 = time.perf_counter()
+        meta = UCMConnector.build_connector_meta(connector, step)
+        dt = time.perf_counter() - t0
+        if i >= 100:
+            times.append(dt * 1e3)
+    assert not meta.requests, "a decode step of prefilled requests plans nothing"
+    q = statistics.quantiles(times, n=4)
+    return {"median_ms": round(statistics.median(times), 4), "p25_ms": round(q[0], 4), "p75_ms": round(q[2], 4),
+            "n": len(times)}
 
 
 def main() -> None:
@@ -97,6 +128,7 @@ def main() -> None:
             q = statistics.quantiles(times, n=4)
             results[name] = {"median_ms": round(statistics.median(times), 3), "p25_ms": round(q[0], 3),
                              "p75_ms": round(q[2], 3), "n": len(times)}
+    results["decode32"] = _decode_step(side, prompt, args.reps)
     tokens = len(system) + args.chunks * CHUNK + 64
     print(f"plan host time per request, {tokens}-token prompts ({args.chunks} chunks of {CHUNK}), commit {_commit()}")
     print("| mode | median ms | p25 | p75 |\n|---|---|---|---|")

@@ -192,3 +192,30 @@ def test_one_step_loads_the_same_chunk_tokens_as_a_chunked_prefill(split_at):
     second = split_side.build_meta(_cached("s", [3, 4, 5, 6], split_at, len(prompt) - split_at)).requests["s"]
     assert _token_loads([whole]) == _token_loads([s for s in (first, second) if s is not None])
     assert [tuple(s) for s in whole.saves] == [tuple(s) for s in second.saves]
+
+
+def test_decode_steps_keep_block_ids_without_planning_and_a_later_blend_step_lists_them_all():
+    """Once every tracked request has nothing left to do (decoding), a step is answered by
+    :meth:`SchedulerSide.idle_step` alone: no per-request planning, only the new block ids
+    kept. A request that arrives later and blends then lists the decode request's blocks,
+    all of them, as a Blend step needs every request's blocks."""
+    side = _side(_store(chunks=(C1, C2)))
+    first = SYS + C3 + Q  # nothing stored to reuse: runs plain, then decodes
+    side.num_new_matched_tokens("d", first, None, 0)
+    side.after_alloc("d", 0)
+    assert side.has_pending()
+    side.build_meta(_new("d", [0, 1, 2], 0, len(first)))
+    side.build_meta(_cached("d", None, len(first), 1))  # its first decode step: now idle
+    assert not side.has_pending()
+    side.idle_step([("d", [3]), ("d", None), ("unknown", [9])])
+    side.idle_step([("d", [4])])
+    second = SYS + C1 + C2 + Q
+    side.num_new_matched_tokens("b", second, None, 0)
+    side.after_alloc("b", 0)
+    assert side.has_pending()
+    meta = side.build_meta(_new("b", [10, 11, 12], 0, len(second)) + _cached("d", [5], len(first) + 3, 1))
+    assert meta.blend_active
+    assert meta.requests["d"].block_ids == [0, 1, 2, 3, 4, 5]
+    side.finished("b")
+    side.build_meta(_cached("d", None, len(first) + 4, 1))
+    assert not side.has_pending()

@@ -325,6 +325,12 @@ class UCMConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         assert self.scheduler_side is not None
+        cached = scheduler_output.scheduled_cached_reqs
+        if not (self.scheduler_side.has_pending() or scheduler_output.scheduled_new_reqs or cached.resumed_req_ids):
+            # Running requests only, all decoding: nothing to plan (most steps are these).
+            self.scheduler_side.idle_step(
+                (req_id, ids[0] if ids is not None else None) for req_id, ids in zip(cached.req_ids, cached.new_block_ids))
+            return UcmConnectorMetadata()
         start = HOST_TIMES.start()
         meta = UcmConnectorMetadata.wrap(self.scheduler_side.build_meta(scheduled_requests(scheduler_output)))
         if meta.has_loads and hasattr(scheduler_output, "has_sync_kv_loads"):
