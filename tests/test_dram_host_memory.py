@@ -36,7 +36,7 @@ def test_explicit_capacity_beyond_the_host_memory_is_refused_at_reserve() -> Non
 def test_default_capacity_shrinks_to_half_of_what_the_host_has(caplog) -> None:
     store = UcmDramStore(host_memory=lambda: 1 * GiB + 3 * BLOCK // 2)
     assert store.capacity_bytes == DEFAULT_DRAM_CAPACITY
-    with caplog.at_level(logging.WARNING, logger="ucm.store.dram_store"):
+    with caplog.at_level(logging.WARNING, logger="ucm.store.host_memory"):
         store.reserve(BLOCK)
     assert store.capacity_bytes == 512 * BLOCK  # half of what is available, whole blocks
     assert store._arena is not None and store._arena.num_slots == 512

@@ -21,7 +21,7 @@ import torch
 from ucm.config_checks import UcmConfigError
 from ucm.store import pinned
 from ucm.store.arena import BlockArena
-from ucm.store.host_memory import available_bytes
+from ucm.store.host_memory import available_bytes, fit_budget
 from ucm.store.journal import KeyJournal
 from ucm.store.base import (
     BASE_COUNTERS,
@@ -39,10 +39,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_DRAM_CAPACITY = 4 * 1024**3
 """The budget when ``capacity_bytes`` is not set, unless the host has less to spare
 (:meth:`UcmDramStore.reserve` then takes half of what is available)."""
-
-HOST_HEADROOM = 0.1
-"""Share of the host's available memory an explicit budget must leave free: the
-engine's own host memory grows after start (request state, pinned staging, Python)."""
 
 
 class UcmDramStore(KVStoreBase):
@@ -128,29 +124,9 @@ class UcmDramStore(KVStoreBase):
         return f"{self.config_key}.capacity_bytes" if self.config_key else "capacity_bytes"
 
     def _fitted_capacity(self, block_nbytes: int) -> int:
-        """The budget against the host's available memory, before any of it is laid out:
-        an explicit budget beyond it (less :data:`HOST_HEADROOM`) is refused; the default
-        one shrinks to half of what is available, in whole blocks, with a warning."""
-        available = self._host_memory()
-        if available is None or self.capacity_bytes <= available * (1 - HOST_HEADROOM):
-            return self.capacity_bytes
-        gib = 1024**3
-        if not self._default_capacity:
-            raise UcmConfigError(self._capacity_key(), (
-                f"UcmDramStore's capacity_bytes is {self.capacity_bytes / gib:.1f} GiB but the host has "
-                f"{available / gib:.1f} GiB available after vLLM allocated its KV cache; the tier would run "
-                f"the host out of memory as it fills. Set capacity_bytes to at most "
-                f"{int(available * (1 - HOST_HEADROOM))} bytes, or give vLLM's KV cache less host memory "
-                "(on CPU: VLLM_CPU_KVCACHE_SPACE or kv_cache_memory_bytes)"))
-        fitted = available // 2 // block_nbytes * block_nbytes
-        if fitted < block_nbytes:
-            raise UcmConfigError(self._capacity_key(), (
-                f"UcmDramStore cannot hold one block of {block_nbytes} bytes: the host has "
-                f"{available} bytes available after vLLM allocated its KV cache"))
-        logger.warning("ucm dram store: capacity_bytes is not set and its default (%.1f GiB) does not fit the "
-                       "%.1f GiB the host has available; using %.1f GiB (half of it). Set capacity_bytes to "
-                       "choose", self.capacity_bytes / gib, available / gib, fitted / gib)
-        return fitted
+        """The budget against the host's available memory (:func:`fit_budget`)."""
+        return fit_budget(self.capacity_bytes, self._default_capacity, block_nbytes, self._host_memory(),
+                          self._capacity_key())
 
     def _check_capacity(self, block_nbytes: int) -> None:
         """Refuse a budget below one block: every dump would be skipped, the tier would

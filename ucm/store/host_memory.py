@@ -9,10 +9,19 @@ its KV caches (after vLLM allocated them) turns that into an error at start.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
+from ucm.config_checks import UcmConfigError
+
+logger = logging.getLogger(__name__)
+
 MEMINFO = Path("/proc/meminfo")
+
+HOST_HEADROOM = 0.1
+"""Share of the host's available memory an explicit budget must leave free: the
+engine's own host memory grows after start (request state, pinned staging, Python)."""
 
 
 def available_bytes(meminfo: Path = MEMINFO) -> Optional[int]:
@@ -28,3 +37,29 @@ def available_bytes(meminfo: Path = MEMINFO) -> Optional[int]:
             if len(fields) >= 2 and fields[1].isdigit():
                 return int(fields[1]) * 1024
     return None
+
+
+def fit_budget(capacity: int, is_default: bool, block_nbytes: int, available: Optional[int], key: str) -> int:
+    """``capacity`` against ``available`` host bytes, before any of it is laid out: an
+    explicit budget beyond it (less :data:`HOST_HEADROOM`) is refused under ``key``; the
+    default one shrinks to half of what is available, in whole blocks, with a warning.
+    ``available`` None (unknown) keeps the budget."""
+    if available is None or capacity <= available * (1 - HOST_HEADROOM):
+        return capacity
+    gib = 1024**3
+    if not is_default:
+        raise UcmConfigError(key, (
+            f"UcmDramStore's capacity_bytes is {capacity / gib:.1f} GiB but the host has "
+            f"{available / gib:.1f} GiB available after vLLM allocated its KV cache; the tier would run "
+            f"the host out of memory as it fills. Set capacity_bytes to at most "
+            f"{int(available * (1 - HOST_HEADROOM))} bytes, or give vLLM's KV cache less host memory "
+            "(on CPU: VLLM_CPU_KVCACHE_SPACE or kv_cache_memory_bytes)"))
+    fitted = available // 2 // block_nbytes * block_nbytes
+    if fitted < block_nbytes:
+        raise UcmConfigError(key, (
+            f"UcmDramStore cannot hold one block of {block_nbytes} bytes: the host has "
+            f"{available} bytes available after vLLM allocated its KV cache"))
+    logger.warning("ucm dram store: capacity_bytes is not set and its default (%.1f GiB) does not fit the "
+                   "%.1f GiB the host has available; using %.1f GiB (half of it). Set capacity_bytes to "
+                   "choose", capacity / gib, available / gib, fitted / gib)
+    return fitted
