@@ -10,6 +10,9 @@
 #   bash benchmarks/quality_gpu.sh prepare   # part + join + sha256 + gguf on PYTHONPATH + bf16 folder /tmp/qwen
 #   bash benchmarks/quality_gpu.sh run [example args...]   # the measurement -> $OUT/quality.json, $OUT/quality/
 #   bash benchmarks/quality_gpu.sh all [example args...]   # prepare + run
+#   bash benchmarks/quality_gpu.sh methods [quality.py args...]  # every method at equal budgets
+#       (benchmarks/quality.py) on the HotpotQA subset and qdeps/squad_multidoc.jsonl
+#       (written here by `python -c "...write_squad_multidoc(...)"`, see quality_data.py)
 #
 # The host forgets ~/qwen_parts and /tmp when it is released (~30 s idle), so the calls must
 # follow each other closely. Env: OUT (default /tmp/out), NUM_SAMPLES (200), QWEN_PARTS
@@ -76,10 +79,22 @@ run() {
         --output-json "$OUT/quality.json" --output-dir "$OUT/quality" "$@" 2>&1 | tee "$OUT/quality.log"
 }
 
+methods() {
+    [ -f "$MODEL/.ucm_converted.json" ] || { echo "no converted model in $MODEL: run prepare first"; exit 2; }
+    [ -f "$PARTS/squad_multidoc.jsonl" ] || { echo "missing $PARTS/squad_multidoc.jsonl (carry qdeps)"; exit 2; }
+    mkdir -p "$OUT"
+    cd "$REPO"
+    PYTHONPATH="$SITE:$REPO" VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_USE_V2_MODEL_RUNNER=0 \
+        "$PY" benchmarks/quality.py --model "$MODEL" --dtype "$DTYPE" --max-tokens 32 \
+        --datasets "$SUBSET:$NUM_SAMPLES" "$PARTS/squad_multidoc.jsonl:100" \
+        --out-dir "$OUT/quality_methods" --work-dir /tmp/quality_methods "$@" 2>&1 | tail -n 60
+}
+
 case "$MODE" in
     part) collect ;;
     prepare) prepare ;;
     run) run "$@" ;;
     all) prepare; run "$@" ;;
-    *) echo "usage: $0 part|prepare|run|all [example args...]"; exit 2 ;;
+    methods) methods "$@" ;;
+    *) echo "usage: $0 part|prepare|run|all|methods [args...]"; exit 2 ;;
 esac
