@@ -7,6 +7,7 @@ order, each passage precomputed alone as a chunk) is answered greedily by:
 * ``full_reuse``: Blend at ratio 0 (every chunk token keeps its cached KV);
 * ``blend_<selection>_<b>``: Blend recomputing the top ``b`` of the reused tokens, ranked
   by KV deviation (CacheBlend), by the question's attention (``query``) or both (``mixed``),
+  or each chunk's first tokens and then deviation (``boundary``),
   all per request on one Blend engine (``ucm_blend_ratio``, ``ucm_blend_selection``);
 * ``epic_<b>``: EPIC recomputing the first k tokens of every reused chunk, k chosen per
   request so that k x chunks is ``b`` of the prompt's chunk tokens (``ucm_epic_tokens``),
@@ -44,8 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
 from benchmarks.quality_data import write_squad_multidoc  # noqa: E402
-
-SELECTIONS = ("deviation", "query", "mixed")
+from ucm.config import SELECTIONS  # noqa: E402
 FULL, REUSE = "full_prefill", "full_reuse"
 
 

@@ -23,9 +23,11 @@ import yaml
 from ucm.config_checks import (Section, UcmConfigError, as_float, as_int, as_seq, as_str, check_keys, expect,
                                set_field, suggest, under)
 from ucm.config_chunks import SHARED_KEYS, check_chunk_settings, check_chunk_tokens, shared_to_dict
-from ucm.config_epic import EpicConfig
+from ucm.config_epic import MAX_RECOMPUTE_TOKENS, EpicConfig
 
-SELECTIONS = ("deviation", "query", "mixed")  # Blend's ranking of reused tokens at a check layer
+# Blend's ranking of reused tokens at a check layer ("boundary": each reused chunk's first
+# ``boundary_tokens`` tokens, then deviation, within the same budget).
+SELECTIONS = ("deviation", "query", "mixed", "boundary")
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +154,8 @@ class BlendConfig:
     save_chunks: bool = True  # store each missed chunk's KV under its chunk keys for later requests
     min_chunk_tokens: int = 1  # shorter chunks are recomputed, not reused
     pay_policy: str = "auto"  # "auto": blend a request only where it measured faster; "always": blend every one
-    selection: str = "deviation"  # how a check layer ranks reused tokens: "deviation", "query" or "mixed"
+    selection: str = "deviation"  # how a check layer ranks reused tokens: one of SELECTIONS
+    boundary_tokens: int = 16  # "boundary" selection: first tokens of each reused chunk always recomputed
 
     def __post_init__(self) -> None:
         check_chunk_settings(self)
@@ -160,6 +163,7 @@ class BlendConfig:
         as_str("deviation_target", self.deviation_target, ("k", "v", "kv"))
         as_str("deviation_norm", self.deviation_norm, ("l1", "l2"))
         as_str("selection", self.selection, SELECTIONS)
+        set_field(self, "boundary_tokens", as_int("boundary_tokens", self.boundary_tokens, 0, MAX_RECOMPUTE_TOKENS))
 
     def _check_layers(self) -> None:
         """Sort by layer index and enforce gradual filtering: ratios never rise with depth."""
@@ -204,7 +208,8 @@ class BlendConfig:
     @classmethod
     def from_dict(cls, data: Any) -> BlendConfig:
         data = expect("", data, Mapping, "a mapping")
-        check_keys(data, (*SHARED_KEYS, "compute_meta", "deviation_target", "deviation_norm", "selection"))
+        check_keys(data, (*SHARED_KEYS, "compute_meta", "deviation_target", "deviation_norm", "selection",
+                          "boundary_tokens"))
         kwargs = {k: v for k, v in data.items() if k != "compute_meta"}
         if "compute_meta" in data:
             with under("compute_meta"):
@@ -216,7 +221,7 @@ class BlendConfig:
         out = shared_to_dict(self)
         out["compute_meta"] = {c.layer_name: {"ratio": c.ratio} for c in self.check_layers}
         out.update(deviation_target=self.deviation_target, deviation_norm=self.deviation_norm,
-                   selection=self.selection)
+                   selection=self.selection, boundary_tokens=self.boundary_tokens)
         return out
 
 

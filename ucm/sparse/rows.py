@@ -9,7 +9,7 @@ so the integration builds one :class:`RequestRows` whichever method runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -59,3 +59,23 @@ class RequestOutcome:
     @property
     def recompute_fraction(self) -> float:
         return self.num_recomputed_reusable / self.num_reusable if self.num_reusable else 1.0
+
+
+def chunk_head_rows(num_rows: int, first_position: int, chunk_starts: Sequence[int], k: int) -> torch.Tensor:
+    """Bool mask ``[num_rows]`` of the first ``k`` tokens of each chunk beginning at a prompt
+    position in ``chunk_starts``, clipped to this step's rows (row 0 is prompt position
+    ``first_position``).
+
+    Why shared: a chunk's first tokens were a sequence start when it was computed alone, so
+    they carry attention-sink mass they should not have mid-prompt; EPIC recomputes exactly
+    them, and Blend's "boundary" selection recomputes them before ranking the rest.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    mask = torch.zeros(num_rows, dtype=torch.bool)
+    if k > 0:
+        for start in chunk_starts:
+            lo, hi = max(start - first_position, 0), min(start + k - first_position, num_rows)
+            if lo < hi:
+                mask[lo:hi] = True
+    return mask

@@ -27,9 +27,9 @@ from typing import Callable, Optional
 import torch
 
 from ucm.sparse.base import UcmSparseBase
-from ucm.sparse.blend.selection import GradualFilter, mixed_score, query_attention, token_deviation
+from ucm.sparse.blend.selection import GradualFilter, budget, mixed_score, query_attention, token_deviation
 from ucm.sparse.blend.transfer import to_device
-from ucm.sparse.rows import RequestOutcome, RequestRows  # noqa: F401  (RequestRows: re-exported)
+from ucm.sparse.rows import RequestOutcome, RequestRows, chunk_head_rows  # noqa: F401  (RequestRows: re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class BlendStep:
     norm: str = "l2"
     all_reduce: Optional[AllReduce] = None
     selection: str = "deviation"  # the configured ranking; a request's own (RequestRows.selection) wins
+    boundary_tokens: int = 16  # "boundary" ranking: first tokens of each reused chunk kept within the budget
     rows: torch.Tensor = field(init=False)
     row_counts: dict[str, int] = field(init=False)  # rows each request computes now (host)
     outcomes: dict[str, RequestOutcome] = field(init=False)
@@ -70,10 +71,21 @@ class BlendStep:
             if req.num_rows:
                 always = always.clone()
                 always[-1] = True  # the last row produces the request's logits
-            self._filters[req.req_id] = GradualFilter(req.reusable, always)
+            self._filters[req.req_id] = GradualFilter(req.reusable, always, self._chunk_heads(req))
             self.outcomes[req.req_id] = RequestOutcome(req.num_rows, req.num_reusable, req.num_reusable)
         # Asked in every layer: counted once here (a CPU sum over each request's rows).
         self._active = any(outcome.num_reusable for outcome in self.outcomes.values())
+
+    def _chunk_heads(self, req: RequestRows) -> Optional[torch.Tensor]:
+        """A "boundary" request's rows kept at every check within its budget: the first
+        ``boundary_tokens`` reused rows of each of its chunks, fewer where the final
+        check's budget split over the chunks is smaller (equal budgets keep the method
+        comparable with deviation alone, and gradual filtering never drops them)."""
+        if (req.selection or self.selection) != "boundary" or not req.chunk_starts or not self.boundary_tokens:
+            return None
+        final = budget(self.ratio_at(max(self.check_ratios), req.ratio), req.num_reusable)
+        k = min(self.boundary_tokens, final // len(req.chunk_starts))
+        return chunk_head_rows(req.num_rows, req.first_position, req.chunk_starts, k) & req.reusable.to(torch.bool)
 
     @property
     def active(self) -> bool:
@@ -152,7 +164,7 @@ class BlendStep:
         Query-aware ranking needs the question's rows in this step (a chunked prefill's
         earlier steps have none) and its queries; without them it ranks by deviation."""
         ranking = req.selection or self.selection
-        if ranking != "deviation" and (query is None or req.suffix_rows == 0):
+        if ranking in ("query", "mixed") and (query is None or req.suffix_rows == 0):
             return "deviation"
         return ranking
 
@@ -160,7 +172,7 @@ class BlendStep:
                             scale: Optional[float]) -> Optional[torch.Tensor]:
         """Per current row, the attention its request's question pays it (zeros for requests
         ranked by deviation alone); None when no request is ranked by the question."""
-        if query is None or all(r == "deviation" for r in ranking.values()):
+        if query is None or all(r not in ("query", "mixed") for r in ranking.values()):
             return None
         if scale is None:
             raise ValueError("query-aware selection needs the attention scale")
@@ -171,7 +183,7 @@ class BlendStep:
             count = self.row_counts[req.req_id]
             mine = slice(start, start + count)
             start += count
-            if ranking[req.req_id] != "deviation" and count:
+            if ranking[req.req_id] in ("query", "mixed") and count:
                 out[mine] = query_attention(q[mine], key[mine], min(req.suffix_rows, count), scale)
         return out
 
@@ -217,6 +229,7 @@ class Blend(UcmSparseBase):
         self.target = config.deviation_target
         self.norm = config.deviation_norm
         self.selection = getattr(config, "selection", "deviation")
+        self.boundary_tokens = getattr(config, "boundary_tokens", 16)
         self.step: Optional[BlendStep] = None
 
     @property
@@ -227,7 +240,7 @@ class Blend(UcmSparseBase):
     def begin_step(self, requests: list[RequestRows], num_rows: int,
                    all_reduce: Optional[AllReduce] = None) -> BlendStep:
         self.step = BlendStep(requests, num_rows, self.check_ratios, self.target, self.norm, all_reduce,
-                              self.selection)
+                              self.selection, self.boundary_tokens)
         return self.step
 
     def end_step(self) -> Optional[BlendStep]:

@@ -82,7 +82,7 @@ def _check_ratio(ratio: float) -> float:
     return ratio
 
 
-def _budget(ratio: float, num_reusable: int) -> int:
+def budget(ratio: float, num_reusable: int) -> int:
     """``ceil(ratio * n)``, robust to float noise (0.15 * 20 is 3.0000000000000004)."""
     return min(num_reusable, math.ceil(ratio * num_reusable - 1e-9))
 
@@ -152,7 +152,7 @@ def select_recompute(
     """
     ratio = _check_ratio(ratio)
     deviation, forced = _prepare(deviation, reusable, always, all_reduce)
-    k = _budget(ratio, int(reusable.sum()))
+    k = budget(ratio, int(reusable.sum()))
     candidates = reusable.to(torch.bool) & ~forced
     return forced | top_rows(deviation, candidates, k)
 
@@ -170,10 +170,17 @@ class GradualFilter:
     kept on the host (``num_selected``), so a step never waits for the device.
     """
 
-    def __init__(self, reusable: torch.Tensor, always: Optional[torch.Tensor] = None) -> None:
+    def __init__(self, reusable: torch.Tensor, always: Optional[torch.Tensor] = None,
+                 in_budget: Optional[torch.Tensor] = None) -> None:
+        """``always``: rows kept at every check on top of the budget (the logits row);
+        ``in_budget``: rows kept at every check whose reusable ones count against it (the
+        "boundary" selection's chunk heads), so that a check keeps as many reused rows as
+        deviation alone would."""
         self.reusable = reusable.to(torch.bool)
-        self.always = _always(self.reusable, always)
+        counted = _always(self.reusable, in_budget) & self.reusable
+        self.always = _always(self.reusable, always) | counted
         self.num_reusable = int(self.reusable.sum())
+        self.num_counted = int((counted & ~_always(self.reusable, always)).sum())
         self.forced = self.always | ~self.reusable
         self.candidates = self.reusable & ~self.always
         self.num_candidates = int(self.candidates.sum())
@@ -200,7 +207,7 @@ class GradualFilter:
         if self.forced.device != deviation.device:
             self.forced = to_device(self.forced, deviation.device)
             self.candidates = to_device(self.candidates, deviation.device)
-        k = _budget(ratio, self.num_reusable)
+        k = max(0, budget(ratio, self.num_reusable) - self.num_counted)
         if k > self.num_candidates:
             logger.debug("check %d: ratio %.3f exceeds the %d rows still selected; keeping them all",
                          self.steps, ratio, self.num_candidates)

@@ -14,6 +14,8 @@ from typing import Sequence
 
 import torch
 
+from ucm.sparse.rows import chunk_head_rows
+
 
 def epic_rows(reusable: torch.Tensor, first_position: int, chunk_starts: Sequence[int], k: int) -> torch.Tensor:
     """Bool mask ``[rows]`` (CPU) of the rows to compute in every layer.
@@ -25,16 +27,9 @@ def epic_rows(reusable: torch.Tensor, first_position: int, chunk_starts: Sequenc
     reusable (cache misses, separators, the suffix) is computed, and so is the last row
     (it produces the request's logits).
     """
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
     reusable = reusable.to(torch.bool).cpu()
     n = int(reusable.shape[0])
-    keep = ~reusable
-    if k > 0:
-        for start in chunk_starts:
-            lo, hi = max(start - first_position, 0), min(start + k - first_position, n)
-            if lo < hi:
-                keep[lo:hi] = True
+    keep = ~reusable | chunk_head_rows(n, first_position, chunk_starts, k)
     if n:
         keep[-1] = True
     return keep
