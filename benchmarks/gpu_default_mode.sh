@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_default_mode.sh overhead  # Qwen shape: decode of plain / no-op connector / Blend engines (each twice), host profiles
 #   bash benchmarks/gpu_default_mode.sh ab        # Qwen shape: TTFT of requests that run vLLM's prefill: plain, no-op connector, ucm Blend
 #   bash benchmarks/gpu_default_mode.sh abmin     # the same, plain and Blend engines at 8K only
+#   bash benchmarks/gpu_default_mode.sh paired    # Qwen shape: plain, no-op connector and ucm alive at once, each prompt to all (paired_ttft.py)
 #   bash benchmarks/gpu_default_mode.sh hostprof  # Qwen shape: cProfile of plain-run, cold and back-to-back cold requests, plain and dram
 #   bash benchmarks/gpu_default_mode.sh blendcost # Qwen shape: where a Blend step's time goes (always blend; host times, torch profile)
 #   bash benchmarks/gpu_default_mode.sh llamacost # the same, Llama-3-8B shape at 4K and 8K, and Blend steps on native ops
@@ -67,6 +68,12 @@ abmin)  # the same, plain and Blend engines at 8K only (a short device call)
     --concurrency 0 --max-model-len 10240 --host-times --host-profile --host-profile-reps 4 --host-profile-modes ratio1
   cp /tmp/work_ttft_qwen_ab/hostprofile_*.txt "$OUT"/ 2>/dev/null
   ;;
+paired)  # the same prompts to plain vLLM, a no-op connector and ucm, all alive at once (host drift cancels)
+  timeout "${2:-300}" "$PY" benchmarks/paired_ttft.py --pair plain noop dram --shape qwen0.5b --model-dir /tmp/qwen05-shape \
+    --mode default --chunks 2 16 --reps "${3:-20}" --cold-reps 1 --warmup-rounds 2 --gpu-mem 0.25 --max-model-len 10240 \
+    --out-dir "$OUT" --work-dir /tmp/work_paired --name paired_qwen > "$OUT/paired_qwen.log" 2>&1
+  echo "paired rc $?"; tail -n 12 "$OUT/paired_qwen.log"
+  ;;
 hostprof)  # cProfile of plain-run, cold and back-to-back cold requests (Qwen shape, 8K): ucm's host time per function
   ttft ttft_qwen_hostprof "${2:-300}" --shape qwen0.5b --model-dir /tmp/qwen05-shape --model-label "Qwen2.5-Coder-0.5B shape (dummy bf16)" \
     --engines plain dram --mode default --chunks 16 --ratios 0.15 --reps 3 --cold-reps 3 --warmup-rounds 2 --concurrency 0 \
@@ -93,6 +100,6 @@ epic)
     --cold-reps 0 --concurrency 0 --max-model-len 10240
   ;;
 *)
-  echo "usage: $0 check|qwen|overhead|ab|abmin|hostprof|blendcost|llamacost|llama|epic [seconds]" >&2; exit 2
+  echo "usage: $0 check|qwen|overhead|ab|abmin|paired|hostprof|blendcost|llamacost|llama|epic [seconds]" >&2; exit 2
   ;;
 esac

@@ -184,7 +184,7 @@ def plot(summaries: dict[str, dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    markers = {"full": "*", "blend_deviation": "o", "blend_query": "s", "blend_mixed": "^", "epic": "D", "full_reuse": "x"}
+    markers = {"full": "*", "blend_deviation": "o", "blend_query": "s", "blend_mixed": "^", "blend_boundary": "v", "epic": "D", "full_reuse": "x"}
     for mode, s in summaries.items():
         family = "full" if mode == FULL else mode if mode == REUSE else mode.rsplit("_", 1)[0]
         ax.scatter(s["ttft_ms"], s["f1"], marker=markers.get(family, "."), s=60, label=mode)

@@ -983,7 +983,8 @@ def finish(results: list[dict], args: argparse.Namespace, out_dir: Path) -> None
         print("plot failed:", exc)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Every option of this benchmark (benchmarks/paired_ttft.py builds its engines from them too)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--engines", nargs="+", default=["plain", "dram", "dram_b64", "file"],
                     choices=sorted(PREFIX),
@@ -1071,7 +1072,11 @@ def main() -> None:
     ap.add_argument("--plot-only", default=None, help="a saved ttft_gpu.json: redraw table and plot")
     ap.add_argument("--engine", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.dram_gib is None and not args.tiny and not args.engine:  # an engine gets the driver's choice
         args.dram_gib = 8
     if args.plot_only:
