@@ -18,7 +18,7 @@ from ucm.config import SELECTIONS, UcmConfig
 from ucm.hashing import HashContext, rank_key
 from ucm.engine.inflight import INFLIGHT
 from ucm.engine.step_meta import BlockLoad, RequestStep, ScheduledRequest, StepPlan, new_load, new_save
-from ucm.sparse.blend.chunking import Delimiter, split_prompt
+from ucm.sparse.blend.chunking import Delimiter, PromptSplit, split_prompt
 from ucm.sparse.blend.pay_policy import BlendPayPolicy, PayDecision
 from ucm.sparse.blend.plan import ReusePlan, build_plan
 from ucm.store.base import KVStoreBase
@@ -184,14 +184,22 @@ class SchedulerSide:
             return tracked
         method = self.config.chunk_method
         split = split_prompt(prompt, self.delimiter) if self.delimiter is not None else None
+        cannot = None
+        if split is not None and split.has_chunks and not precompute:
+            cannot = self._cannot_pay(len(prompt), split, ratio, epic_tokens)
         plan = build_plan(
             prompt, split, self.hash_context.seed(cache_salt), self.block_tokens, self._exists,
             min_chunk_tokens=method.min_chunk_tokens if method else 1,
             save_chunks=bool(method and method.save_chunks), chunk_precompute=precompute,
+            reuse_chunks=cannot is None,
         )
         tracked = _Tracked(plan=plan, prompt_len=len(prompt), ratio=ratio, precompute=precompute,
                            selection=selection, epic_tokens=epic_tokens,
                            suffix_start=split.suffix.start if split is not None and split.has_chunks else None)
+        if cannot is not None:
+            tracked.decision = cannot
+            tracked.chunk_saves_skipped = True
+            self._tell_chunk_saves_skipped(len(prompt))
         self.requests[req_id] = tracked
         self._pending.add(req_id)
         logger.debug("request %s: %d tokens, prefix hit %d, chunk hit %d", req_id, len(prompt),
@@ -227,11 +235,24 @@ class SchedulerSide:
             return
         tracked.plan = replace(plan, chunk_saves=())
         tracked.chunk_saves_skipped = True
+        self._tell_chunk_saves_skipped(tracked.prompt_len)
+
+    def _tell_chunk_saves_skipped(self, prompt_len: int) -> None:
         if not self._told_chunk_saves_skipped:
             self._told_chunk_saves_skipped = True
             logger.info("ucm: reusing chunks cannot pay here (a %d-token prompt: a plain prefill is faster than "
                         "blending even with every chunk stored); chunks that could not pay are no longer "
-                        "saved (per-request stats: chunk_saves)", tracked.prompt_len)
+                        "looked up or saved (per-request stats: blend_reason, chunk_saves)", prompt_len)
+
+    def _cannot_pay(self, rows: int, split: PromptSplit, ratio: Optional[float],
+                    epic_tokens: Optional[int]) -> Optional[PayDecision]:
+        """The pay policy's "cannot pay" for a prompt before its chunks are looked up: its
+        best case reuses every token of its chunks (:meth:`BlendPayPolicy.cannot_pay`)."""
+        chunk_tokens = sum(len(chunk) for chunk in split.chunks)
+        if chunk_tokens <= 0:
+            return None
+        share = self._share(ratio, epic_tokens, len(split.chunks), chunk_tokens)
+        return self.pay_policy.cannot_pay(rows, chunk_tokens, share)
 
     def _weigh(self, tracked: _Tracked, computed: int) -> Optional[PayDecision]:
         """Ask the pay policy, once per request, whether reusing its chunks beats computing them."""
@@ -248,12 +269,17 @@ class SchedulerSide:
 
     def _recompute_share(self, tracked: _Tracked, reusable: int) -> float:
         """The share of a request's reusable tokens its method will recompute, expected."""
+        return self._share(tracked.ratio, tracked.epic_tokens, len(tracked.plan.reused_chunk_starts()), reusable)
+
+    def _share(self, ratio: Optional[float], epic_tokens: Optional[int], num_chunks: int, reusable: int) -> float:
+        """Blend: its ratio; EPIC: k tokens of each of ``num_chunks`` reused chunks over the
+        ``reusable`` tokens; no chunk method: every token."""
         blend, epic = self.config.blend, self.config.epic
         if blend is not None:
-            return tracked.ratio if tracked.ratio is not None else blend.final_ratio
+            return ratio if ratio is not None else blend.final_ratio
         if epic is not None:
-            k = tracked.epic_tokens if tracked.epic_tokens is not None else epic.recompute_tokens
-            return min(1.0, k * len(tracked.plan.reused_chunk_starts()) / reusable)
+            k = epic_tokens if epic_tokens is not None else epic.recompute_tokens
+            return min(1.0, k * num_chunks / max(reusable, 1))
         return 1.0
 
     def first_reused_token(self, req_id: str) -> Optional[int]:

@@ -63,7 +63,7 @@ class StepSample:
 @dataclass(frozen=True)
 class PayDecision:
     blend: bool
-    reason: str  # "pays", "does not pay", "measuring", "always"
+    reason: str  # "pays", "does not pay", "cannot pay", "measuring", "always", ...
     plain_ms: Optional[float] = None
     blend_ms: Optional[float] = None
 
@@ -252,7 +252,22 @@ class BlendPayPolicy:
             return True
         if ratio >= 1.0:
             return False
-        return self._blend_seconds(rows, min(chunk_tokens, rows), ratio) <= self._plain(rows) * self.remeasure_within
+        return self.cannot_pay(rows, chunk_tokens, ratio) is None
+
+    def cannot_pay(self, rows: int, chunk_tokens: int, ratio: float) -> Optional[PayDecision]:
+        """"cannot pay" where even the best case -- every one of ``chunk_tokens`` reused, at
+        ``ratio`` -- would cost more than ``remeasure_within`` times a plain prefill of
+        ``rows`` rows, else None. Asked before a request's chunks are looked up: such a
+        request would run plain whatever the lookup found (no re-measuring request blends
+        that far from plain), so the lookup and its chunk saves are skipped too. Side-effect
+        free: the streaks count only :meth:`decide`'s answers."""
+        if not self.enabled or not self.measured or ratio >= 1.0 or chunk_tokens <= 0:
+            return None
+        plain = self._plain(rows)
+        blend = self._blend_seconds(rows, min(chunk_tokens, rows), ratio)
+        if blend <= plain * self.remeasure_within:
+            return None
+        return PayDecision(False, "cannot pay", plain * 1e3, blend * 1e3)
 
     def _blend_seconds(self, rows: int, reusable: int, ratio: float) -> float:
         """A Blend step's estimate: its fixed cost, the compute of the rows it keeps, and

@@ -139,8 +139,14 @@ def build_plan(
     min_chunk_tokens: int = 1,
     save_chunks: bool = True,
     chunk_precompute: bool = False,
+    reuse_chunks: bool = True,
 ) -> ReusePlan:
     """Look up prefix then chunk blocks and decide loads and saves.
+
+    ``reuse_chunks`` False: the request will run plain whatever its chunks' lookup found
+    (reusing them cannot pay here): no chunk key is hashed or looked up, and prefix keys
+    cover the prompt prefix alone (later prefix blocks would only serve the same chunks
+    in the same order, which vLLM's own prefix cache serves first).
 
     ``chunk_precompute``: the request only exists to store its chunks (prompt prefix +
     chunk, ``BlendPromptBuilder.precompute_prompt``). Prefix keys then cover the prompt
@@ -156,7 +162,9 @@ def build_plan(
     chunk_hits: list[BlockRef] = []
     chunk_saves: list[BlockRef] = []
     num_chunk_tokens = 0
-    if split is not None:
+    if split is not None and not reuse_chunks:
+        num_chunk_tokens = sum(len(chunk) for chunk in split.chunks)
+    elif split is not None:
         # Every chunk's usable blocks in one lookup (one store call, not one per chunk).
         placed: list[BlockRef] = []
         for chunk in split.chunks:
@@ -174,7 +182,7 @@ def build_plan(
     # Only exact KV goes under prefix keys: blocks that end before the first reused
     # chunk token. Everything after it was computed against approximate context.
     exact_end = min(map(_TOKEN_START, chunk_hits), default=n)
-    if chunk_precompute and split is not None:
+    if split is not None and (chunk_precompute or (not reuse_chunks and split.has_chunks)):
         exact_end = min(exact_end, split.prefix.end)
     prefix_saves = tuple(
         _new_ref((k, i * block_size, i * block_size))
