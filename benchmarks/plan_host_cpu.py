@@ -9,7 +9,13 @@ tokens, prompts of a 32-token system prompt, the chunks in a new order and a que
 - ``warm``: every chunk stored (the usual RAG request; under the default pay policy a
   small model runs it as a plain prefill after this plan);
 - ``cold``: a salted prompt, nothing stored (every prefix and chunk block hashed and
-  looked up).
+  looked up);
+- ``cannot_pay_warm`` / ``cannot_pay_cold``: the same prompts under the default pay policy
+  after it measured a small model's numbers (an 8K prefill ~20 ms, a Blend step ~85 ms):
+  reusing the chunks cannot pay even in the best case, so the request runs plain and, since
+  ``a4e548e``, its chunks are not looked up or saved. ``--late-decision`` times what the
+  scheduler did before that commit for the same requests (the lookup first, then the
+  decision; the prompt's exact blocks saved up to its first chunk hit, all of them when cold).
 
 Each mode also times the step metadata of the request's prefill (``build_meta``: the
 warm request's chunk loads under ``pay_policy: always``, the cold one's ~1,030 block
@@ -42,6 +48,7 @@ from ucm.engine.scheduler_side import SchedulerSide
 from ucm.engine.step_meta import ScheduledRequest
 from ucm.hashing import HashContext, chunk_block_keys, rank_key
 from ucm.sparse.blend.chunking import Delimiter
+from ucm.sparse.blend.pay_policy import StepSample
 from ucm.store.dram_store import UcmDramStore
 
 END = 2
@@ -90,6 +97,8 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=16, help="chunks per prompt (16 x 512 = 8K tokens)")
     ap.add_argument("--reps", type=int, default=200, help="plans timed per mode")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    ap.add_argument("--late-decision", action="store_true",
+                    help="cannot_pay_*: weigh the request after its chunk lookup, as before a4e548e")
     args = ap.parse_args()
     rng = random.Random(0)
     ctx = HashContext(model_id="bench", kv_dtype="bf16", tp_size=1)
@@ -102,25 +111,36 @@ def main() -> None:
     config = UcmConfig.from_dict({"block_tokens": BLOCK, "ucm_sparse_config": {"Blend": {
         "chunk_end_token_id": END, "pay_policy": "always"}}})
     side = SchedulerSide(config, store, ctx, BLOCK, 1, Delimiter(chunk_end_token_id=END), num_layers=24)
+    small = SchedulerSide(UcmConfig.from_dict({"block_tokens": BLOCK, "ucm_sparse_config": {"Blend": {
+        "chunk_end_token_id": END}}}), store, ctx, BLOCK, 1, Delimiter(chunk_end_token_id=END), num_layers=24)
+    for rows in (1120, 2144, 4192, 8288):  # a 0.5B model on an H100: host-bound steps
+        for _ in range(3):
+            small.pay_policy.observe(StepSample(rows=rows, seconds=0.011 + rows * 1.6e-6))
+            small.pay_policy.observe(StepSample(rows=rows, blend=True, kept=rows // 5, seconds=0.085))
+    if args.late_decision:
+        small._cannot_pay = lambda *a, **k: None  # type: ignore[method-assign]
 
     def prompt() -> list[int]:
         order = rng.sample(range(args.chunks), args.chunks)
         return system + [t for i in order for t in chunks[i]] + [rng.randrange(10, 30000) for _ in range(64)]
 
     results: dict[str, dict] = {}
-    for mode in ("warm", "cold"):
+    for mode in ("warm", "cold", "cannot_pay_warm", "cannot_pay_cold"):
         plans, metas = [], []
+        planner = small if mode.startswith("cannot_pay") else side
         for i in tqdm(range(args.reps + 10), desc=mode, leave=False):
-            ids, salt, rid = prompt(), (f"cold-{i}" if mode == "cold" else None), f"{mode}-{i}"
+            ids, salt, rid = prompt(), (f"cold-{i}" if mode.endswith("cold") else None), f"{mode}-{i}"
             t0 = time.perf_counter()
-            side.num_new_matched_tokens(rid, ids, salt, 0, 0.15)
+            planner.num_new_matched_tokens(rid, ids, salt, 0, 0.15)
             t1 = time.perf_counter()
-            side.after_alloc(rid, 0)
+            planner.after_alloc(rid, 0)
             blocks = list(range(-(-len(ids) // BLOCK)))
             t2 = time.perf_counter()
-            side.build_meta([ScheduledRequest(rid, 0, len(ids), blocks, new=True)])
+            planner.build_meta([ScheduledRequest(rid, 0, len(ids), blocks, new=True)])
             t3 = time.perf_counter()
-            side.finished(rid)
+            tracked = planner.finished(rid)
+            if mode.startswith("cannot_pay"):
+                assert tracked is not None and not (tracked.blends and tracked.plan.chunk_hits), tracked.decision
             if i >= 10:  # the first ten warm the caches
                 plans.append((t1 - t0) * 1e3)
                 metas.append((t3 - t2) * 1e3)
@@ -135,7 +155,8 @@ def main() -> None:
     for mode, r in results.items():
         print(f"| {mode} | {r['median_ms']} | {r['p25_ms']} | {r['p75_ms']} |")
     if args.out:
-        meta = {"date": time.strftime("%Y-%m-%d"), "commit": _commit(), "python": platform.python_version(),
+        meta = {"date": time.strftime("%Y-%m-%d"), "commit": _commit(), "late_decision": args.late_decision,
+                "python": platform.python_version(),
                 "machine": platform.machine(), "prompt_tokens": tokens, "chunks": args.chunks, "reps": args.reps}
         args.out.write_text(json.dumps({"meta": meta, "plan": results}, indent=1) + "\n")
 
