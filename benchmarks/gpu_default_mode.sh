@@ -71,6 +71,7 @@ abmin)  # the same, plain and Blend engines at 8K only (a short device call)
 paired)  # the same prompts to plain vLLM, a no-op connector and ucm, all alive at once (host drift cancels)
   timeout "${2:-300}" "$PY" benchmarks/paired_ttft.py --pair plain noop dram --shape qwen0.5b --model-dir /tmp/qwen05-shape \
     --mode default --chunks 2 16 --reps "${3:-20}" --cold-reps 1 --warmup-rounds 2 --gpu-mem 0.25 --max-model-len 10240 \
+    --decode-batches 1 32 --decode-chunks 8 --decode-tokens 64 \
     --out-dir "$OUT" --work-dir /tmp/work_paired --name paired_qwen > "$OUT/paired_qwen.log" 2>&1
   echo "paired rc $?"; tail -n 12 "$OUT/paired_qwen.log"
   ;;

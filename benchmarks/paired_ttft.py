@@ -11,7 +11,10 @@ the median over rounds of ``plain ms / engine ms`` within the round: rule 3 (mea
 against plain vLLM in its default mode, in the same run) at the resolution of one round.
 
 Cells: ``warm`` (pool chunks in a new order; ucm engines ask for ratio 0.15 and their pay
-policy decides) and ``cold`` (a salted prompt: nothing reused, ucm saves it), per size.
+policy decides) and ``cold`` (a salted prompt: nothing reused, ucm saves it), per size;
+with ``--decode-batches``, ``decode`` cells: that many RAG prompts of ``--decode-chunks``
+chunks at once, ``--decode-tokens`` new tokens each, in ms per output token (the median
+over the batch of vLLM's first-to-last-token time per token).
 
     python benchmarks/paired_ttft.py --pair plain noop dram --shape qwen0.5b --model-dir /tmp/qwen05-shape \\
         --chunks 2 16 --reps 20 --gpu-mem 0.25 --out-dir OUT
@@ -66,9 +69,15 @@ def serve(args: Any) -> None:
         cmd = json.loads(line)
         if cmd.get("stop"):
             break
-        dt, out = bench.one(cmd["ids"], ratio=cmd.get("ratio") if ucm else None, salt=cmd.get("salt"))
-        stats = bench.stats(out) if ucm else {}
-        print(f"{REPLY}{json.dumps({'ms': dt * 1e3, 'stats': stats}, default=str)}", flush=True)
+        ratio = cmd.get("ratio") if ucm else None
+        if "batch" in cmd:  # a decode cell: ms per output token of the batch
+            outs = bench.llm.generate([{"prompt_token_ids": ids} for ids in cmd["batch"]],
+                                      [bench.params(ratio, cmd["max_tokens"])] * len(cmd["batch"]), use_tqdm=False)
+            reply = {"ms": tg._decode_ms(outs), "stats": {}}
+        else:
+            dt, out = bench.one(cmd["ids"], ratio=ratio, salt=cmd.get("salt"))
+            reply = {"ms": dt * 1e3, "stats": bench.stats(out) if ucm else {}}
+        print(f"{REPLY}{json.dumps(reply, default=str)}", flush=True)
 
 
 class Engine:
@@ -140,7 +149,7 @@ def summarise(samples: dict[tuple[str, int], dict[str, list[dict]]], engines: li
 
 
 def render(summary: dict[str, Any], engines: list[str]) -> str:
-    head = "| cell | " + " | ".join(f"{k} ms" for k in engines) + " | " + \
+    head = "| cell (decode: ms/token) | " + " | ".join(f"{k} ms" for k in engines) + " | " + \
         " | ".join(f"{engines[0]}/{k} (paired)" for k in engines[1:]) + " |"
     lines = [head, "|" + "---|" * (1 + 2 * len(engines) - 1)]
     for cell, per in summary.items():
@@ -164,13 +173,17 @@ def driver(args: Any, argv: list[str]) -> None:
         starts = {e.kind: e.reply() for e in engines}
         print(f"engines ready after {time.time() - t0:.0f} s: {starts}", flush=True)
         prompts = tg.Prompts(pool=max(args.chunks) if args.pool is None else args.pool, seed=args.seed)
-        cells = [("warm", n) for n in args.chunks] + ([("cold", n) for n in args.chunks] if args.cold_reps else [])
+        cells = [("warm", n) for n in args.chunks] + ([("cold", n) for n in args.chunks] if args.cold_reps else []) \
+            + [("decode", b) for b in args.decode_batches]
         samples: dict[tuple[str, int], dict[str, list[dict]]] = {c: {e.kind: [] for e in engines} for c in cells}
         shuffle = random.Random(args.seed)
         for rep in tg._progress(range(args.reps), "rounds"):
             shuffle.shuffle(cells)
             for mode, n in cells:
                 cmd: dict[str, Any] = {"ids": prompts.rag(n), "ratio": RATIO}
+                if mode == "decode":
+                    cmd = {"batch": [prompts.rag(args.decode_chunks) for _ in range(n)], "ratio": RATIO,
+                           "max_tokens": args.decode_tokens}
                 if mode == "cold":
                     cmd["salt"] = f"cold-{rep}-{n}-{shuffle.random()}"
                 order = list(engines)

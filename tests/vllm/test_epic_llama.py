@@ -69,7 +69,7 @@ def blend_layer0(llama, tmp_path_factory):
 
     spec = {"model": llama, "engine": ENGINE, "ucm": blend_config(0.15, check_layer=0, save_chunks=False),
             "actions": [PRECOMPUTE, _gen("main", [item(0.0), item(1.0, "query"), item(0.15, "query"),
-                                                  item(0.15), item(0.15, "mixed"), item(1.0, "mixed"),
+                                                  item(0.15, "deviation"), item(0.15, "mixed"), item(1.0, "mixed"),
                                                   item(0.15, "boundary"), item(1.0, "boundary")])]}
     return run_engine(spec, tmp_path_factory.mktemp("blend_layer0"))
 
