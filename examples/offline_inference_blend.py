@@ -19,9 +19,8 @@ engine with ``UCMBlendConnector`` and, for every question:
      (ucm still stores its blocks, under that salt; the cost is in its TTFT).
    * ``blend_<r>`` for every ``--ratios`` value r: the same prompt, unsalted, with
      ``SamplingParams(extra_args={"ucm_blend_ratio": r})``. The chunks hit the
-     cache; Blend recomputes r of the reused tokens (each chunk's first tokens, then the
-     most deviating at the check layers: the "boundary" ranking) and keeps the cached KV
-     of the rest. ``blend_0`` is full reuse,
+     cache; Blend recomputes the top r of the reused tokens (by KV deviation at the
+     check layers) and keeps the cached KV of the rest. ``blend_0`` is full reuse,
      ``blend_1`` recomputes everything and must answer exactly like full prefill.
 
    The mode order is rotated from sample to sample so no mode always runs first

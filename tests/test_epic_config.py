@@ -52,7 +52,7 @@ def test_epic_token_ids_are_checked_against_the_model():
 
 
 def test_blend_selection_key():
-    assert BlendConfig(chunk_end_token_id=2).selection == "boundary"  # the default, from the quality benchmark
+    assert BlendConfig(chunk_end_token_id=2).selection == "deviation"  # the default, from the quality benchmark
     config = UcmConfig.from_dict(_sparse(Blend={"chunk_end_token_id": 2, "selection": "mixed"}))
     assert config.blend.selection == "mixed"
     assert UcmConfig.from_dict(config.to_dict()) == config

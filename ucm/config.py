@@ -154,7 +154,7 @@ class BlendConfig:
     save_chunks: bool = True  # store each missed chunk's KV under its chunk keys for later requests
     min_chunk_tokens: int = 1  # shorter chunks are recomputed, not reused
     pay_policy: str = "auto"  # "auto": blend a request only where it measured faster; "always": blend every one
-    selection: str = "boundary"  # how a check layer ranks reused tokens: one of SELECTIONS
+    selection: str = "deviation"  # how a check layer ranks reused tokens: one of SELECTIONS
     boundary_tokens: int = 16  # "boundary" selection: first tokens of each reused chunk always recomputed
 
     def __post_init__(self) -> None:
