@@ -248,7 +248,7 @@ class SchedulerSide:
                     epic_tokens: Optional[int]) -> Optional[PayDecision]:
         """The pay policy's "cannot pay" for a prompt before its chunks are looked up: its
         best case reuses every token of its chunks (:meth:`BlendPayPolicy.cannot_pay`)."""
-        chunk_tokens = sum(len(chunk) for chunk in split.chunks)
+        chunk_tokens = split.num_chunk_tokens
         if chunk_tokens <= 0:
             return None
         share = self._share(ratio, epic_tokens, len(split.chunks), chunk_tokens)

@@ -44,6 +44,11 @@ class PromptSplit:
     def has_chunks(self) -> bool:
         return bool(self.chunks)
 
+    @property
+    def num_chunk_tokens(self) -> int:
+        """Tokens in all chunks (the most a request could reuse)."""
+        return sum(len(chunk) for chunk in self.chunks)
+
 
 @dataclass(frozen=True)
 class Delimiter:

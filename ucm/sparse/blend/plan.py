@@ -161,14 +161,11 @@ def build_plan(
 
     chunk_hits: list[BlockRef] = []
     chunk_saves: list[BlockRef] = []
-    num_chunk_tokens = 0
-    if split is not None and not reuse_chunks:
-        num_chunk_tokens = sum(len(chunk) for chunk in split.chunks)
-    elif split is not None:
+    num_chunk_tokens = split.num_chunk_tokens if split is not None else 0
+    if split is not None and reuse_chunks:
         # Every chunk's usable blocks in one lookup (one store call, not one per chunk).
         placed: list[BlockRef] = []
         for chunk in split.chunks:
-            num_chunk_tokens += len(chunk)
             if len(chunk) < max(min_chunk_tokens, block_size):
                 continue
             keys = chunk_block_keys(seed, token_ids[chunk.start:chunk.end], block_size)
